@@ -1,0 +1,24 @@
+"""compacter-kernels: fused GPU kernels for Compacter and bottleneck adapters.
+
+    import compacter_kernels as ck
+    y = ck.compacter_adapter(x, rule, S_down, T_down, b_down, rule, S_up, T_up, b_up)
+
+Backends: "reference" (pure PyTorch), "triton", "cuda", "auto"; see ck.available_backends().
+"""
+
+__version__ = "0.1.0"
+
+from . import nn, reference  # noqa: E402
+from .backends import BACKENDS, available_backends  # noqa: E402
+from .functional import adapter, compacter_adapter, phm_linear, phm_weight  # noqa: E402
+
+__all__ = [
+    "BACKENDS",
+    "adapter",
+    "available_backends",
+    "compacter_adapter",
+    "nn",
+    "phm_linear",
+    "phm_weight",
+    "reference",
+]

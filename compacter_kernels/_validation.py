@@ -1,0 +1,127 @@
+"""Argument checks shared by every backend: bad input fails here, before any kernel launches.
+
+Each error names the argument, what was seen and what was expected.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .reference import ACTIVATIONS
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _tensor(name: str, t, *, optional: bool = False) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _shape(name: str, t: Optional[Tensor], expected: Sequence[int], meaning: str) -> None:
+    if t is not None and tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)} ({meaning}), got {tuple(t.shape)}")
+
+
+def check_common(x: Tensor, named: dict, *, activation: Optional[str] = None, scale=1.0) -> None:
+    """x is a floating tensor; every other tensor shares its dtype and device."""
+    _tensor("x", x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be a floating tensor ({', '.join(map(str, FLOAT_DTYPES))}), got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (the features), got a 0-d tensor")
+    for name, t in named.items():
+        _tensor(name, t, optional=True)
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}: cast them to one dtype")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: move them to one device")
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+
+
+def check_phm(suffix: str, rule, left, right, bias, in_features: int, out_features: Optional[int] = None) -> int:
+    """Checks one PHM projection's factors (named rule<suffix>, left<suffix>...) against
+    ``in_features`` (and ``out_features`` when given); returns out_features."""
+    for name, t in ((f"rule{suffix}", rule), (f"left{suffix}", left)):
+        _tensor(name, t)
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D, got shape {tuple(t.shape)}")
+    _tensor(f"right{suffix}", right, optional=True)
+    n = rule.shape[0]
+    _shape(f"rule{suffix}", rule, (n, n, n), "phm_dim^3")
+    if n < 1 or in_features % n:
+        raise ValueError(f"in_features={in_features} must be divisible by phm_dim n={n} (from rule{suffix})")
+    p = in_features // n
+    if right is None:
+        if left.shape[0] != n or left.shape[1] != p:
+            raise ValueError(
+                f"left{suffix} must have shape ({n}, {p}, out_features/{n}) (the full PHM weight B), "
+                f"got {tuple(left.shape)}"
+            )
+        q = left.shape[2]
+    else:
+        if right.dim() != 3:
+            raise ValueError(f"right{suffix} must be 3-D (n, rank, out_features/n), got {tuple(right.shape)}")
+        r = left.shape[2]
+        _shape(f"left{suffix}", left, (n, p, r), "n, in_features/n, rank")
+        q = right.shape[2]
+        _shape(f"right{suffix}", right, (n, r, q), "n, rank, out_features/n")
+        if r < 1:
+            raise ValueError(f"rank must be >= 1, got left{suffix} of shape {tuple(left.shape)}")
+    if q < 1:
+        raise ValueError(f"out_features/phm_dim must be >= 1, got {q}")
+    if out_features is not None and n * q != out_features:
+        raise ValueError(f"right{suffix} (or left{suffix}) maps to {n * q} features, expected {out_features} "
+                         f"(d_model of x)")
+    _shape(f"bias{suffix}", bias, (n * q,), "out_features")
+    return n * q
+
+
+def check_phm_linear(x, rule, left, right, bias) -> None:
+    check_common(x, {"rule": rule, "left": left, "right": right, "bias": bias})
+    check_phm("", rule, left, right, bias, x.shape[-1])
+
+
+def check_adapter(x, w_down, b_down, w_up, b_up, activation, scale, residual) -> None:
+    check_common(
+        x,
+        {"w_down": w_down, "b_down": b_down, "w_up": w_up, "b_up": b_up, "residual": residual},
+        activation=activation,
+        scale=scale,
+    )
+    d = x.shape[-1]
+    if w_down.dim() != 2 or w_down.shape[0] != d:
+        raise ValueError(f"w_down must have shape ({d}, bottleneck) (d_model, k), got {tuple(w_down.shape)}")
+    k = w_down.shape[1]
+    _shape("w_up", w_up, (k, d), "bottleneck, d_model")
+    _shape("b_down", b_down, (k,), "bottleneck")
+    _shape("b_up", b_up, (d,), "d_model")
+    _shape("residual", residual, tuple(x.shape), "the shape of x")
+
+
+def check_compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up,
+                            bias_up, activation, scale, residual) -> None:
+    check_common(
+        x,
+        {
+            "rule_down": rule_down, "left_down": left_down, "right_down": right_down, "bias_down": bias_down,
+            "rule_up": rule_up, "left_up": left_up, "right_up": right_up, "bias_up": bias_up,
+            "residual": residual,
+        },
+        activation=activation,
+        scale=scale,
+    )
+    d = x.shape[-1]
+    k = check_phm("_down", rule_down, left_down, right_down, bias_down, d)
+    check_phm("_up", rule_up, left_up, right_up, bias_up, k, out_features=d)
+    _shape("residual", residual, tuple(x.shape), "the shape of x")

@@ -1,0 +1,122 @@
+"""Which backend runs an op: the registry, availability, and the "auto" choice.
+
+A backend registers its implementations in ``IMPLEMENTATIONS[backend][op]``. ``"auto"`` picks
+the fastest one that is available for the inputs' device; CPU tensors go to the reference
+unless a backend is named. A backend that is named and cannot run raises an error saying why.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from . import reference
+
+BACKENDS = ("reference", "triton", "cuda")
+OPS = ("phm_linear", "compacter_adapter", "adapter")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Preference order of "auto" for CUDA tensors.
+_AUTO_ORDER = ("cuda", "triton")
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    available: bool
+    reason: str  # why not, or what it is when available
+
+    def __bool__(self) -> bool:
+        return self.available
+
+
+IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
+    "reference": {
+        "phm_linear": reference.phm_linear,
+        "compacter_adapter": reference.compacter_adapter,
+        "adapter": reference.adapter,
+    },
+    "triton": {},
+    "cuda": {},
+}
+
+
+def triton_interpret() -> bool:
+    """Triton's CPU interpreter; must be set before the package is imported."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_status() -> BackendStatus:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return BackendStatus(False, f"triton is not importable ({e}); install it with `pip install triton`")
+    try:
+        from .ops import adapter as triton_adapter
+        from .ops import phm_linear as triton_phm_linear
+    except Exception as e:  # a broken triton install must not break the package
+        return BackendStatus(False, f"the Triton kernels failed to load: {e!r}")
+    IMPLEMENTATIONS["triton"].update(compacter_adapter=triton_adapter.compacter_adapter,
+                                     adapter=triton_adapter.adapter,
+                                     phm_linear=triton_phm_linear.phm_linear)
+    return BackendStatus(True, f"triton {triton.__version__}" + (" (interpreter)" if triton_interpret() else ""))
+
+
+def _cuda_status() -> BackendStatus:
+    from . import _extension
+
+    ok, reason = _extension.status()
+    if not ok:
+        return BackendStatus(False, reason)
+    if not IMPLEMENTATIONS["cuda"]:
+        return BackendStatus(
+            False, "not built yet: the CUDA extension holds only the phm_weight op; the fused kernels have not landed"
+        )
+    return BackendStatus(True, reason)
+
+
+_STATUS: dict[str, BackendStatus] = {}
+
+
+def available_backends() -> dict[str, BackendStatus]:
+    """Per backend, whether it is usable in this process and, if not, why."""
+    if not _STATUS:
+        _STATUS.update(reference=BackendStatus(True, "pure PyTorch, any device"),
+                       triton=_triton_status(), cuda=_cuda_status())
+    return dict(_STATUS)
+
+
+def _unsupported(backend: str, x: torch.Tensor) -> Optional[str]:
+    """Why ``backend`` cannot take these inputs, or None."""
+    if backend == "reference":
+        return None
+    if x.dtype not in KERNEL_DTYPES:
+        return f"dtype {x.dtype} is not supported by the {backend} backend (float16, bfloat16, float32)"
+    if x.device.type == "cuda" or (backend == "triton" and triton_interpret()):
+        return None
+    hint = " or set TRITON_INTERPRET=1 before importing compacter_kernels" if backend == "triton" else ""
+    return f"the {backend} backend needs CUDA tensors, got a tensor on {x.device}{hint}"
+
+
+def select(op: str, backend: str, x: torch.Tensor) -> Callable:
+    """The implementation of ``op`` that ``backend`` (or "auto") runs for input ``x``."""
+    if backend == "auto":
+        if x.device.type == "cuda":
+            status = available_backends()
+            for name in _AUTO_ORDER:
+                if status[name] and op in IMPLEMENTATIONS[name] and _unsupported(name, x) is None:
+                    return IMPLEMENTATIONS[name][op]
+        return IMPLEMENTATIONS["reference"][op]
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    status = available_backends()[backend]
+    if not status:
+        raise RuntimeError(f"backend {backend!r} cannot run here: {status.reason}. "
+                           "Use backend='auto' or see ck.available_backends().")
+    if op not in IMPLEMENTATIONS[backend]:
+        raise NotImplementedError(f"backend {backend!r} does not implement {op} yet; use backend='auto'")
+    why = _unsupported(backend, x)
+    if why is not None:
+        raise ValueError(why)
+    return IMPLEMENTATIONS[backend][op]

@@ -1,0 +1,70 @@
+"""The public functional API: validate, pick a backend, run it.
+
+Same names and signatures as :mod:`compacter_kernels.reference`, plus ``backend``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from . import _validation
+from .backends import select
+from .reference import phm_weight  # noqa: F401  (exported as ck.phm_weight)
+
+
+def phm_linear(
+    x: Tensor,
+    rule: Tensor,
+    left: Tensor,
+    right: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """y = x @ H + bias with H = sum_i kron(rule[i], left[i] @ right[i]) (I, O)."""
+    _validation.check_phm_linear(x, rule, left, right, bias)
+    return select("phm_linear", backend, x)(x, rule, left, right, bias)
+
+
+def compacter_adapter(
+    x: Tensor,
+    rule_down: Tensor,
+    left_down: Tensor,
+    right_down: Optional[Tensor],
+    bias_down: Optional[Tensor],
+    rule_up: Tensor,
+    left_up: Tensor,
+    right_up: Optional[Tensor],
+    bias_up: Optional[Tensor],
+    *,
+    activation: str = "gelu",
+    scale: float = 1.0,
+    residual: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """y = r + scale * (act(x @ H_down + bias_down) @ H_up + bias_up), r = residual or x."""
+    _validation.check_compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule_up, left_up,
+                                        right_up, bias_up, activation, scale, residual)
+    impl = select("compacter_adapter", backend, x)
+    return impl(x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
+                activation=activation, scale=float(scale), residual=residual)
+
+
+def adapter(
+    x: Tensor,
+    w_down: Tensor,
+    b_down: Optional[Tensor],
+    w_up: Tensor,
+    b_up: Optional[Tensor],
+    *,
+    activation: str = "gelu",
+    scale: float = 1.0,
+    residual: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Dense (Houlsby) adapter: r + scale * (act(x @ w_down + b_down) @ w_up + b_up)."""
+    _validation.check_adapter(x, w_down, b_down, w_up, b_up, activation, scale, residual)
+    impl = select("adapter", backend, x)
+    return impl(x, w_down, b_down, w_up, b_up, activation=activation, scale=float(scale), residual=residual)

@@ -1,0 +1,1 @@
+"""Triton kernels, one file per op (Liger-Kernel layout): kernels, launchers, torch.library ops."""

@@ -1,0 +1,287 @@
+"""Fused bottleneck adapter in Triton: Compacter (PHM weights) and dense Houlsby, fwd and bwd.
+
+Forward, one program per block of BM rows (H tiles are built in registers from the factors,
+never written to memory):
+
+    z = x @ H_down + b_down          (accumulated over d in BD chunks)
+    g = act(z)
+    y = r + scale * (g @ H_up + b_up) (written in BD chunks; r = residual or x)
+
+z is saved for backward (M*k elements, k << d). Backward, with du = scale * dy:
+
+    kernel 1, per row block:  dg = du @ H_up^T;  dz = dg * act'(z);  dx = [dy +] dz @ H_down^T
+                              (also writes g = act(z) and dz, M*k each)
+    split-M reductions:       dH_down = x^T @ dz,  db_down = sum_rows dz
+                              dH_up   = g^T @ du,  db_up   = sum_rows du
+    then dH -> (d rule, d W_left, d W_right) with the chain rule of H = sum_i kron(A_i, S_i T_i)
+    (`phm_weight_backward`, tiny tensors). Every reduction is a fixed-order sum of per-program
+    partials, so gradients are bit-identical run to run.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .._phm_grad import phm_weight_backward
+from ._triton_common import ACT_CODE, act_bwd, act_fwd, empty, h_args, h_tile, interpreting, padded, rows_tn
+
+
+def _blocks(d: int, k: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BM, BD, KP, num_warps): a table by bottleneck width, kept small for the interpreter.
+
+    Chosen from register budgets (the (BM, KP) fp32 accumulators stay resident), not yet
+    from GPU timings: see benchmarks/NOTES.md.
+    """
+    KP = padded(k)
+    if interpreting():
+        return 16, min(padded(d), 32), KP, 4
+    BM = 64 if KP <= 64 else 32
+    if dtype == torch.float32:
+        BM = min(BM, 32)
+    return BM, min(padded(d), 64 if KP > 128 else 128), KP, 4 if KP <= 64 else 8
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _adapter_fwd_kernel(
+    x_ptr, r_ptr, y_ptr, z_ptr,
+    rd_ptr, ld_ptr, rgd_ptr, bd_ptr, ru_ptr, lu_ptr, rgu_ptr, bu_ptr,
+    M, D, K, sx, sr, scale,
+    MODE_D: tl.constexpr, N_D: tl.constexpr, R_D: tl.constexpr,
+    MODE_U: tl.constexpr, N_U: tl.constexpr, R_U: tl.constexpr,
+    HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    BM: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = (pid * BM + tl.arange(0, BM)).to(tl.int64)
+    mask_m = offs_m < M
+    offs_k = tl.arange(0, KP)
+    mask_k = offs_k < K
+    dtype = y_ptr.dtype.element_ty
+    # Down projection: H_down is (D, K), P = D / N_D, Q = K / N_D.
+    z = tl.zeros((BM, KP), tl.float32)
+    for d0 in range(0, D, BD):
+        offs_d = d0 + tl.arange(0, BD)
+        mask_d = offs_d < D
+        xt = tl.load(x_ptr + offs_m[:, None] * sx + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        h = h_tile(rd_ptr, ld_ptr, rgd_ptr, offs_d[:, None], offs_k[None, :], mask_d[:, None] & mask_k[None, :],
+                   D // N_D, K // N_D, K, MODE_D, N_D, R_D)
+        z += _dot(xt, h.to(dtype), IEEE)
+    if HAS_BD:
+        z += tl.load(bd_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+    tl.store(z_ptr + offs_m[:, None] * K + offs_k[None, :], z.to(dtype), mask=mask_m[:, None] & mask_k[None, :])
+    g = tl.where(mask_k[None, :], act_fwd(z, ACT), 0.0).to(dtype)
+    # Up projection: H_up is (K, D), P = K / N_U, Q = D / N_U; y written chunk by chunk.
+    for d0 in range(0, D, BD):
+        offs_d = d0 + tl.arange(0, BD)
+        mask_d = offs_d < D
+        mask = mask_m[:, None] & mask_d[None, :]
+        h = h_tile(ru_ptr, lu_ptr, rgu_ptr, offs_k[:, None], offs_d[None, :], mask_k[:, None] & mask_d[None, :],
+                   K // N_U, D // N_U, D, MODE_U, N_U, R_U)
+        u = _dot(g, h.to(dtype), IEEE)
+        if HAS_BU:
+            u += tl.load(bu_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        if HAS_RES:
+            res = tl.load(r_ptr + offs_m[:, None] * sr + offs_d[None, :], mask=mask, other=0.0)
+        else:
+            res = tl.load(x_ptr + offs_m[:, None] * sx + offs_d[None, :], mask=mask, other=0.0)
+        y = res.to(tl.float32) + scale * u
+        tl.store(y_ptr + offs_m[:, None] * D + offs_d[None, :], y.to(dtype), mask=mask)
+
+
+@triton.jit
+def _adapter_bwd_kernel(
+    dy_ptr, z_ptr, dx_ptr, g_ptr, dz_ptr,
+    rd_ptr, ld_ptr, rgd_ptr, ru_ptr, lu_ptr, rgu_ptr,
+    M, D, K, sdy, scale,
+    MODE_D: tl.constexpr, N_D: tl.constexpr, R_D: tl.constexpr,
+    MODE_U: tl.constexpr, N_U: tl.constexpr, R_U: tl.constexpr,
+    HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    BM: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = (pid * BM + tl.arange(0, BM)).to(tl.int64)
+    mask_m = offs_m < M
+    offs_k = tl.arange(0, KP)
+    mask_k = offs_k < K
+    mask_mk = mask_m[:, None] & mask_k[None, :]
+    dtype = dx_ptr.dtype.element_ty
+    # dg = dy @ H_up^T, the (BD, KP) tiles of H_up^T built directly: tile[j, kk] = H_up[kk, j].
+    dg = tl.zeros((BM, KP), tl.float32)
+    for d0 in range(0, D, BD):
+        offs_d = d0 + tl.arange(0, BD)
+        mask_d = offs_d < D
+        dyt = tl.load(dy_ptr + offs_m[:, None] * sdy + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        ht = h_tile(ru_ptr, lu_ptr, rgu_ptr, offs_k[None, :], offs_d[:, None], mask_d[:, None] & mask_k[None, :],
+                    K // N_U, D // N_U, D, MODE_U, N_U, R_U)
+        dg += _dot(dyt, ht.to(dtype), IEEE)
+    z = tl.load(z_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask_mk, other=0.0).to(tl.float32)
+    dz = tl.where(mask_k[None, :], scale * dg * act_bwd(z, ACT), 0.0).to(dtype)
+    tl.store(dz_ptr + offs_m[:, None] * K + offs_k[None, :], dz, mask=mask_mk)
+    tl.store(g_ptr + offs_m[:, None] * K + offs_k[None, :], act_fwd(z, ACT).to(dtype), mask=mask_mk)
+    # dx = [dy +] dz @ H_down^T, tiles tile[kk, j] = H_down[j, kk].
+    for d0 in range(0, D, BD):
+        offs_d = d0 + tl.arange(0, BD)
+        mask_d = offs_d < D
+        mask = mask_m[:, None] & mask_d[None, :]
+        ht = h_tile(rd_ptr, ld_ptr, rgd_ptr, offs_d[None, :], offs_k[:, None], mask_k[:, None] & mask_d[None, :],
+                    D // N_D, K // N_D, K, MODE_D, N_D, R_D)
+        dx = _dot(dz, ht.to(dtype), IEEE)
+        if not HAS_RES:
+            dx += tl.load(dy_ptr + offs_m[:, None] * sdy + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + offs_m[:, None] * D + offs_d[None, :], dx.to(dtype), mask=mask)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """2-D (M, features) view with unit feature stride (copies only when it must)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+# ---- torch.library ops: opaque to torch.compile, with fake and autograd registrations ---------
+
+@torch.library.custom_op("compacter_kernels::triton_adapter_fwd", mutates_args=())
+def adapter_fwd(
+    x: Tensor, residual: Optional[Tensor],
+    rule_down: Optional[Tensor], left_down: Tensor, right_down: Optional[Tensor], bias_down: Optional[Tensor],
+    rule_up: Optional[Tensor], left_up: Tensor, right_up: Optional[Tensor], bias_up: Optional[Tensor],
+    activation: str, scale: float,
+) -> tuple[Tensor, Tensor]:
+    """(y, z) for 2-D x (M, d). rule_* None means the projection is dense (left_* is the matrix)."""
+    M, D = x.shape
+    K = bias_down.shape[0] if bias_down is not None else _out_features(rule_down, left_down, right_down)
+    y = empty((M, D), dtype=x.dtype, device=x.device)
+    z = empty((M, K), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y, z
+    x2 = _rows(x)
+    r2 = _rows(residual) if residual is not None else x2
+    rd, ld, rgd, mode_d, n_d, r_d = h_args(*map(_contig, (rule_down, left_down, right_down)))
+    ru, lu, rgu, mode_u, n_u, r_u = h_args(*map(_contig, (rule_up, left_up, right_up)))
+    BM, BD, KP, warps = _blocks(D, K, x.dtype)
+    _adapter_fwd_kernel[(triton.cdiv(M, BM),)](
+        x2, r2, y, z, rd, ld, rgd, bias_down if bias_down is not None else x2, ru, lu, rgu,
+        bias_up if bias_up is not None else x2, M, D, K, x2.stride(0), r2.stride(0), scale,
+        MODE_D=mode_d, N_D=n_d, R_D=r_d, MODE_U=mode_u, N_U=n_u, R_U=r_u,
+        HAS_BD=bias_down is not None, HAS_BU=bias_up is not None, HAS_RES=residual is not None,
+        ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP, IEEE=x.dtype == torch.float32, num_warps=warps)
+    return y, z
+
+
+def _out_features(rule, left, right) -> int:
+    if rule is None:
+        return left.shape[1]
+    return rule.shape[0] * (left if right is None else right).shape[2]
+
+
+@adapter_fwd.register_fake
+def _(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
+      activation, scale):
+    K = _out_features(rule_down, left_down, right_down)
+    return x.new_empty(x.shape), x.new_empty((x.shape[0], K))
+
+
+@torch.library.custom_op("compacter_kernels::triton_adapter_bwd", mutates_args=())
+def adapter_bwd(
+    dy: Tensor, x: Tensor, z: Tensor,
+    rule_down: Optional[Tensor], left_down: Tensor, right_down: Optional[Tensor],
+    rule_up: Optional[Tensor], left_up: Tensor, right_up: Optional[Tensor],
+    activation: str, scale: float, has_residual: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dH_down (d, k) fp32, dH_up (k, d) fp32, db_down fp32, db_up fp32).
+
+    dx excludes the residual's dy when has_residual (then d residual = dy, done by the caller).
+    """
+    M, D = x.shape
+    K = z.shape[1]
+    dx = empty((M, D), dtype=x.dtype, device=x.device)
+    if M == 0:
+        zero = lambda *s: torch.zeros(s, dtype=torch.float32, device=x.device)  # noqa: E731
+        return dx, zero(D, K), zero(K, D), zero(K), zero(D)
+    dy2 = _rows(dy)
+    g = empty((M, K), dtype=x.dtype, device=x.device)
+    dz = empty((M, K), dtype=x.dtype, device=x.device)
+    rd, ld, rgd, mode_d, n_d, r_d = h_args(*map(_contig, (rule_down, left_down, right_down)))
+    ru, lu, rgu, mode_u, n_u, r_u = h_args(*map(_contig, (rule_up, left_up, right_up)))
+    BM, BD, KP, warps = _blocks(D, K, x.dtype)
+    _adapter_bwd_kernel[(triton.cdiv(M, BM),)](
+        dy2, z, dx, g, dz, rd, ld, rgd, ru, lu, rgu, M, D, K, dy2.stride(0), scale,
+        MODE_D=mode_d, N_D=n_d, R_D=r_d, MODE_U=mode_u, N_U=n_u, R_U=r_u,
+        HAS_RES=has_residual, ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP,
+        IEEE=x.dtype == torch.float32, num_warps=warps)
+    dH_down, db_down = rows_tn(_rows(x), dz, colsum=True)
+    dH_up, db_up = rows_tn(g, dy2, colsum=True)
+    return dx, dH_down, dH_up * scale, db_down, db_up * scale
+
+
+@adapter_bwd.register_fake
+def _(dy, x, z, rule_down, left_down, right_down, rule_up, left_up, right_up, activation, scale, has_residual):
+    M, D = x.shape
+    K = z.shape[1]
+    f32 = lambda *s: x.new_empty(s, dtype=torch.float32)  # noqa: E731
+    return x.new_empty((M, D)), f32(D, K), f32(K, D), f32(K), f32(D)
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, rd, ld, rgd, bd, ru, lu, rgu, bu, activation, scale = inputs
+    ctx.save_for_backward(x, output[1], rd, ld, rgd, ru, lu, rgu)
+    ctx.has_bias = (bd is not None, bu is not None)
+    ctx.has_residual = residual is not None
+    ctx.activation, ctx.scale = activation, scale
+    ctx.mark_non_differentiable(output[1])
+
+
+def _factor_grads(dH: Tensor, rule, left, right):
+    """(d rule, d left, d right) from the fp32 dH; a dense projection's gradient is dH itself."""
+    if rule is None:
+        return None, dH.to(left.dtype), None
+    return phm_weight_backward(dH, rule, left, right)
+
+
+def _backward(ctx, dy, _dz):
+    x, z, rd, ld, rgd, ru, lu, rgu = ctx.saved_tensors
+    dx, dHd, dHu, dbd, dbu = adapter_bwd(dy, x, z, rd, ld, rgd, ru, lu, rgu, ctx.activation, ctx.scale,
+                                         ctx.has_residual)
+    g_rd, g_ld, g_rgd = _factor_grads(dHd, rd, ld, rgd)
+    g_ru, g_lu, g_rgu = _factor_grads(dHu, ru, lu, rgu)
+    dres = dy if ctx.has_residual else None
+    dbd = dbd.to(x.dtype) if ctx.has_bias[0] else None
+    dbu = dbu.to(x.dtype) if ctx.has_bias[1] else None
+    return dx, dres, g_rd, g_ld, g_rgd, dbd, g_ru, g_lu, g_rgu, dbu, None, None
+
+
+adapter_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- backend entry points (signatures of compacter_kernels.reference) -------------------------
+
+def _run(x, residual, down, bias_down, up, bias_up, activation, scale):
+    shape = x.shape
+    r2 = None if residual is None else residual.reshape(-1, shape[-1])
+    y, _ = adapter_fwd(x.reshape(-1, shape[-1]), r2, *down, bias_down, *up, bias_up, activation, float(scale))
+    return y.reshape(shape)
+
+
+def compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up, *,
+                      activation="gelu", scale=1.0, residual=None):
+    return _run(x, residual, (rule_down, left_down, right_down), bias_down, (rule_up, left_up, right_up),
+                bias_up, activation, scale)
+
+
+def adapter(x, w_down, b_down, w_up, b_up, *, activation="gelu", scale=1.0, residual=None):
+    return _run(x, residual, (None, w_down, None), b_down, (None, w_up, None), b_up, activation, scale)

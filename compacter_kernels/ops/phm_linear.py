@@ -1,0 +1,125 @@
+"""PHM linear in Triton: y = x @ H + b with the tiles of H built in registers from the factors.
+
+Backward:  dx = dy @ H^T  (the same kernel, reading H transposed),
+           dH = x^T @ dy, db = sum_rows dy  (split-M partial sums, fixed-order reduction),
+           dH -> (d rule, d W_left, d W_right) by `phm_weight_backward`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .._phm_grad import phm_weight_backward
+from ._triton_common import empty, h_args, h_tile, interpreting, padded, rows_tn
+
+
+@triton.jit
+def _phm_matmul_kernel(
+    x_ptr, y_ptr, rule_ptr, left_ptr, right_ptr, b_ptr,
+    M, KRED, NOUT, sx, P, Q, HO,
+    TRANS: tl.constexpr, MODE: tl.constexpr, N: tl.constexpr, R: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+):
+    """y (M, NOUT) = x (M, KRED) @ H, or @ H^T when TRANS; H is (HI, HO) = (P*N, Q*N)."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    offs_m = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_m, mask_n = offs_m < M, offs_n < NOUT
+    dtype = y_ptr.dtype.element_ty
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(0, KRED, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        mask_k = offs_k < KRED
+        xt = tl.load(x_ptr + offs_m[:, None] * sx + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        mask_h = mask_k[:, None] & mask_n[None, :]
+        if TRANS:  # tile[kk, j] = H[j, kk]
+            h = h_tile(rule_ptr, left_ptr, right_ptr, offs_n[None, :], offs_k[:, None], mask_h, P, Q, HO, MODE, N, R)
+        else:
+            h = h_tile(rule_ptr, left_ptr, right_ptr, offs_k[:, None], offs_n[None, :], mask_h, P, Q, HO, MODE, N, R)
+        if IEEE:
+            acc += tl.dot(xt, h.to(dtype), input_precision="ieee")
+        else:
+            acc += tl.dot(xt, h.to(dtype))
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * NOUT + offs_n[None, :], acc.to(dtype), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _matmul_h(x2: Tensor, rule, left, right, bias: Optional[Tensor], trans: bool) -> Tensor:
+    n = rule.shape[0]
+    HI, HO = n * left.shape[1], n * (left if right is None else right).shape[2]
+    M, KRED = x2.shape
+    NOUT = HI if trans else HO
+    y = empty((M, NOUT), dtype=x2.dtype, device=x2.device)
+    if M == 0:
+        return y
+    rp, lp, rgp, mode, N, R = h_args(rule.contiguous(), left.contiguous(), None if right is None else right.contiguous())
+    BM = 16 if interpreting() else (32 if x2.dtype == torch.float32 else 64)
+    BN = min(padded(NOUT), 32 if interpreting() else 128)
+    BK = min(padded(KRED), 32 if interpreting() else 64)
+    _phm_matmul_kernel[(triton.cdiv(M, BM), triton.cdiv(NOUT, BN))](
+        x2, y, rp, lp, rgp, bias if bias is not None else x2, M, KRED, NOUT, x2.stride(0), HI // n, HO // n, HO,
+        TRANS=trans, MODE=mode, N=N, R=R, HAS_BIAS=bias is not None, BM=BM, BN=BN, BK=BK,
+        IEEE=x2.dtype == torch.float32, num_warps=4)
+    return y
+
+
+def _rows(t: Tensor) -> Tensor:
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("compacter_kernels::triton_phm_linear_fwd", mutates_args=())
+def phm_linear_fwd(x: Tensor, rule: Tensor, left: Tensor, right: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    return _matmul_h(_rows(x), rule, left, right, bias, trans=False)
+
+
+@phm_linear_fwd.register_fake
+def _(x, rule, left, right, bias):
+    return x.new_empty((x.shape[0], rule.shape[0] * (left if right is None else right).shape[2]))
+
+
+@torch.library.custom_op("compacter_kernels::triton_phm_linear_bwd", mutates_args=())
+def phm_linear_bwd(dy: Tensor, x: Tensor, rule: Tensor, left: Tensor, right: Optional[Tensor],
+                   has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dH fp32 (I, O), db fp32 (O,), zeros when there is no bias)."""
+    dy2 = _rows(dy)
+    dx = _matmul_h(dy2, rule, left, right, None, trans=True)
+    if x.shape[0] == 0:
+        z = torch.zeros(x.shape[1], dy.shape[1], dtype=torch.float32, device=x.device)
+        return dx, z, z[0]
+    dH, db = rows_tn(_rows(x), dy2, colsum=has_bias)
+    return dx, dH, db if has_bias else dH.new_zeros(dH.shape[1])
+
+
+@phm_linear_bwd.register_fake
+def _(dy, x, rule, left, right, has_bias):
+    return x.new_empty(x.shape), x.new_empty((x.shape[1], dy.shape[1]), dtype=torch.float32), \
+        x.new_empty((dy.shape[1],), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, rule, left, right, bias = inputs
+    ctx.save_for_backward(x, rule, left, right)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy):
+    x, rule, left, right = ctx.saved_tensors
+    dx, dH, db = phm_linear_bwd(dy, x, rule, left, right, ctx.has_bias)
+    g_rule, g_left, g_right = phm_weight_backward(dH, rule, left, right)
+    return dx, g_rule, g_left, g_right, db.to(x.dtype) if ctx.has_bias else None
+
+
+phm_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def phm_linear(x, rule, left, right=None, bias=None):
+    """Backend entry point, signature of compacter_kernels.reference.phm_linear."""
+    y = phm_linear_fwd(x.reshape(-1, x.shape[-1]), rule, left, right, bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine and runs the tests (the README's test command; CI runs it too):
+#   1. a virtual environment (.venv, or $VENV) with a CUDA build of torch and the test tools;
+#   2. the package built WITH its CUDA extension (a broken CUDA build fails here);
+#   3. a check that the extension imports and matches the sources;
+#   4. pytest over tests/ (Triton kernels run in the CPU interpreter when there is no GPU).
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k kernels -x`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PY="$VENV/bin/python"
+[ -x "$PY" ] || "${PYTHON:-python3}" -m venv "$VENV"
+
+echo "== installing torch (CUDA build) and the build/test tools into $VENV"
+"$PY" -m pip install -q --upgrade pip
+# Unpinned torch: the newest CUDA build from PyPI (a torch already there is kept).
+"$PY" -m pip install -q torch ninja pybind11 "setuptools>=64" wheel \
+    pytest pytest-benchmark hypothesis numpy matplotlib
+# Optional integrations (AdapterHub, transformers): their tests skip without them.
+"$PY" -m pip install -q "adapters>=1.1" || echo "WARNING: could not install adapters; its tests will skip"
+
+echo "== building compacter_kernels with its CUDA extension"
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export MAX_JOBS=${MAX_JOBS:-2}
+start=$(date +%s)
+COMPACTER_KERNELS_FORCE_CUDA_BUILD=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+echo "== CUDA extension built in $(( $(date +%s) - start )) s"
+"$PY" - <<'PY'
+from compacter_kernels import _extension
+ok, why = _extension.status()
+assert ok, f"the CUDA extension does not load: {why}"
+print("== CUDA extension:", why)
+PY
+
+echo "== running the tests"
+COMPACTER_KERNELS_REQUIRE_EXTENSION=1 "$PY" -m pytest tests -q -p no:cacheprovider "$@"

@@ -1,0 +1,218 @@
+"""The compiled extension `compacter_kernels._C`: build, import guard, op registration, phm_weight.
+
+Without a GPU these still check the build (import, schema, fake impl, staleness) and the
+pure-torch backward; the kernel itself is checked by the GPU tests at the bottom.
+CI sets COMPACTER_KERNELS_REQUIRE_EXTENSION=1 so that a missing build fails instead of skipping.
+"""
+import os
+import sys
+import types
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import compacter_kernels
+from compacter_kernels import _extension
+from compacter_kernels._phm_grad import phm_weight_backward
+from compacter_kernels._source_hash import source_hash
+
+REQUIRE = os.environ.get("COMPACTER_KERNELS_REQUIRE_EXTENSION") == "1"
+SCHEMA = "compacter_kernels::phm_weight(Tensor rule, Tensor left, Tensor? right) -> Tensor"
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+
+
+@pytest.fixture
+def ext():
+    ok, reason = _extension.status()
+    if not ok:
+        (pytest.fail if REQUIRE else pytest.skip)(f"CUDA extension unavailable: {reason}")
+    return _extension.load()
+
+
+def kron_sum(rule, left, right):
+    """Plain-torch H = sum_i kron(A[i], B[i]), independent of the op and of the einsum backward."""
+    B = left if right is None else left @ right
+    return sum(torch.kron(rule[i], B[i]) for i in range(rule.shape[0]))
+
+
+def factors(n, I, O, r, dtype=torch.float64, device="cpu", factorised=True, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)  # noqa: E731
+    if factorised:
+        return mk(n, n, n), mk(n, I // n, r), mk(n, r, O // n)
+    return mk(n, n, n), mk(n, I // n, O // n), None
+
+
+# --- build / import ------------------------------------------------------------------------
+
+def test_status_is_explained():
+    ok, reason = _extension.status()
+    assert isinstance(ok, bool) and reason
+    if REQUIRE:
+        assert ok, reason
+    if not ok:
+        assert _extension.load() is None
+        pytest.skip(f"CUDA extension unavailable: {reason}")
+    assert _extension.load() is not None
+
+
+def test_build_info(ext):
+    info = ext.build_info()
+    assert info["version"] == compacter_kernels.__version__
+    assert len(info["source_hash"]) == 64 and int(info["source_hash"], 16) >= 0
+    assert info["torch_version"] == str(torch.__version__)
+    assert isinstance(info["cuda_version"], int) and info["cuda_version"] >= 11000
+
+
+def test_schema(ext):
+    op = torch.ops.compacter_kernels.phm_weight.default
+    assert str(op._schema) == SCHEMA
+    assert torch.Tag.pt2_compliant_tag in op.tags
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("factorised", [True, False])
+def test_fake_impl(ext, dtype, factorised):
+    n, I, O, r = 4, 32, 24, 3
+    with FakeTensorMode():  # fake CUDA tensors need no GPU
+        out = torch.ops.compacter_kernels.phm_weight(*factors(n, I, O, r, dtype, "cuda", factorised))
+    assert out.shape == (I, O) and out.dtype == dtype and out.device.type == "cuda"
+    meta = torch.ops.compacter_kernels.phm_weight(*factors(n, I, O, r, dtype, "meta", factorised))
+    assert meta.shape == (I, O) and meta.dtype == dtype and meta.device.type == "meta"
+
+
+def test_cpu_has_no_kernel(ext):
+    with pytest.raises(NotImplementedError, match="phm_weight.*'CPU' backend"):
+        torch.ops.compacter_kernels.phm_weight(*factors(4, 8, 8, 1))
+
+
+def test_not_built_reason(monkeypatch):
+    # Simulate a pure-Python install: the import of _C fails with ModuleNotFoundError.
+    monkeypatch.delattr(compacter_kernels, "_C", raising=False)
+    monkeypatch.setitem(sys.modules, "compacter_kernels._C", None)
+    module, ok, reason = _extension._try_load()
+    assert module is None and not ok
+    assert reason.startswith("not built") and "--no-build-isolation" in reason
+
+
+def test_broken_build_reason(monkeypatch):
+    # A .so built against another torch fails to import with "undefined symbol".
+    def broken(name):
+        raise ImportError(f"{name}: undefined symbol: _ZN3c104impl8GPUTrace")
+
+    monkeypatch.setattr(_extension.importlib, "import_module", broken)
+    module, ok, reason = _extension._try_load()
+    assert module is None and not ok
+    assert "undefined symbol" in reason and "another torch" in reason and "rebuild" in reason
+
+
+def _fake_module(**info):
+    base = dict(version=compacter_kernels.__version__, torch_version=str(torch.__version__),
+                source_hash="0" * 64, cuda_version=13000)
+    return types.SimpleNamespace(build_info=lambda: {**base, **info})
+
+
+def test_staleness_checks(monkeypatch, tmp_path):
+    (tmp_path / "k.cu").write_text("// v1\n")
+    monkeypatch.setattr(_extension, "_source_tree", lambda: tmp_path)
+    assert _extension._stale_reason(_fake_module(source_hash=source_hash(tmp_path))) is None
+    assert "changed" in _extension._stale_reason(_fake_module(source_hash="f" * 64))
+    assert "version 0.0.0" in _extension._stale_reason(_fake_module(version="0.0.0"))
+    assert "torch 1.0" in _extension._stale_reason(_fake_module(torch_version="1.0"))
+    # No source tree next to the package (wheel install): the hash is not checked.
+    monkeypatch.setattr(_extension, "_source_tree", lambda: None)
+    assert _extension._stale_reason(_fake_module(source_hash="f" * 64)) is None
+
+
+def test_stale_build_disables_extension(ext, monkeypatch, tmp_path):
+    (tmp_path / "edited.cu").write_text("// not what was built\n")
+    monkeypatch.setattr(_extension, "_source_tree", lambda: tmp_path)
+    module, ok, reason = _extension._try_load()
+    assert module is None and not ok
+    assert reason.startswith("stale build") and "rebuild" in reason
+
+
+def test_source_hash_sees_edits(tmp_path):
+    (tmp_path / "a.cu").write_text("x")
+    (tmp_path / "notes.txt").write_text("ignored")
+    h = source_hash(tmp_path)
+    (tmp_path / "notes.txt").write_text("still ignored")
+    assert source_hash(tmp_path) == h
+    (tmp_path / "a.cu").write_text("y")
+    assert source_hash(tmp_path) != h
+
+
+# --- backward (pure torch, no extension needed) ---------------------------------------------
+
+@pytest.mark.parametrize("factorised", [True, False])
+@pytest.mark.parametrize("n,I,O,r", [(4, 16, 12, 1), (3, 9, 15, 2), (12, 24, 36, 4)])
+def test_phm_weight_backward_matches_autograd(factorised, n, I, O, r):
+    args = [t if t is None else t.requires_grad_() for t in factors(n, I, O, r, factorised=factorised)]
+    H = kron_sum(*args)
+    dH = torch.randn_like(H)
+    expected = torch.autograd.grad(H, [t for t in args if t is not None], dH)
+    got = phm_weight_backward(dH, *(t if t is None else t.detach() for t in args))
+    if not factorised:
+        assert got[2] is None
+    for g, e in zip([t for t in got if t is not None], expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_phm_weight_backward_low_precision(dtype):
+    args64 = factors(4, 16, 12, 2)
+    dH = torch.randn(16, 12, dtype=torch.float64)
+    ref = phm_weight_backward(dH, *args64)
+    got = phm_weight_backward(dH.to(dtype), *(t.to(dtype) for t in args64))
+    for g, e in zip(got, ref):
+        assert g.dtype == dtype
+        # Only the rounding of the inputs and of the result: computed in float32 internally.
+        torch.testing.assert_close(g.double(), e, rtol=3e-2, atol=3e-2)
+
+
+# --- the CUDA kernel ----------------------------------------------------------------------
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
+       torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("factorised", [True, False])
+@pytest.mark.parametrize("n,I,O,r", [(4, 768, 24, 1), (12, 768, 48, 4), (3, 9, 15, 2), (4, 4, 4, 1)])
+def test_phm_weight_cuda_matches_kron(ext, dtype, factorised, n, I, O, r):
+    args = factors(n, I, O, r, dtype=dtype, device="cuda", factorised=factorised)
+    out = torch.ops.compacter_kernels.phm_weight(*args)
+    # Reference in float32 from the same (rounded) inputs: the kernel accumulates in float.
+    ref = kron_sum(*(t if t is None else t.float() for t in args))
+    assert out.shape == (I, O) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, **TOL[dtype])
+
+
+@requires_gpu
+@pytest.mark.parametrize("factorised", [True, False])
+def test_phm_weight_cuda_opcheck(ext, factorised):
+    args = [t if t is None else t.requires_grad_()
+            for t in factors(4, 16, 12, 2, dtype=torch.float32, device="cuda", factorised=factorised)]
+    torch.library.opcheck(torch.ops.compacter_kernels.phm_weight.default, tuple(args))
+
+
+@requires_gpu
+def test_phm_weight_cuda_gradcheck(ext):
+    args = [t.requires_grad_() for t in factors(3, 6, 9, 2, device="cuda")]
+    assert torch.autograd.gradcheck(torch.ops.compacter_kernels.phm_weight, tuple(args))
+
+
+@requires_gpu
+def test_phm_weight_cuda_rejects_bad_inputs(ext):
+    rule, left, right = factors(4, 16, 12, 2, dtype=torch.float32, device="cuda")
+    op = torch.ops.compacter_kernels.phm_weight
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        op(rule.cpu(), left, right)
+    with pytest.raises(RuntimeError, match="same dtype|must match"):
+        op(rule.half(), left, right)
+    with pytest.raises(RuntimeError, match="must have shape"):
+        op(rule, left, right[:, :1].contiguous())
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        op(rule, left, right.transpose(1, 2).contiguous().transpose(1, 2))

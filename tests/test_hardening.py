@@ -1,0 +1,182 @@
+"""Hardening: random valid configurations on every available backend, random invalid ones,
+NaN/inf propagation, and distributed data parallel with a shared rule."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import compacter_kernels as ck
+from compacter_kernels import reference as ref
+from utils import phm_factors
+
+# Bounded for CI; `HYPOTHESIS_PROFILE=gpu` explores more on a GPU machine.
+settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("gpu", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _usable_backends():
+    status = ck.available_backends()
+    out = ["reference"]
+    for name in ("triton", "cuda"):
+        if status[name] and (DEVICE == "cuda" or (name == "triton" and os.environ.get("TRITON_INTERPRET") == "1")):
+            out.append(name)
+    return out
+
+
+@st.composite
+def adapter_configs(draw):
+    n = draw(st.sampled_from([1, 2, 4, 8]))
+    return dict(
+        n=n,
+        d=n * draw(st.integers(1, 6)),
+        k=n * draw(st.integers(1, 4)),
+        rank=draw(st.sampled_from([None, 1, 2, 4])),
+        lead=tuple(draw(st.lists(st.integers(0, 5), max_size=2))),
+        activation=draw(st.sampled_from(ref.ACTIVATIONS)),
+        bias=draw(st.booleans()),
+        shared=draw(st.booleans()),
+        residual=draw(st.booleans()),
+        scale=draw(st.floats(-2, 2, allow_nan=False)),
+    )
+
+
+def _build(cfg, dtype, device):
+    x = torch.randn(*cfg["lead"], cfg["d"], dtype=dtype, device=device)
+    down = phm_factors(cfg["n"], cfg["d"], cfg["k"], cfg["rank"], dtype=dtype, device=device)
+    up = phm_factors(cfg["n"], cfg["k"], cfg["d"], cfg["rank"], dtype=dtype, device=device)
+    if cfg["shared"]:
+        up[0] = down[0]
+    bd = torch.randn(cfg["k"], dtype=dtype, device=device) if cfg["bias"] else None
+    bu = torch.randn(cfg["d"], dtype=dtype, device=device) if cfg["bias"] else None
+    residual = torch.randn_like(x) if cfg["residual"] else None
+    return [x, *down, bd, *up, bu], residual
+
+
+@given(cfg=adapter_configs())
+def test_random_valid_configurations_match_the_reference_on_every_backend(cfg):
+    args, residual = _build(cfg, torch.float32, DEVICE)
+    leaves = list({id(t): t.requires_grad_() for t in args + [residual] if t is not None}.values())
+    kw = dict(activation=cfg["activation"], scale=cfg["scale"], residual=residual)
+    memo = {id(t): t.detach().double().requires_grad_() for t in leaves}
+    args64 = [None if t is None else memo[id(t)] for t in args]
+    res64 = None if residual is None else memo[id(residual)]
+    y64 = ref.compacter_adapter(*args64, **{**kw, "residual": res64})
+    dy = torch.randn(y64.shape, dtype=torch.float32, device=DEVICE)
+    g64 = torch.autograd.grad(y64, list(memo.values()), dy.double(), allow_unused=True) if y64.numel() else None
+    for backend in _usable_backends():
+        y = ck.compacter_adapter(*args, **kw, backend=backend)
+        torch.testing.assert_close(y.double(), y64, atol=3e-4, rtol=1e-3, msg=lambda m: f"{backend} {cfg}: {m}")
+        if g64 is None:
+            continue
+        g = torch.autograd.grad(y, leaves, dy, allow_unused=True)
+        for a, b in zip(g, g64):
+            torch.testing.assert_close(a.double(), b, atol=3e-4, rtol=1e-3, msg=lambda m: f"{backend} {cfg}: {m}")
+
+
+MUTATIONS = ["rule_shape", "left_rows", "inner_shape", "bias_len", "dtype", "indivisible", "activation", "scale"]
+
+
+@given(cfg=adapter_configs(), mutation=st.sampled_from(MUTATIONS), backend=st.sampled_from(["auto", "reference"]))
+def test_random_invalid_configurations_raise_clear_errors(cfg, mutation, backend):
+    args, residual = _build({**cfg, "bias": True}, torch.float32, "cpu")
+    x, rd, ld, rgd, bd, ru, lu, rgu, bu = args
+    kw = dict(activation=cfg["activation"], scale=cfg["scale"], residual=residual, backend=backend)
+    n = cfg["n"]
+    if mutation == "rule_shape":
+        rd = torch.randn(n, n, n + 1)
+    elif mutation == "left_rows":
+        ld = torch.randn(n, cfg["d"] // n + 1, ld.shape[2])
+    elif mutation == "inner_shape":
+        if rgd is None:  # unfactorised: the down projection's width no longer matches the rest
+            ld = torch.randn(n, cfg["d"] // n, cfg["k"] // n + 1)
+        else:
+            rgd = torch.randn(n, rgd.shape[1] + 1, rgd.shape[2])
+    elif mutation == "bias_len":
+        bu = torch.randn(cfg["d"] + 1)
+    elif mutation == "dtype":
+        lu = lu.double()
+    elif mutation == "indivisible":
+        x = torch.randn(3, cfg["d"] + 1)
+    elif mutation == "activation":
+        kw["activation"] = "softmax"
+    elif mutation == "scale":
+        kw["scale"] = "1.0"
+    with pytest.raises((ValueError, TypeError)):
+        ck.compacter_adapter(x, rd, ld, rgd, bd, ru, lu, rgu, bu, **kw)
+
+
+@pytest.mark.parametrize("backend", _usable_backends())
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_and_inf_propagate_as_in_the_reference(backend, bad):
+    args, _ = _build(dict(n=4, d=32, k=16, rank=1, lead=(6,), bias=True, shared=True, residual=False,
+                          activation="gelu", scale=1.0), torch.float32, DEVICE)
+    args[0][2, 5] = bad
+    y = ck.compacter_adapter(*args, backend=backend)
+    y_ref = ref.compacter_adapter(*args)
+    assert torch.equal(torch.isnan(y), torch.isnan(y_ref))
+    assert torch.equal(torch.isinf(y), torch.isinf(y_ref))
+    finite = torch.isfinite(y_ref)
+    torch.testing.assert_close(y[finite], y_ref[finite], atol=3e-4, rtol=1e-3)
+
+
+# ---- distributed data parallel over 2 CPU processes (gloo), shared rule included -----------------
+
+class _Stack(torch.nn.Module):
+    """Two adapters sharing one rule that is registered once, here."""
+
+    def __init__(self, backend):
+        super().__init__()
+        torch.manual_seed(0)
+        self.phm_rule = ck.nn.PHMRule(4)
+        self.blocks = torch.nn.ModuleList(
+            ck.nn.CompacterAdapter(32, bottleneck=8, rule=self.phm_rule, backend=backend) for _ in range(2))
+        with torch.no_grad():
+            for p in self.parameters():
+                p.normal_(0, 0.5)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x.square().mean()
+
+
+ROWS_PER_RANK, WORLD = 5, 2
+
+
+def _batch():
+    return torch.randn(WORLD * ROWS_PER_RANK, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _ddp_worker(rank, backend, init_file, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        model = _Stack(backend)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        ddp(_batch()[rank * ROWS_PER_RANK:(rank + 1) * ROWS_PER_RANK]).backward()
+        if rank == 0:
+            torch.save({n: p.grad for n, p in model.named_parameters()}, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", _usable_backends())
+def test_ddp_gloo_gradients_equal_the_single_process_run(backend, tmp_path):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    out_file = tmp_path / "grads.pt"
+    mp.spawn(_ddp_worker, args=(backend, str(tmp_path / "init"), str(out_file)), nprocs=WORLD, join=True)
+    ddp_grads = torch.load(out_file)
+    model = _Stack(backend)
+    model(_batch()).backward()  # the mean over all rows = the mean of the ranks' means
+    assert set(ddp_grads) == {n for n, _ in model.named_parameters()}
+    assert "phm_rule.phm_rule" in ddp_grads
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ddp_grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -1,0 +1,108 @@
+"""Shared test helpers: random inputs of the right scale, tolerances, comparisons."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+# Per-dtype (atol, rtol), as causal-conv1d / mamba-ssm test their kernels.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-8),
+    torch.float32: (3e-4, 1e-3),
+    torch.float16: (3e-3, 5e-3),
+    torch.bfloat16: (1e-2, 5e-2),
+}
+
+
+def phm_factors(n: int, in_features: int, out_features: int, rank: Optional[int], *, dtype=torch.float64,
+                device="cpu", requires_grad: bool = False):
+    """Random (rule, left, right) with H entries of std ~ 1/sqrt(in_features).
+
+    rank=None gives the unfactorised form (left = B, right = None).
+    """
+    p, q = in_features // n, out_features // n
+    rule = torch.randn(n, n, n, dtype=dtype, device=device)
+    if rank is None:
+        left = torch.randn(n, p, q, dtype=dtype, device=device) / math.sqrt(in_features * n)
+        right = None
+    else:
+        left = torch.randn(n, p, rank, dtype=dtype, device=device)
+        right = torch.randn(n, rank, q, dtype=dtype, device=device) / math.sqrt(in_features * n * rank)
+    out = [rule, left, right]
+    if requires_grad:
+        for t in out:
+            if t is not None:
+                t.requires_grad_(True)
+    return out
+
+
+@dataclass
+class AdapterInputs:
+    """Arguments of ck.compacter_adapter, in order."""
+
+    x: torch.Tensor
+    rule_down: torch.Tensor
+    left_down: torch.Tensor
+    right_down: Optional[torch.Tensor]
+    bias_down: Optional[torch.Tensor]
+    rule_up: torch.Tensor
+    left_up: torch.Tensor
+    right_up: Optional[torch.Tensor]
+    bias_up: Optional[torch.Tensor]
+
+    def args(self):
+        return (self.x, self.rule_down, self.left_down, self.right_down, self.bias_down,
+                self.rule_up, self.left_up, self.right_up, self.bias_up)
+
+    def tensors(self):
+        """The distinct tensors (a shared rule once), the ones gradients are checked for."""
+        seen, out = set(), []
+        for t in self.args():
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                out.append(t)
+        return out
+
+
+def compacter_inputs(lead=(3,), d=16, k=8, n=2, rank=1, *, dtype=torch.float64, device="cpu", bias=True,
+                     shared_rule=True, requires_grad=True) -> AdapterInputs:
+    x = torch.randn(*lead, d, dtype=dtype, device=device)
+    rd, ld, rgd = phm_factors(n, d, k, rank, dtype=dtype, device=device)
+    ru, lu, rgu = phm_factors(n, k, d, rank, dtype=dtype, device=device)
+    if shared_rule:
+        ru = rd
+    bd = torch.randn(k, dtype=dtype, device=device) if bias else None
+    bu = torch.randn(d, dtype=dtype, device=device) if bias else None
+    inp = AdapterInputs(x, rd, ld, rgd, bd, ru, lu, rgu, bu)
+    if requires_grad:
+        for t in inp.tensors():
+            t.requires_grad_(True)
+    return inp
+
+
+def dense_inputs(lead=(3,), d=16, k=8, *, dtype=torch.float64, device="cpu", bias=True, requires_grad=True):
+    """(x, w_down, b_down, w_up, b_up) for ck.adapter."""
+    x = torch.randn(*lead, d, dtype=dtype, device=device)
+    wd = torch.randn(d, k, dtype=dtype, device=device) / math.sqrt(d)
+    wu = torch.randn(k, d, dtype=dtype, device=device) / math.sqrt(k)
+    bd = torch.randn(k, dtype=dtype, device=device) if bias else None
+    bu = torch.randn(d, dtype=dtype, device=device) if bias else None
+    out = (x, wd, bd, wu, bu)
+    if requires_grad:
+        for t in out:
+            if t is not None:
+                t.requires_grad_(True)
+    return out
+
+
+def grads(out: torch.Tensor, inputs, grad_out: torch.Tensor):
+    """Gradients of <out, grad_out> w.r.t. inputs (None where an input is unused)."""
+    return torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+
+
+def assert_close(actual, expected, dtype, msg=""):
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{msg}\n{m}")
