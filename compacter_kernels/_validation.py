@@ -35,11 +35,16 @@ def check_common(x: Tensor, named: dict, *, activation: Optional[str] = None, sc
         raise TypeError(f"x must be a floating tensor ({', '.join(map(str, FLOAT_DTYPES))}), got {x.dtype}")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (the features), got a 0-d tensor")
+    # Under autocast, mixed dtypes are the norm (fp32 parameters, low-precision activations):
+    # the backends cast as autocast would.
+    autocast = torch.is_autocast_enabled(x.device.type)
     for name, t in named.items():
         _tensor(name, t, optional=True)
         if t is None:
             continue
-        if t.dtype != x.dtype:
+        if autocast and t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+        if t.dtype != x.dtype and not autocast:
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}: cast them to one dtype")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}: move them to one device")

@@ -180,3 +180,50 @@ def test_ddp_gloo_gradients_equal_the_single_process_run(backend, tmp_path):
     assert "phm_rule.phm_rule" in ddp_grads
     for name, p in model.named_parameters():
         torch.testing.assert_close(ddp_grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+# ---- GPU only: CUDA graphs, and offsets beyond int32 ---------------------------------------------
+
+GPU_BACKENDS = [b for b in ("triton", "cuda") if b in _usable_backends()] if DEVICE == "cuda" else []
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_graph_capture_and_replay_of_forward_and_backward(backend):
+    layer = ck.nn.CompacterAdapter(256, bottleneck=24, backend=backend).cuda()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(64, 256, device="cuda", requires_grad=True)
+    params = [x, *layer.parameters()]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm up (compiles kernels) outside the capture
+        for _ in range(2):
+            torch.autograd.grad(layer(x).square().sum(), params)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(x)
+        grads = torch.autograd.grad(y.square().sum(), params)
+    with torch.no_grad():
+        x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    y_eager = layer(x)
+    g_eager = torch.autograd.grad(y_eager.square().sum(), params)
+    torch.testing.assert_close(y, y_eager)
+    for a, b in zip(grads, g_eager):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a GPU with ~16 GB free")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_more_than_2_to_the_31_elements(backend):
+    d, k = 1024, 32
+    M = 2**31 // d + 3  # the last rows sit past int32 element offsets
+    inp = compacter_inputs(lead=(M,), d=d, k=k, n=4, dtype=torch.bfloat16, device="cuda", requires_grad=False)
+    y = ck.compacter_adapter(*inp.args(), backend=backend)
+    tail = slice(M - 5, M)
+    y_tail = ref.compacter_adapter(inp.x[tail].float(), *[t if t is None else t.float() for t in inp.args()[1:]])
+    torch.testing.assert_close(y[tail].float(), y_tail, atol=3e-2, rtol=2e-2)

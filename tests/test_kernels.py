@@ -34,6 +34,12 @@ def _poison_outputs(monkeypatch):
     monkeypatch.setattr(_triton_common, "POISON", True)
 
 
+@pytest.fixture(params=["in_kernel", "prebuilt"])
+def h_build(request, monkeypatch):
+    """Both ways the Triton kernels get H: tiles built in registers, or H built once per call."""
+    monkeypatch.setattr(_triton_common, "INKERNEL_H_BUDGET", 10**9 if request.param == "in_kernel" else 0)
+
+
 def _skip_unsupported(dtype):
     if dtype == torch.bfloat16 and not ON_GPU:
         pytest.skip("bf16 tl.dot is silently wrong in the Triton interpreter: bf16 is tested on a GPU")
@@ -95,7 +101,7 @@ SHAPES = [  # (d, k, n, rank): k not a multiple of 16, n in {2, 4, 8}, ranks 1 a
 
 @pytest.mark.parametrize("d,k,n,rank", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_compacter_adapter_matches_reference(backend, d, k, n, rank, dtype):
+def test_compacter_adapter_matches_reference(backend, d, k, n, rank, dtype, h_build):
     _skip_unsupported(dtype)
     inp = compacter_inputs(lead=(2, 19), d=d, k=k, n=n, rank=rank, dtype=dtype, device=DEVICE)
     check_op(_kernel("compacter_adapter", backend), ref.compacter_adapter, inp.args(), dtype,
@@ -177,7 +183,7 @@ def test_dense_adapter_matches_reference(backend, d, k, dtype):
 @pytest.mark.parametrize("n,I,O,rank", [(4, 48, 24, 1), (2, 20, 36, 4), (4, 16, 40, None), (8, 64, 48, 1)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_phm_linear_matches_reference(backend, n, I, O, rank, dtype, bias):
+def test_phm_linear_matches_reference(backend, n, I, O, rank, dtype, bias, h_build):
     _skip_unsupported(dtype)
     rule, left, right = phm_factors(n, I, O, rank, dtype=dtype, device=DEVICE, requires_grad=True)
     b = torch.randn(O, dtype=dtype, device=DEVICE, requires_grad=True) if bias else None
@@ -193,11 +199,11 @@ def test_opcheck_triton_ops():
         pytest.skip(ck.available_backends()["triton"].reason)
     inp = compacter_inputs(lead=(5,), d=32, k=16, n=4, dtype=torch.float32, device=DEVICE)
     x2 = inp.x.detach().requires_grad_()
-    args = (x2, None, *inp.args()[1:], "gelu", 0.5)
+    args = (x2, None, *inp.args()[1:], "gelu", 0.5, torch.float32)
     torch.library.opcheck(torch.ops.compacter_kernels.triton_adapter_fwd.default, args)
     x, wd, bd, wu, bu = dense_inputs(lead=(5,), d=32, k=16, dtype=torch.float32, device=DEVICE)
     torch.library.opcheck(torch.ops.compacter_kernels.triton_adapter_fwd.default,
-                          (x, torch.randn_like(x), None, wd, None, bd, None, wu, None, bu, "relu", 1.0))
+                          (x, torch.randn_like(x), None, wd, None, bd, None, wu, None, bu, "relu", 1.0, torch.float32))
     rule, left, right = phm_factors(4, 16, 24, 2, dtype=torch.float32, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.compacter_kernels.triton_phm_linear_fwd.default,
                           (x[:, :16].detach().requires_grad_(), rule, left, right, None))
@@ -222,3 +228,51 @@ def test_torch_compile_fullgraph_of_a_module():
     g_eager = torch.autograd.grad(y_eager.square().sum(), [x, *model.parameters()])
     for a, b in zip(g, g_eager):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("x_dtype", ["float32", "low"])
+@pytest.mark.parametrize("layer", ["compacter", "houlsby", "phm_linear"])
+def test_autocast_behaves_like_the_reference_layers(backend, x_dtype, layer):
+    """fp32 parameters, autocast on: same output dtype as the reference layer, values and
+    gradients within twice the reference's own error against fp64."""
+    amp = torch.bfloat16 if ON_GPU else torch.float16  # the interpreter's bf16 dot is broken
+    make = {"compacter": lambda: ck.nn.CompacterAdapter(32, bottleneck=16, phm_dim=4, rank=2),
+            "houlsby": lambda: ck.nn.HoulsbyAdapter(32, 16, activation="silu"),
+            "phm_linear": lambda: ck.nn.PHMLinear(32, 24, phm_dim=4)}[layer]
+    module = make().to(DEVICE)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.4)
+    x = torch.randn(7, 32, device=DEVICE, dtype=torch.float32 if x_dtype == "float32" else amp, requires_grad=True)
+    params = [x, *module.parameters()]
+    outs = {}
+    for name in (backend, "reference"):
+        module.backend = name
+        with torch.autocast(DEVICE, dtype=amp):
+            y = module(x)
+        outs[name] = (y, torch.autograd.grad(y.float().square().sum(), params))
+    module.backend = "reference"
+    y64 = module.double()(x.detach().double())
+    g64 = torch.autograd.grad(y64.square().sum(), [p for p in module.parameters()])
+    (y, g), (y_ref, g_ref) = outs[backend], outs["reference"]
+    assert y.dtype == y_ref.dtype, (y.dtype, y_ref.dtype)
+
+    def close(a, b, b64, what):
+        err, ref_err = (a.double() - b64).abs().max().item(), (b.double() - b64).abs().max().item()
+        assert err <= 2 * ref_err + 1e-3 * max(1.0, b64.abs().max().item()), f"{what}: {err:.3g} vs {ref_err:.3g}"
+
+    close(y, y_ref, y64, "output")
+    for i, (a, b, c) in enumerate(zip(g[1:], g_ref[1:], g64)):
+        close(a, b, c, f"grad of parameter {i}")
+
+
+FULL_GRID = [(d, k, n, r) for d in (512, 768, 1024, 4096) for k in (24, 48, 96, 192, 256)
+             for n in (2, 4, 8) for r in (1, 4) if k % n == 0 and (d, n) != (4096, 2)]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the full size grid runs on a GPU; the interpreter runs the trimmed grid")
+@pytest.mark.parametrize("d,k,n,rank", FULL_GRID)
+def test_full_grid_bf16_on_gpu(backend, d, k, n, rank):
+    inp = compacter_inputs(lead=(4, 333), d=d, k=k, n=n, rank=rank, dtype=torch.bfloat16, device=DEVICE)
+    check_op(_kernel("compacter_adapter", backend), ref.compacter_adapter, inp.args(), torch.bfloat16,
+             f"bf16 d={d} k={k} n={n} r={rank}", activation="gelu_tanh", scale=0.5)

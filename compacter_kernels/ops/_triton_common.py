@@ -121,13 +121,40 @@ def h_tile(rule_ptr, left_ptr, right_ptr, ri, ci, mask, P, Q, O,
     return tl.where(mask, acc, 0.0)
 
 
-def h_args(rule, left, right):
-    """(rule_ptr, left_ptr, right_ptr, MODE, N, R) of one projection; rule None = dense."""
+# Building H tiles inside every program costs about n*(r+1) FMAs and loads per element of H per
+# row block: affordable while n*(r+1)*tile_cols stays within this budget (T5-base: 4*2*32 = 256).
+# Past it, H is built once per call (d*k elements, L2-resident) and read as a dense matrix.
+# A prediction from counting, not yet a measurement: see benchmarks/NOTES.md.
+INKERNEL_H_BUDGET = 256
+
+
+def _build_h(rule, left, right):
+    """H in fp32, once: the CUDA extension's phm_weight op when loaded, else the reference."""
+    from .. import _extension, reference
+
+    rule, left = rule.float().contiguous(), left.float().contiguous()
+    right = None if right is None else right.float().contiguous()
+    if rule.is_cuda and _extension.load() is not None:
+        return torch.ops.compacter_kernels.phm_weight(rule, left, right)
+    return reference.phm_weight(rule, left, right)
+
+
+def h_args(rule, left, right, tile_cols: int):
+    """(rule_ptr, left_ptr, right_ptr, MODE, N, R) of one projection; rule None = dense.
+
+    ``tile_cols`` is the width of the H tiles a program builds per row block (the cost model).
+    """
     if rule is None:
+        left = left.contiguous()
         return left, left, left, MODE_DENSE, 1, 1
+    n, r = rule.shape[0], 1 if right is None else left.shape[2]
+    if n * (r + 1) * tile_cols > INKERNEL_H_BUDGET:
+        H = _build_h(rule, left, right)
+        return H, H, H, MODE_DENSE, 1, 1
+    rule, left = rule.contiguous(), left.contiguous()
     if right is None:
-        return rule, left, left, MODE_PHM, rule.shape[0], 1
-    return rule, left, right, MODE_PHM_FACTORED, rule.shape[0], left.shape[2]
+        return rule, left, left, MODE_PHM, n, 1
+    return rule, left, right.contiguous(), MODE_PHM_FACTORED, n, r
 
 
 # ---- A^T @ B over rows, split over M with per-program partial sums -------------------------------
@@ -150,10 +177,11 @@ def _rows_tn_kernel(a_ptr, b_ptr, out_ptr, colsum_ptr, M, IA, IB, sa, sb, rows_p
                      mask=mask_m[:, None] & (offs_a[None, :] < IA), other=0.0)
         bt = tl.load(b_ptr + offs_m[:, None] * sb + offs_b[None, :],
                      mask=mask_m[:, None] & (offs_b[None, :] < IB), other=0.0)
+        bt_ = bt.to(at.dtype)  # B may be wider than A (the fp32 dy of an autocast forward)
         if IEEE:
-            acc += tl.dot(tl.trans(at), bt, input_precision="ieee")
+            acc += tl.dot(tl.trans(at), bt_, input_precision="ieee")
         else:
-            acc += tl.dot(tl.trans(at), bt)
+            acc += tl.dot(tl.trans(at), bt_)
         if COLSUM:
             csum += tl.sum(bt.to(tl.float32), axis=0)
     out = out_ptr + split.to(tl.int64) * IA * IB + offs_a[:, None] * IB + offs_b[None, :]

@@ -68,7 +68,7 @@ def _adapter_fwd_kernel(
     mask_m = offs_m < M
     offs_k = tl.arange(0, KP)
     mask_k = offs_k < K
-    dtype = y_ptr.dtype.element_ty
+    dtype = x_ptr.dtype.element_ty  # compute dtype; y may be wider (autocast keeps an fp32 residual)
     # Down projection: H_down is (D, K), P = D / N_D, Q = K / N_D.
     z = tl.zeros((BM, KP), tl.float32)
     for d0 in range(0, D, BD):
@@ -97,7 +97,7 @@ def _adapter_fwd_kernel(
         else:
             res = tl.load(x_ptr + offs_m[:, None] * sx + offs_d[None, :], mask=mask, other=0.0)
         y = res.to(tl.float32) + scale * u
-        tl.store(y_ptr + offs_m[:, None] * D + offs_d[None, :], y.to(dtype), mask=mask)
+        tl.store(y_ptr + offs_m[:, None] * D + offs_d[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -125,7 +125,7 @@ def _adapter_bwd_kernel(
         dyt = tl.load(dy_ptr + offs_m[:, None] * sdy + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         ht = h_tile(ru_ptr, lu_ptr, rgu_ptr, offs_k[None, :], offs_d[:, None], mask_d[:, None] & mask_k[None, :],
                     K // N_U, D // N_U, D, MODE_U, N_U, R_U)
-        dg += _dot(dyt, ht.to(dtype), IEEE)
+        dg += _dot(dyt.to(dtype), ht.to(dtype), IEEE)
     z = tl.load(z_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask_mk, other=0.0).to(tl.float32)
     dz = tl.where(mask_k[None, :], scale * dg * act_bwd(z, ACT), 0.0).to(dtype)
     tl.store(dz_ptr + offs_m[:, None] * K + offs_k[None, :], dz, mask=mask_mk)
@@ -149,10 +149,6 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.contiguous()
-
-
 # ---- torch.library ops: opaque to torch.compile, with fake and autograd registrations ---------
 
 @torch.library.custom_op("compacter_kernels::triton_adapter_fwd", mutates_args=())
@@ -160,20 +156,21 @@ def adapter_fwd(
     x: Tensor, residual: Optional[Tensor],
     rule_down: Optional[Tensor], left_down: Tensor, right_down: Optional[Tensor], bias_down: Optional[Tensor],
     rule_up: Optional[Tensor], left_up: Tensor, right_up: Optional[Tensor], bias_up: Optional[Tensor],
-    activation: str, scale: float,
+    activation: str, scale: float, out_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
-    """(y, z) for 2-D x (M, d). rule_* None means the projection is dense (left_* is the matrix)."""
+    """(y in out_dtype, z) for 2-D x (M, d). rule_* None means the projection is dense (left_* is
+    the matrix). out_dtype differs from x's only under autocast (y = fp32 residual + ...)."""
     M, D = x.shape
     K = bias_down.shape[0] if bias_down is not None else _out_features(rule_down, left_down, right_down)
-    y = empty((M, D), dtype=x.dtype, device=x.device)
+    y = empty((M, D), dtype=out_dtype, device=x.device)
     z = empty((M, K), dtype=x.dtype, device=x.device)
     if M == 0:
         return y, z
     x2 = _rows(x)
     r2 = _rows(residual) if residual is not None else x2
-    rd, ld, rgd, mode_d, n_d, r_d = h_args(*map(_contig, (rule_down, left_down, right_down)))
-    ru, lu, rgu, mode_u, n_u, r_u = h_args(*map(_contig, (rule_up, left_up, right_up)))
     BM, BD, KP, warps = _blocks(D, K, x.dtype)
+    rd, ld, rgd, mode_d, n_d, r_d = h_args(rule_down, left_down, right_down, KP)
+    ru, lu, rgu, mode_u, n_u, r_u = h_args(rule_up, left_up, right_up, KP)
     _adapter_fwd_kernel[(triton.cdiv(M, BM),)](
         x2, r2, y, z, rd, ld, rgd, bias_down if bias_down is not None else x2, ru, lu, rgu,
         bias_up if bias_up is not None else x2, M, D, K, x2.stride(0), r2.stride(0), scale,
@@ -191,9 +188,9 @@ def _out_features(rule, left, right) -> int:
 
 @adapter_fwd.register_fake
 def _(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
-      activation, scale):
+      activation, scale, out_dtype):
     K = _out_features(rule_down, left_down, right_down)
-    return x.new_empty(x.shape), x.new_empty((x.shape[0], K))
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty((x.shape[0], K))
 
 
 @torch.library.custom_op("compacter_kernels::triton_adapter_bwd", mutates_args=())
@@ -216,9 +213,9 @@ def adapter_bwd(
     dy2 = _rows(dy)
     g = empty((M, K), dtype=x.dtype, device=x.device)
     dz = empty((M, K), dtype=x.dtype, device=x.device)
-    rd, ld, rgd, mode_d, n_d, r_d = h_args(*map(_contig, (rule_down, left_down, right_down)))
-    ru, lu, rgu, mode_u, n_u, r_u = h_args(*map(_contig, (rule_up, left_up, right_up)))
     BM, BD, KP, warps = _blocks(D, K, x.dtype)
+    rd, ld, rgd, mode_d, n_d, r_d = h_args(rule_down, left_down, right_down, KP)
+    ru, lu, rgu, mode_u, n_u, r_u = h_args(rule_up, left_up, right_up, KP)
     _adapter_bwd_kernel[(triton.cdiv(M, BM),)](
         dy2, z, dx, g, dz, rd, ld, rgd, ru, lu, rgu, M, D, K, dy2.stride(0), scale,
         MODE_D=mode_d, N_D=n_d, R_D=r_d, MODE_U=mode_u, N_U=n_u, R_U=r_u,
@@ -238,7 +235,7 @@ def _(dy, x, z, rule_down, left_down, right_down, rule_up, left_up, right_up, ac
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, rd, ld, rgd, bd, ru, lu, rgu, bu, activation, scale = inputs
+    x, residual, rd, ld, rgd, bd, ru, lu, rgu, bu, activation, scale, _ = inputs
     ctx.save_for_backward(x, output[1], rd, ld, rgd, ru, lu, rgu)
     ctx.has_bias = (bd is not None, bu is not None)
     ctx.has_residual = residual is not None
@@ -262,7 +259,7 @@ def _backward(ctx, dy, _dz):
     dres = dy if ctx.has_residual else None
     dbd = dbd.to(x.dtype) if ctx.has_bias[0] else None
     dbu = dbu.to(x.dtype) if ctx.has_bias[1] else None
-    return dx, dres, g_rd, g_ld, g_rgd, dbd, g_ru, g_lu, g_rgu, dbu, None, None
+    return dx, dres, g_rd, g_ld, g_rgd, dbd, g_ru, g_lu, g_rgu, dbu, None, None, None
 
 
 adapter_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -270,10 +267,27 @@ adapter_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- backend entry points (signatures of compacter_kernels.reference) -------------------------
 
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
 def _run(x, residual, down, bias_down, up, bias_up, activation, scale):
     shape = x.shape
+    amp = _autocast_dtype(x)
+    if amp is None:
+        out_dtype = x.dtype
+    else:
+        # As the reference under autocast: matmuls in the autocast dtype, and
+        # y = r + scale * (g @ H_up + b_up) promoted like eager (an fp32 b_up or r gives fp32 y).
+        r = x if residual is None else residual
+        out_dtype = torch.promote_types(r.dtype, amp if bias_up is None else bias_up.dtype)
+        cast = lambda t: None if t is None else t.to(amp)  # noqa: E731
+        x, residual = cast(x), r
+        down, bias_down, up, bias_up = tuple(map(cast, down)), cast(bias_down), tuple(map(cast, up)), cast(bias_up)
     r2 = None if residual is None else residual.reshape(-1, shape[-1])
-    y, _ = adapter_fwd(x.reshape(-1, shape[-1]), r2, *down, bias_down, *up, bias_up, activation, float(scale))
+    y, _ = adapter_fwd(x.reshape(-1, shape[-1]), r2, *down, bias_down, *up, bias_up, activation, float(scale),
+                       out_dtype)
     return y.reshape(shape)
 
 

@@ -58,10 +58,10 @@ def _matmul_h(x2: Tensor, rule, left, right, bias: Optional[Tensor], trans: bool
     y = empty((M, NOUT), dtype=x2.dtype, device=x2.device)
     if M == 0:
         return y
-    rp, lp, rgp, mode, N, R = h_args(rule.contiguous(), left.contiguous(), None if right is None else right.contiguous())
     BM = 16 if interpreting() else (32 if x2.dtype == torch.float32 else 64)
     BN = min(padded(NOUT), 32 if interpreting() else 128)
     BK = min(padded(KRED), 32 if interpreting() else 64)
+    rp, lp, rgp, mode, N, R = h_args(rule, left, right, BN)
     _phm_matmul_kernel[(triton.cdiv(M, BM), triton.cdiv(NOUT, BN))](
         x2, y, rp, lp, rgp, bias if bias is not None else x2, M, KRED, NOUT, x2.stride(0), HI // n, HO // n, HO,
         TRANS=trans, MODE=mode, N=N, R=R, HAS_BIAS=bias is not None, BM=BM, BN=BN, BK=BK,
@@ -121,5 +121,17 @@ phm_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def phm_linear(x, rule, left, right=None, bias=None):
     """Backend entry point, signature of compacter_kernels.reference.phm_linear."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        # As eager under autocast: the matmul in the autocast dtype, the bias added after,
+        # promoting (an fp32 bias gives an fp32 y).
+        amp = torch.get_autocast_dtype(dev)
+        cast = lambda t: None if t is None else t.to(amp)  # noqa: E731
+        y = _phm_linear(cast(x), cast(rule), cast(left), cast(right), None)
+        return y if bias is None else y + bias
+    return _phm_linear(x, rule, left, right, bias)
+
+
+def _phm_linear(x, rule, left, right, bias):
     y = phm_linear_fwd(x.reshape(-1, x.shape[-1]), rule, left, right, bias)
     return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -1,0 +1,184 @@
+"""Results out: run metadata, derived metrics, the table, JSON / CSV files and the plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import shutil
+import subprocess
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .. import __version__
+from ..backends import available_backends
+
+# Metadata copied onto every CSV row, so a row read alone still says where it was measured.
+ROW_METADATA = ("device", "driver_version", "torch", "triton", "cuda", "git_commit", "date")
+
+
+def _run(cmd: list[str], cwd: Optional[str] = None) -> Optional[str]:
+    try:
+        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def metadata(device: torch.device, command: str, **extra: Any) -> dict[str, Any]:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    gpu = device.type == "cuda"
+    return {
+        "device": torch.cuda.get_device_name(device) if gpu else _cpu_model(),
+        "device_type": device.type,
+        "driver_version": _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+        if shutil.which("nvidia-smi") else None,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "compacter_kernels": __version__,
+        # The commit of the checkout the package runs from (None for an installed copy).
+        "git_commit": _run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__))),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "timer": "CUDA events" if gpu else "time.perf_counter",
+        "cpu_threads": torch.get_num_threads(),
+        "peak_memory": "torch.cuda.max_memory_allocated delta" if gpu else "not measured on CPU",
+        "backends": {name: {"available": s.available, "reason": s.reason} for name, s in available_backends().items()},
+        "command": command,
+        **extra,
+    }
+
+
+def _key(row: dict) -> tuple:
+    return tuple(row[c] for c in ("op", "mode", "model", "d", "k", "n", "rank", "dtype", "M"))
+
+
+def add_derived(rows: list[dict]) -> None:
+    """GB/s (floor bytes / time), fraction of the floor, speed-ups over eager and compiled reference."""
+    ms = {(_key(r), r["provider"]): r["median_ms"] for r in rows if r["status"] == "ok"}
+    for r in rows:
+        ok = r["status"] == "ok"
+        t = r["median_ms"] if ok else None
+        floor_t = ms.get((_key(r), "floor"))
+        ref_t = ms.get((_key(r), "reference"))
+        comp_t = ms.get((_key(r), "reference+compile"))
+        r["gbps"] = r["floor_bytes"] / (t * 1e-3) / 1e9 if t else None
+        r["tflops"] = r["flops"] / (t * 1e-3) / 1e12 if t else None
+        r["floor_fraction"] = floor_t / t if t and floor_t else None
+        r["speedup_vs_reference"] = ref_t / t if t and ref_t else None
+        r["speedup_vs_compile"] = comp_t / t if t and comp_t else None
+
+
+def _f(v: Optional[float], fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _pct(v: Optional[float]) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+def print_table(rows: list[dict], meta: dict) -> None:
+    cols = [("op", 10), ("mode", 7), ("model", 9), ("dtype", 8), ("d", 5), ("k", 4), ("M", 6),
+            ("provider", 17), ("median ms", 10), ("p20-p80 ms", 17), ("GB/s", 8), ("floor", 6),
+            ("x eager", 7), ("x compile", 9), ("peak MiB", 8)]
+    print(f"\n{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | "
+          f"copy bandwidth {meta['copy_bandwidth_gbps']:.1f} GB/s | peak memory: {meta['peak_memory']}")
+    print("GB/s = floor bytes / time; floor = floor time / time; x eager / x compile = speed-up over "
+          "the reference / torch.compile(reference)")
+    print("  ".join(name.rjust(w) for name, w in cols))
+    prev = None
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        if prev is not None and _key(r) != prev:
+            print()
+        prev = _key(r)
+        cells = [r["op"], r["mode"], r["model"] or "-", r["dtype"], r["d"], r["k"], r["M"], r["provider"],
+                 _f(r["median_ms"], ".4f"), f"{_f(r['p20_ms'], '.4f')}-{_f(r['p80_ms'], '.4f')}",
+                 _f(r["gbps"], ".1f"), _pct(r["floor_fraction"]),
+                 _f(r["speedup_vs_reference"], ".2f"), _f(r["speedup_vs_compile"], ".2f"),
+                 _f(r["peak_mib"], ".1f")]
+        print("  ".join(str(c).rjust(w) for c, (_, w) in zip(cells, cols)))
+    # Skipped and failed rows: one line per (provider, status, reason), not one per case.
+    groups: dict[tuple, int] = defaultdict(int)
+    for r in rows:
+        if r["status"] != "ok":
+            groups[(r["provider"], r["status"], r["reason"])] += 1
+    for (provider, status, reason), count in groups.items():
+        print(f"{status}: {provider} ({count} rows): {reason}")
+
+
+def write_files(rows: list[dict], meta: dict, out_dir: Path, stem: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
+    json_path.write_text(json.dumps({"metadata": meta, "rows": rows}, indent=1) + "\n")
+    fields = list(rows[0]) + list(ROW_METADATA) if rows else list(ROW_METADATA)
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, **{m: meta[m] for m in ROW_METADATA}})
+    return [json_path, csv_path]
+
+
+def plot(rows: list[dict], out_dir: Path, stem: str) -> list[Path]:
+    """Time vs M per provider (log-log), the floor dashed; one PNG per shape and dtype,
+    ops as rows and modes as columns. Needs matplotlib (optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot skipped: matplotlib is not installed (pip install matplotlib)")
+        return []
+    ok = [r for r in rows if r["status"] == "ok"]
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in ok:
+        groups[(r["model"], r["d"], r["k"], r["n"], r["rank"], r["dtype"])].append(r)
+    paths = []
+    for (model, d, k, n, rank, dtype), grp in groups.items():
+        ops = list(dict.fromkeys(r["op"] for r in grp))
+        modes = list(dict.fromkeys(r["mode"] for r in grp))
+        fig, axes = plt.subplots(len(ops), len(modes), figsize=(4.5 * len(modes), 3.5 * len(ops)), squeeze=False)
+        for i, op in enumerate(ops):
+            for j, mode in enumerate(modes):
+                ax = axes[i][j]
+                series: dict[str, list[dict]] = defaultdict(list)
+                for r in grp:
+                    if r["op"] == op and r["mode"] == mode:
+                        series[r["provider"]].append(r)
+                for provider, pts in series.items():
+                    pts.sort(key=lambda r: r["M"])
+                    style = dict(color="black", linestyle="--") if provider == "floor" else dict(marker="o")
+                    ax.plot([r["M"] for r in pts], [r["median_ms"] for r in pts], label=provider, **style)
+                ax.set(xscale="log", yscale="log", title=f"{op} {mode}", xlabel="rows M", ylabel="time (ms)")
+                ax.grid(True, which="both", alpha=0.3)
+        axes[0][0].legend(fontsize="small")
+        fig.suptitle(f"{model or 'custom'}: d={d} k={k} n={n} rank={rank} {dtype}")
+        fig.tight_layout()
+        path = out_dir / f"{stem}-{model or 'custom'}-d{d}-k{k}-{dtype}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,188 @@
+"""The benchmark command: its counters, statistics, progress bar, CLI and output files (CPU, fast)."""
+
+import csv
+import json
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from compacter_kernels.bench import cli, counts, report, timing
+
+
+# ---- floor bytes and FLOPs, against hand computations ------------------------------------------
+
+@pytest.mark.parametrize("op", ["compacter", "houlsby"])
+def test_adapter_floor_bytes_by_hand(op):
+    M, d, k, e = 4, 8, 2, 2
+    # fwd: read x (32 elements), write y (32), save z (8) = 72; bwd: read dy, x, z, write dx = 104.
+    assert counts.floor_bytes(op, "fwd", M, d, k, e) == 72 * 2
+    assert counts.floor_bytes(op, "bwd", M, d, k, e) == 104 * 2
+    assert counts.floor_bytes(op, "fwd+bwd", M, d, k, e) == 176 * 2
+
+
+def test_phm_linear_floor_bytes_by_hand():
+    M, I, O, e = 3, 16, 4, 4
+    # fwd: read x (48), write y (12); bwd: read dy (12) and x (48), write dx (48).
+    assert counts.floor_bytes("phm_linear", "fwd", M, I, O, e) == 60 * 4
+    assert counts.floor_bytes("phm_linear", "bwd", M, I, O, e) == 108 * 4
+    assert counts.floor_bytes("phm_linear", "fwd+bwd", M, I, O, e) == 168 * 4
+
+
+def test_math_doc_example():
+    # benchmarks/NOTES.md: d=768, k=24, M=32768, bf16: fwd floor 102.2 MB, bwd 152.6 MB.
+    assert round(counts.floor_bytes("compacter", "fwd", 32768, 768, 24, 2) / 1e6, 1) == 102.2
+    assert round(counts.floor_bytes("compacter", "bwd", 32768, 768, 24, 2) / 1e6, 1) == 152.6
+
+
+def test_flops_by_hand():
+    M, d, k = 5, 12, 3
+    assert counts.flops("compacter", "fwd", M, d, k) == 2 * (2 * M * d * k)  # two matmuls
+    assert counts.flops("houlsby", "bwd", M, d, k) == 4 * (2 * M * d * k)  # dg, dx, dH_down, dH_up
+    assert counts.flops("houlsby", "fwd+bwd", M, d, k) == 6 * (2 * M * d * k)
+    assert counts.flops("phm_linear", "fwd", M, d, k) == 2 * M * d * k
+    assert counts.flops("phm_linear", "bwd", M, d, k) == 2 * (2 * M * d * k)  # dx, dH
+
+
+def test_counts_reject_unknown_names():
+    with pytest.raises(ValueError, match="op must be"):
+        counts.floor_bytes("lora", "fwd", 1, 8, 2, 2)
+    with pytest.raises(ValueError, match="mode must be"):
+        counts.flops("houlsby", "forward", 1, 8, 2)
+
+
+# ---- statistics and timing ---------------------------------------------------------------------
+
+def test_quantiles_by_hand_and_against_numpy():
+    assert timing.quantiles([5, 1, 4, 2, 3]) == pytest.approx([3.0, 1.8, 4.2])
+    assert timing.quantiles([7.0]) == [7.0, 7.0, 7.0]
+    samples = torch.rand(101, generator=torch.Generator().manual_seed(0)).tolist()
+    qs = (0.5, 0.2, 0.8, 0.0, 1.0)
+    assert timing.quantiles(samples, qs) == pytest.approx(np.percentile(samples, [100 * q for q in qs]))
+    with pytest.raises(ValueError):
+        timing.quantiles([])
+
+
+def test_measure_excludes_setup():
+    t = timing.measure(lambda: time.sleep(0.005), lambda _: None, torch.device("cpu"), warmup_ms=0, rep_ms=1)
+    assert t.reps >= 5
+    assert 0 <= t.p20_ms <= t.median_ms <= t.p80_ms < 5
+
+
+def test_progress_bar_writes_to_stderr(capsys):
+    bar = timing.Progress(2)
+    bar.show("first")
+    bar.show("second")
+    bar.close()
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "first" in err and "second" in err and "2/2" in err and "[" in err and err.endswith("\n")
+
+
+# ---- the command ------------------------------------------------------------------------------
+
+TINY = ["--m", "4,8", "--d", "16", "--k", "8", "--warmup-ms", "0", "--rep-ms", "1", "--no-plot",
+        "--providers", "reference,triton,cuda,floor"]
+
+
+def test_main_writes_json_and_csv(tmp_path, capsys):
+    assert cli.main([*TINY, "--out", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "median ms" in out and "GB/s" in out  # the table
+    assert "[" in err and "done" in err  # the progress bar
+    if not torch.cuda.is_available():
+        assert out.splitlines()[0].startswith("no GPU")
+
+    (json_path,) = tmp_path.glob("compacter-bench-*.json")
+    (csv_path,) = tmp_path.glob("compacter-bench-*.csv")
+    data = json.loads(json_path.read_text())
+    meta = data["metadata"]
+    for key in ("device", "driver_version", "torch", "triton", "cuda", "git_commit", "date", "copy_bandwidth_gbps",
+                "peak_memory", "command"):
+        assert key in meta
+    assert meta["copy_bandwidth_gbps"] > 0
+    rows = data["rows"]
+    by = {(r["op"], r["mode"], r["M"], r["provider"]): r for r in rows}
+    for op in counts.OPS:
+        for mode in counts.MODES:
+            for M in (4, 8):
+                ref = by[(op, mode, M, "reference")]
+                assert ref["status"] == "ok" and ref["median_ms"] > 0 and ref["gbps"] > 0
+                assert ref["speedup_vs_reference"] == pytest.approx(1.0)
+                assert ref["floor_bytes"] == counts.floor_bytes(op, mode, M, 16, 8, 4)
+                assert by[(op, mode, M, "floor")]["floor_fraction"] == pytest.approx(1.0)
+                for fused in ("triton", "cuda"):
+                    r = by[(op, mode, M, fused)]
+                    assert r["status"] in ("ok", "skipped")
+                    if r["status"] == "skipped":
+                        assert r["reason"] and f"skipped: {fused}" in out
+                    if not torch.cuda.is_available():
+                        assert r["status"] == "skipped" and "no GPU" in r["reason"]
+    assert not any(r["provider"] == "reference+compile" for r in rows)  # not asked for
+
+    with open(csv_path) as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows)
+    assert all(r["device"] == meta["device"] and r["date"] == meta["date"] for r in csv_rows)
+
+
+def _plot_rows():
+    base = dict(op="houlsby", mode="fwd", model="t5-base", d=768, k=24, n=4, rank=1, dtype="bfloat16", status="ok")
+    return [{**base, "provider": p, "M": M, "median_ms": t * M} for p, t in (("floor", 1e-4), ("reference", 1e-3))
+            for M in (16, 256)] + [{**base, "provider": "triton", "M": 16, "median_ms": None, "status": "skipped"}]
+
+
+def test_plot_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    (path,) = report.plot(_plot_rows(), tmp_path, "x")
+    assert path.name == "x-t5-base-d768-k24-bfloat16.png" and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_without_matplotlib_says_so_once(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert report.plot(_plot_rows(), tmp_path, "x") == []
+    assert capsys.readouterr().out == "plot skipped: matplotlib is not installed (pip install matplotlib)\n"
+
+
+def test_e2e_tiny(tmp_path, capsys):
+    argv = ["--e2e", "--layers", "1", "--batch", "1", "--seq", "8", "--steps", "1", "--providers", "reference",
+            "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    out, _ = capsys.readouterr()
+    assert "loss first step" in out
+    (path,) = tmp_path.glob("compacter-e2e-*.json")
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["backend"] == "reference" and row["status"] == "ok" and row["first_loss"] > 0
+
+
+def test_shape_overrides():
+    parser = cli.build_parser()
+
+    def shapes(*argv):
+        args = parser.parse_args([*argv, "--preset", "llm-4096"])
+        return [(s.d, s.k) for s in cli._shapes(args, parser)]
+
+    assert shapes() == [(4096, 128), (4096, 256)]
+    assert shapes("--k", "64") == [(4096, 64)]
+    assert shapes("--d", "1024") == [(1024, 32)]  # the paper's reduction 32
+    assert shapes("--d", "768,1024", "--k", "16") == [(768, 16), (1024, 16)]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--m", "0"], "positive integer"),
+    (["--m", "1,abc"], "positive integer"),
+    (["--providers", "reference,fastest"], "unknown 'fastest'"),
+    (["--dtype", "int8"], "unknown dtype"),
+    (["--modes", "fwd,sideways"], "unknown 'sideways'"),
+    (["--preset", "gpt-9"], "unknown 'gpt-9'"),
+    (["--ops", ""], "comma-separated"),
+    (["--d", "30", "--k", "8"], "multiples of --n"),
+])
+def test_bad_cli_values_exit_2(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*argv, "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
