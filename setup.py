@@ -130,7 +130,7 @@ setup(
     install_requires=["torch"],  # unpinned: never replaces the torch the extension was built against
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy"],
-        "integrations": ["transformers", "adapters"],
+        "integrations": ["transformers>=4.57", "adapters>=1.3.0"],
     },
     entry_points={"console_scripts": ["compacter-bench = compacter_kernels.bench:main"]},
     ext_modules=ext_modules,

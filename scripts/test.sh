@@ -18,7 +18,7 @@ echo "== installing torch (CUDA build) and the build/test tools into $VENV"
 "$PY" -m pip install -q torch ninja pybind11 "setuptools>=64" wheel \
     pytest pytest-benchmark hypothesis numpy matplotlib
 # Optional integrations (AdapterHub, transformers): their tests skip without them.
-"$PY" -m pip install -q "adapters>=1.1" || echo "WARNING: could not install adapters; its tests will skip"
+"$PY" -m pip install -q "adapters>=1.3.0" || echo "WARNING: could not install adapters; its tests will skip"
 
 echo "== building compacter_kernels with its CUDA extension"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
