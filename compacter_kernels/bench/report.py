@@ -58,8 +58,10 @@ def metadata(device: torch.device, command: str, **extra: Any) -> dict[str, Any]
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "compacter_kernels": __version__,
-        # The commit of the checkout the package runs from (None for an installed copy).
-        "git_commit": _run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__))),
+        # The commit of the checkout the package runs from (None for an installed copy);
+        # COMPACTER_KERNELS_COMMIT names it where the tree was copied without .git (a lent GPU).
+        "git_commit": os.environ.get("COMPACTER_KERNELS_COMMIT")
+        or _run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__))),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "timer": "CUDA events" if gpu else "time.perf_counter",
         "cpu_threads": torch.get_num_threads(),

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One batched run for a lent GPU machine (device time is scarce: one call does it all).
+# That machine reaches no registry; its python3 already has torch, triton, pytest, hypothesis,
+# pytest-benchmark and matplotlib. This builds the CUDA extension in place for the local GPU,
+# runs the whole test suite on the GPU, then the full benchmark sweep. Everything lands in
+# $OUT (default gpu-results/): env.txt, build.log, tests.log, bench.log and the bench JSON/CSV/PNG.
+# Usage (from the repo root): COMPACTER_KERNELS_COMMIT=$(git rev-parse HEAD) bash scripts/gpu_check.sh [all|tests|bench] [pytest args]
+# (tests and bench apart when one 10-minute command cannot hold both).
+set -uo pipefail
+STEP=${1:-all}; shift || true
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-results}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-8}
+{
+  date -u +%FT%TZ
+  echo "commit: ${COMPACTER_KERNELS_COMMIT:-unknown}"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  "$PY" -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+echo "== build (in place)"
+start=$(date +%s)
+if ! COMPACTER_KERNELS_FORCE_CUDA_BUILD=1 "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+fi
+echo "built in $(( $(date +%s) - start )) s"
+
+tests_rc=0
+if [ "$STEP" != bench ]; then
+  echo "== tests"
+  COMPACTER_KERNELS_REQUIRE_EXTENSION=1 "$PY" -m pytest tests -q -p no:cacheprovider "$@" 2>&1 | tee "$OUT/tests.log" | tail -30
+  tests_rc=${PIPESTATUS[0]}
+  echo "tests exit code: $tests_rc"
+fi
+
+if [ "$STEP" != tests ]; then
+  echo "== benchmark"
+  "$PY" -m compacter_kernels.bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60
+fi
+exit "$tests_rc"
