@@ -129,14 +129,17 @@ INKERNEL_H_BUDGET = 256
 
 
 def _build_h(rule, left, right):
-    """H in fp32, once: the CUDA extension's phm_weight op when loaded, else the reference."""
+    """H once, summed in fp32 and stored in the compute dtype (the kernels round their in-register
+    tiles to it before tl.dot anyway; half the bytes every program re-reads): the CUDA
+    extension's phm_weight op when loaded, else the reference."""
     from .. import _extension, reference
 
+    dtype = left.dtype
     rule, left = rule.float().contiguous(), left.float().contiguous()
     right = None if right is None else right.float().contiguous()
     if rule.is_cuda and _extension.load() is not None:
-        return torch.ops.compacter_kernels.phm_weight(rule, left, right)
-    return reference.phm_weight(rule, left, right)
+        return torch.ops.compacter_kernels.phm_weight(rule, left, right).to(dtype)
+    return reference.phm_weight(rule, left, right).to(dtype)
 
 
 def h_args(rule, left, right, tile_cols: int):
