@@ -31,19 +31,17 @@ from .._phm_grad import phm_weight_backward
 from ._triton_common import ACT_CODE, act_bwd, act_fwd, empty, h_args, h_tile, interpreting, padded, rows_tn
 
 
-def _blocks(d: int, k: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BM, BD, KP, num_warps): a table by bottleneck width, kept small for the interpreter.
+def _blocks(d: int, k: int, dtype: torch.dtype, backward: bool = False) -> tuple[int, int, int, int]:
+    """(BM, BD, KP, num_warps), kept small for the interpreter.
 
-    Chosen from register budgets (the (BM, KP) fp32 accumulators stay resident), not yet
-    from GPU timings: see benchmarks/NOTES.md.
+    On a GPU: the largest tiles whose sm_90 compile spills no registers, read off the compiler
+    with scripts/triton_resources.py (table in benchmarks/NOTES.md); not yet tuned by timings.
     """
     KP = padded(k)
     if interpreting():
         return 16, min(padded(d), 32), KP, 4
-    BM = 64 if KP <= 64 else 32
-    if dtype == torch.float32:
-        BM = min(BM, 32)
-    return BM, min(padded(d), 64 if KP > 128 else 128), KP, 4 if KP <= 64 else 8
+    BM = 32 if backward or KP > 128 or dtype == torch.float32 else 64
+    return BM, min(padded(d), 32 if KP > 128 else 64), KP, 8
 
 
 @triton.jit
@@ -213,7 +211,7 @@ def adapter_bwd(
     dy2 = _rows(dy)
     g = empty((M, K), dtype=x.dtype, device=x.device)
     dz = empty((M, K), dtype=x.dtype, device=x.device)
-    BM, BD, KP, warps = _blocks(D, K, x.dtype)
+    BM, BD, KP, warps = _blocks(D, K, x.dtype, backward=True)
     rd, ld, rgd, mode_d, n_d, r_d = h_args(rule_down, left_down, right_down, KP)
     ru, lu, rgu, mode_u, n_u, r_u = h_args(rule_up, left_up, right_up, KP)
     _adapter_bwd_kernel[(triton.cdiv(M, BM),)](

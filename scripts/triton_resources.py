@@ -1,0 +1,99 @@
+"""Compile the Triton kernels ahead of time for a GPU arch (no GPU needed) and report what the
+compiler produced: registers, stack (spills), shared memory, and the tensor-core instructions in
+the SASS. The numbers that tune block sizes before any timing.
+
+    python scripts/triton_resources.py --arch 90 [--dtype bf16|fp16|fp32] [--kernel fwd,bwd] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+
+from compacter_kernels.ops import _triton_common as common
+from compacter_kernels.ops import adapter, phm_linear
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    raise SystemExit("unset TRITON_INTERPRET: ahead-of-time compilation needs the real compiler")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+TYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FLOAT_ARGS = {"scale"}
+
+
+def compile_kernel(kernel, constexprs: dict, dtype: str, arch: int, num_warps: int, num_stages: int = 3):
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            # partial sums and column sums are fp32 whatever the input dtype
+            sig[name] = "*fp32" if name in ("out_ptr", "colsum_ptr") else TYPES[dtype]
+        else:
+            sig[name] = "fp32" if name in FLOAT_ARGS else "i32"
+    src = ASTSource(fn=kernel, signature=sig,
+                    constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def resources(compiled) -> dict:
+    """REG, STACK (bytes of spill/stack per thread), SHARED, and tensor-core instruction counts."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    out = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
+    out["HGMMA"] = len(re.findall(r"\bHGMMA\.", sass))
+    out["HMMA"] = len(re.findall(r"\bHMMA\.", sass))
+    out["shared_dyn"] = compiled.metadata.shared
+    return out
+
+
+def adapter_cases(kernel_name: str, dtype: str):
+    """(label, kernel, constexprs, num_warps) at representative shapes, as the launchers pick them."""
+    kernel = adapter._adapter_fwd_kernel if kernel_name == "fwd" else adapter._adapter_bwd_kernel
+    for k, n, r in [(24, 4, 1), (48, 4, 1), (128, 8, 1), (256, 8, 4)]:
+        BM, BD, KP, warps = adapter._blocks(4096, k, DTYPES[dtype], backward=kernel_name == "bwd")
+        inkernel = n * (r + 1) * KP <= common.INKERNEL_H_BUDGET
+        mode, N, R = (common.MODE_PHM_FACTORED, n, r) if inkernel else (common.MODE_DENSE, 1, 1)
+        c = dict(MODE_D=mode, N_D=N, R_D=R, MODE_U=mode, N_U=N, R_U=R, HAS_RES=False, ACT=0,
+                 BM=BM, BD=BD, KP=KP, IEEE=False)
+        if kernel_name == "fwd":
+            c.update(HAS_BD=True, HAS_BU=True)
+        yield f"k={k} n={n} r={r} {'in-kernel H' if inkernel else 'prebuilt H'} BM={BM} BD={BD}", kernel, c, warps
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, default=90, help="SM version, e.g. 80 or 90")
+    p.add_argument("--dtype", default="bf16", choices=sorted(TYPES))
+    p.add_argument("--kernel", default="fwd,bwd", help="comma list of fwd, bwd")
+    p.add_argument("--json", action="store_true", help="one JSON list on stdout instead of the table")
+    args = p.parse_args()
+    rows = []
+    for name in args.kernel.split(","):
+        for label, kernel, c, warps in adapter_cases(name, args.dtype):
+            c["IEEE"] = args.dtype == "fp32"
+            r = resources(compile_kernel(kernel, c, args.dtype, args.arch, warps))
+            rows.append(dict(kernel=name, case=label, warps=warps, **r))
+            if not args.json:
+                print(f"{name:4s} {label:40s} warps={warps} REG={r['REG']:3d} STACK={r['STACK']:5d} "
+                      f"SHARED={r['shared_dyn']:6d} HGMMA={r['HGMMA']} HMMA={r['HMMA']}", flush=True)
+    if args.json:
+        print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
