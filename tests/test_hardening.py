@@ -227,3 +227,43 @@ def test_more_than_2_to_the_31_elements(backend):
     tail = slice(M - 5, M)
     y_tail = ref.compacter_adapter(inp.x[tail].float(), *[t if t is None else t.float() for t in inp.args()[1:]])
     torch.testing.assert_close(y[tail].float(), y_tail, atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("backend", [b for b in _usable_backends() if b != "reference"])
+def test_fp16_bottleneck_overflow_behaves_as_the_reference(backend):
+    """Row 3's bottleneck pre-activation exceeds fp16's range: the reference rounds it to +-inf
+    (gelu(-inf) is nan); a kernel that kept it in fp32 would silently return finite numbers."""
+    args, _ = _build(dict(n=4, d=32, k=16, rank=1, lead=(8,), bias=True, shared=True, residual=False,
+                          activation="gelu", scale=0.5), torch.float16, DEVICE)
+    with torch.no_grad():
+        args[2].mul_(30)
+        args[0][3] *= 3000 / args[0][3].abs().max()  # x stays finite, z does not
+    z = args[0].float() @ ref.phm_weight(*(t.float() for t in args[1:4]))
+    assert z[3].abs().max() > 65504 and torch.isfinite(args[0]).all() and z[[0, 1, 2]].abs().max() < 65504
+    y = ck.compacter_adapter(*args, backend=backend)
+    y_ref = ref.compacter_adapter(*args)
+    assert not torch.isfinite(y_ref[3]).all()
+    assert torch.equal(torch.isfinite(y), torch.isfinite(y_ref))
+    assert torch.equal(torch.isnan(y), torch.isnan(y_ref))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the FSDP smoke test runs on one GPU")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_fsdp_fully_shard_on_one_gpu(backend, tmp_path):
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        plain = _Stack(backend).cuda()
+        sharded = fully_shard(_Stack(backend).cuda())
+        x = _batch().cuda()
+        plain(x).backward()
+        loss = sharded(x)
+        loss.backward()
+        torch.optim.SGD(sharded.parameters(), lr=0.1).step()
+        torch.testing.assert_close(loss, plain(x))
+        for (name, p), q in zip(plain.named_parameters(), sharded.parameters()):
+            g = q.grad.full_tensor() if hasattr(q.grad, "full_tensor") else q.grad
+            torch.testing.assert_close(g, p.grad, msg=name)
+    finally:
+        dist.destroy_process_group()

@@ -78,8 +78,11 @@ def _adapter_fwd_kernel(
         z += _dot(xt, h.to(dtype), IEEE)
     if HAS_BD:
         z += tl.load(bd_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
-    tl.store(z_ptr + offs_m[:, None] * K + offs_k[None, :], z.to(dtype), mask=mask_m[:, None] & mask_k[None, :])
-    g = tl.where(mask_k[None, :], act_fwd(z, ACT), 0.0).to(dtype)
+    # z and u are rounded to the input dtype where the reference rounds them, so a low-precision
+    # bottleneck that overflows gives the reference's inf/nan, and backward sees forward's z.
+    z = z.to(dtype)
+    tl.store(z_ptr + offs_m[:, None] * K + offs_k[None, :], z, mask=mask_m[:, None] & mask_k[None, :])
+    g = tl.where(mask_k[None, :], act_fwd(z.to(tl.float32), ACT), 0.0).to(dtype)
     # Up projection: H_up is (K, D), P = K / N_U, Q = D / N_U; y written chunk by chunk.
     for d0 in range(0, D, BD):
         offs_d = d0 + tl.arange(0, BD)
@@ -90,6 +93,7 @@ def _adapter_fwd_kernel(
         u = _dot(g, h.to(dtype), IEEE)
         if HAS_BU:
             u += tl.load(bu_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        u = u.to(dtype).to(tl.float32)
         if HAS_RES:
             res = tl.load(r_ptr + offs_m[:, None] * sr + offs_d[None, :], mask=mask, other=0.0)
         else:
