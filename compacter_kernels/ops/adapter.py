@@ -41,7 +41,8 @@ def _blocks(d: int, k: int, dtype: torch.dtype, backward: bool = False) -> tuple
     if interpreting():
         return 16, min(padded(d), 32), KP, 4
     BM = 32 if backward or KP > 128 or dtype == torch.float32 else 64
-    return BM, min(padded(d), 32 if KP > 128 else 64), KP, 8
+    BD = 32 if BM * KP >= 64 * 128 else 64  # a wide (BM, KP) accumulator leaves less room per d chunk
+    return BM, min(padded(d), BD), KP, 8
 
 
 @triton.jit
