@@ -110,4 +110,7 @@ def _register():
         return phm_weight_backward(grad_H, *ctx.saved_tensors)
 
     torch.library.register_autograd("compacter_kernels::phm_weight", _backward, setup_context=_setup_context)
+    # The fused adapter: fake impls of cuda_adapter_fwd/_bwd and the differentiable
+    # cuda_compacter_fwd op on the factors (registered at import, which needs the C++ ops).
+    from .ops import cuda_adapter  # noqa: F401
     _registered = True

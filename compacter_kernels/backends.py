@@ -18,8 +18,10 @@ from . import reference
 BACKENDS = ("reference", "triton", "cuda")
 OPS = ("phm_linear", "compacter_adapter", "adapter")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Preference order of "auto" for CUDA tensors.
-_AUTO_ORDER = ("cuda", "triton")
+# Preference order of "auto" for CUDA tensors. The CUDA kernels join it once they have passed
+# tests/test_kernels.py on a GPU; until then they run only when named
+# (COMPACTER_KERNELS_CUDA_AUTO=1 puts them first, for that validation run).
+_AUTO_ORDER = ("cuda", "triton") if os.environ.get("COMPACTER_KERNELS_CUDA_AUTO") == "1" else ("triton",)
 
 
 @dataclass(frozen=True)
@@ -69,11 +71,10 @@ def _cuda_status() -> BackendStatus:
     ok, reason = _extension.status()
     if not ok:
         return BackendStatus(False, reason)
-    if not IMPLEMENTATIONS["cuda"]:
-        return BackendStatus(
-            False, "not built yet: the CUDA extension holds only the phm_weight op; the fused kernels have not landed"
-        )
-    return BackendStatus(True, reason)
+    from .ops import cuda_adapter  # its ops were registered by _extension once _C loaded
+
+    IMPLEMENTATIONS["cuda"].update(compacter_adapter=cuda_adapter.compacter_adapter, adapter=cuda_adapter.adapter)
+    return BackendStatus(True, reason + "; fused kernels not yet validated on a GPU: used only when named")
 
 
 _STATUS: dict[str, BackendStatus] = {}

@@ -22,6 +22,15 @@
 TORCH_LIBRARY(compacter_kernels, m) {
   m.def("phm_weight(Tensor rule, Tensor left, Tensor? right) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  // The fused adapter on dense H (impls in adapter.cu). activation: 0 gelu,
+  // 1 gelu_tanh, 2 relu, 3 silu, 4 identity. Backward returns (dx, dH_down, dH_up, db_down,
+  // db_up), the last four in float32; dx has no dy term when has_residual.
+  m.def("cuda_adapter_fwd(Tensor x, Tensor? residual, Tensor h_down, Tensor? bias_down, Tensor h_up, "
+        "Tensor? bias_up, int activation, float scale, ScalarType out_dtype) -> (Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("cuda_adapter_bwd(Tensor dy, Tensor x, Tensor z, Tensor h_down, Tensor h_up, int activation, "
+        "float scale, bool has_residual) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -17,7 +17,7 @@ import tempfile
 import torch
 
 from compacter_kernels.ops import _triton_common as common
-from compacter_kernels.ops import adapter, phm_linear
+from compacter_kernels.ops import adapter
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     raise SystemExit("unset TRITON_INTERPRET: ahead-of-time compilation needs the real compiler")

@@ -4,6 +4,7 @@ Without a GPU these still check the build (import, schema, fake impl, staleness)
 pure-torch backward; the kernel itself is checked by the GPU tests at the bottom.
 CI sets COMPACTER_KERNELS_REQUIRE_EXTENSION=1 so that a missing build fails instead of skipping.
 """
+import contextlib
 import os
 import sys
 import types
@@ -216,3 +217,103 @@ def test_phm_weight_cuda_rejects_bad_inputs(ext):
         op(rule, left, right[:, :1].contiguous())
     with pytest.raises(RuntimeError, match="must be contiguous"):
         op(rule, left, right.transpose(1, 2).contiguous().transpose(1, 2))
+
+
+# --- the fused adapter ops (cuda_adapter_fwd / _bwd, and cuda_compacter_fwd on the factors) ---
+# Registration, fake impls and the autograd glue, checked on meta / fake tensors: no GPU needed.
+# The kernels themselves are checked against the reference by tests/test_kernels.py on a GPU.
+
+ADAPTER_SCHEMAS = {
+    "cuda_adapter_fwd": "compacter_kernels::cuda_adapter_fwd(Tensor x, Tensor? residual, Tensor h_down, "
+                        "Tensor? bias_down, Tensor h_up, Tensor? bias_up, int activation, float scale, "
+                        "ScalarType out_dtype) -> (Tensor, Tensor)",
+    "cuda_adapter_bwd": "compacter_kernels::cuda_adapter_bwd(Tensor dy, Tensor x, Tensor z, Tensor h_down, "
+                        "Tensor h_up, int activation, float scale, bool has_residual) "
+                        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+}
+
+
+def test_adapter_schemas(ext):
+    for name, schema in ADAPTER_SCHEMAS.items():
+        op = getattr(torch.ops.compacter_kernels, name).default
+        assert str(op._schema) == schema
+        assert torch.Tag.pt2_compliant_tag in op.tags
+    # The differentiable op on the factors, registered from Python once _C has loaded.
+    op = torch.ops.compacter_kernels.cuda_compacter_fwd.default
+    assert [a.name for a in op._schema.arguments] == [
+        "x", "residual", "rule_down", "left_down", "right_down", "bias_down", "rule_up", "left_up", "right_up",
+        "bias_up", "activation", "scale", "out_dtype"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("residual_dtype", [None, "same", torch.float32])
+def test_adapter_fake_impls(ext, dtype, residual_dtype):
+    M, d, k = 10, 48, 24
+    out_dtype = dtype if residual_dtype in (None, "same") else residual_dtype
+    for device, mode in (("cuda", FakeTensorMode), ("meta", None)):
+        with mode() if mode else contextlib.nullcontext():
+            x = torch.empty(M, d, dtype=dtype, device=device)
+            res = None if residual_dtype is None else torch.empty(
+                M, d, dtype=dtype if residual_dtype == "same" else residual_dtype, device=device)
+            h_down = torch.empty(d, k, dtype=dtype, device=device)
+            h_up = torch.empty(k, d, dtype=dtype, device=device)
+            y, z = torch.ops.compacter_kernels.cuda_adapter_fwd(
+                x, res, h_down, torch.empty(k, dtype=dtype, device=device), h_up, None, 0, 0.5, out_dtype)
+            dy = torch.empty(M, d, dtype=out_dtype, device=device)
+            grads = torch.ops.compacter_kernels.cuda_adapter_bwd(dy, x, z, h_down, h_up, 1, 0.5, res is not None)
+        assert (y.shape, y.dtype, y.device.type) == ((M, d), out_dtype, device)
+        assert (z.shape, z.dtype, z.device.type) == ((M, k), dtype, device)
+        expected = [((M, d), dtype), ((d, k), torch.float32), ((k, d), torch.float32), ((k,), torch.float32),
+                    ((d,), torch.float32)]
+        assert [(tuple(g.shape), g.dtype) for g in grads] == expected
+        assert all(g.device.type == device for g in grads)
+
+
+def _meta_compacter_inputs(dtype, factorised=True, d=32, k=16, n=4, r=2, lead=(3, 5)):
+    mk = lambda *s: torch.empty(*s, dtype=dtype, device="meta", requires_grad=True)  # noqa: E731
+    x = mk(*lead, d)
+    down = (mk(n, n, n), mk(n, d // n, r), mk(n, r, k // n)) if factorised else (mk(n, n, n), mk(n, d // n, k // n), None)
+    up = (mk(n, n, n), mk(n, k // n, r), mk(n, r, d // n)) if factorised else (mk(n, n, n), mk(n, k // n, d // n), None)
+    return x, down, mk(k), up, mk(d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("factorised", [True, False])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_cuda_adapter_autograd_glue_on_meta(ext, dtype, factorised, with_residual):
+    """Forward and backward of the cuda entry points on meta tensors: every op's fake impl and
+    the autograd formula's shapes and dtypes (a gradient for every input, of its shape)."""
+    from compacter_kernels.ops import cuda_adapter
+
+    def check_grads(y, leaves):
+        grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
+        for t, g in zip(leaves, grads):
+            assert g is not None and g.shape == t.shape and g.dtype == t.dtype and g.device.type == "meta"
+
+    x, (rd, ld, rgd), bd, (ru, lu, rgu), bu = _meta_compacter_inputs(dtype, factorised)
+    residual = torch.empty_like(x, requires_grad=True) if with_residual else None
+    y = cuda_adapter.compacter_adapter(x, rd, ld, rgd, bd, ru, lu, rgu, bu, activation="silu", scale=0.5,
+                                       residual=residual)
+    assert y.shape == x.shape and y.dtype == dtype and y.device.type == "meta"
+    check_grads(y, [t for t in (x, rd, ld, rgd, bd, ru, lu, rgu, bu, residual) if t is not None])
+    # The dense (Houlsby) entry point.
+    w_down = torch.empty(32, 16, dtype=dtype, device="meta", requires_grad=True)
+    w_up = torch.empty(16, 32, dtype=dtype, device="meta", requires_grad=True)
+    y = cuda_adapter.adapter(x, w_down, None, w_up, bu, activation="relu", scale=2.0, residual=residual)
+    assert y.shape == x.shape and y.dtype == dtype
+    check_grads(y, [t for t in (x, w_down, w_up, bu, residual) if t is not None])
+
+
+def test_cuda_adapter_rejects_cpu_tensors(ext):
+    from compacter_kernels.ops import cuda_adapter
+
+    x, hd, hu = torch.randn(4, 8), torch.randn(8, 4), torch.randn(4, 8)
+    with pytest.raises(NotImplementedError, match="cuda_adapter_fwd.*'CPU' backend"):
+        torch.ops.compacter_kernels.cuda_adapter_fwd(x, None, hd, None, hu, None, 0, 1.0, torch.float32)
+    with pytest.raises(NotImplementedError, match="cuda_adapter_bwd.*'CPU' backend"):
+        torch.ops.compacter_kernels.cuda_adapter_bwd(x, x, torch.randn(4, 4), hd, hu, 0, 1.0, False)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors, got x on cpu"):
+        cuda_adapter.adapter(x, hd, None, hu, None)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors, got x on cpu"):
+        cuda_adapter.compacter_adapter(x, *factors(4, 8, 4, 1, torch.float32), None,
+                                       *factors(4, 4, 8, 1, torch.float32), None)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import compacter_kernels as ck
 from compacter_kernels import reference as ref
-from utils import phm_factors
+from utils import compacter_inputs, phm_factors
 
 # Bounded for CI; `HYPOTHESIS_PROFILE=gpu` explores more on a GPU machine.
 settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

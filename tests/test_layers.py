@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-import compacter_kernels as ck
 from compacter_kernels import reference as ref
 from compacter_kernels.nn import CompacterAdapter, HoulsbyAdapter, PHMLinear, PHMRule
 

@@ -11,10 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import ACTIVATIONS
 
-# Activation codes passed to the kernels as constexprs.
-ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}  # gelu, gelu_tanh, relu, silu, identity
 # How an H is given: dense (I, O) matrix; full PHM weight B; factorised S @ T.
 MODE_DENSE, MODE_PHM, MODE_PHM_FACTORED = 0, 1, 2
 

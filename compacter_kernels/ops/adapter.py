@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._phm_grad import phm_weight_backward
-from ._triton_common import ACT_CODE, act_bwd, act_fwd, empty, h_args, h_tile, interpreting, padded, rows_tn
+from ._common import ACT_CODE, adapter_entry_points, autocast_dtype, autocast_out_dtype, factor_grads, out_features, rows
+from ._triton_common import act_bwd, act_fwd, empty, h_args, h_tile, interpreting, padded, rows_tn
 
 
 def _blocks(d: int, k: int, dtype: torch.dtype, backward: bool = False) -> tuple[int, int, int, int]:
@@ -146,12 +146,6 @@ def _adapter_bwd_kernel(
         tl.store(dx_ptr + offs_m[:, None] * D + offs_d[None, :], dx.to(dtype), mask=mask)
 
 
-def _rows(t: Tensor) -> Tensor:
-    """2-D (M, features) view with unit feature stride (copies only when it must)."""
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 # ---- torch.library ops: opaque to torch.compile, with fake and autograd registrations ---------
 
 @torch.library.custom_op("compacter_kernels::triton_adapter_fwd", mutates_args=())
@@ -164,13 +158,13 @@ def adapter_fwd(
     """(y in out_dtype, z) for 2-D x (M, d). rule_* None means the projection is dense (left_* is
     the matrix). out_dtype differs from x's only under autocast (y = fp32 residual + ...)."""
     M, D = x.shape
-    K = bias_down.shape[0] if bias_down is not None else _out_features(rule_down, left_down, right_down)
+    K = bias_down.shape[0] if bias_down is not None else out_features(rule_down, left_down, right_down)
     y = empty((M, D), dtype=out_dtype, device=x.device)
     z = empty((M, K), dtype=x.dtype, device=x.device)
     if M == 0:
         return y, z
-    x2 = _rows(x)
-    r2 = _rows(residual) if residual is not None else x2
+    x2 = rows(x)
+    r2 = rows(residual) if residual is not None else x2
     BM, BD, KP, warps = _blocks(D, K, x.dtype)
     rd, ld, rgd, mode_d, n_d, r_d = h_args(rule_down, left_down, right_down, KP)
     ru, lu, rgu, mode_u, n_u, r_u = h_args(rule_up, left_up, right_up, KP)
@@ -183,16 +177,10 @@ def adapter_fwd(
     return y, z
 
 
-def _out_features(rule, left, right) -> int:
-    if rule is None:
-        return left.shape[1]
-    return rule.shape[0] * (left if right is None else right).shape[2]
-
-
 @adapter_fwd.register_fake
 def _(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
       activation, scale, out_dtype):
-    K = _out_features(rule_down, left_down, right_down)
+    K = out_features(rule_down, left_down, right_down)
     return x.new_empty(x.shape, dtype=out_dtype), x.new_empty((x.shape[0], K))
 
 
@@ -213,7 +201,7 @@ def adapter_bwd(
     if M == 0:
         zero = lambda *s: torch.zeros(s, dtype=torch.float32, device=x.device)  # noqa: E731
         return dx, zero(D, K), zero(K, D), zero(K), zero(D)
-    dy2 = _rows(dy)
+    dy2 = rows(dy)
     g = empty((M, K), dtype=x.dtype, device=x.device)
     dz = empty((M, K), dtype=x.dtype, device=x.device)
     BM, BD, KP, warps = _blocks(D, K, x.dtype, backward=True)
@@ -224,7 +212,7 @@ def adapter_bwd(
         MODE_D=mode_d, N_D=n_d, R_D=r_d, MODE_U=mode_u, N_U=n_u, R_U=r_u,
         HAS_RES=has_residual, ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP,
         IEEE=x.dtype == torch.float32, num_warps=warps)
-    dH_down, db_down = rows_tn(_rows(x), dz, colsum=True)
+    dH_down, db_down = rows_tn(rows(x), dz, colsum=True)
     dH_up, db_up = rows_tn(g, dy2, colsum=True)
     return dx, dH_down, dH_up * scale, db_down, db_up * scale
 
@@ -246,19 +234,12 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-def _factor_grads(dH: Tensor, rule, left, right):
-    """(d rule, d left, d right) from the fp32 dH; a dense projection's gradient is dH itself."""
-    if rule is None:
-        return None, dH.to(left.dtype), None
-    return phm_weight_backward(dH, rule, left, right)
-
-
 def _backward(ctx, dy, _dz):
     x, z, rd, ld, rgd, ru, lu, rgu = ctx.saved_tensors
     dx, dHd, dHu, dbd, dbu = adapter_bwd(dy, x, z, rd, ld, rgd, ru, lu, rgu, ctx.activation, ctx.scale,
                                          ctx.has_residual)
-    g_rd, g_ld, g_rgd = _factor_grads(dHd, rd, ld, rgd)
-    g_ru, g_lu, g_rgu = _factor_grads(dHu, ru, lu, rgu)
+    g_rd, g_ld, g_rgd = factor_grads(dHd, rd, ld, rgd)
+    g_ru, g_lu, g_rgu = factor_grads(dHu, ru, lu, rgu)
     dres = dy if ctx.has_residual else None
     dbd = dbd.to(x.dtype) if ctx.has_bias[0] else None
     dbu = dbu.to(x.dtype) if ctx.has_bias[1] else None
@@ -270,23 +251,17 @@ adapter_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- backend entry points (signatures of compacter_kernels.reference) -------------------------
 
-def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-
-
 def _run(x, residual, down, bias_down, up, bias_up, activation, scale):
     shape = x.shape
-    amp = _autocast_dtype(x)
+    amp = autocast_dtype(x)
     if amp is None:
         out_dtype = x.dtype
     else:
         # As the reference under autocast: matmuls in the autocast dtype, and
         # y = r + scale * (g @ H_up + b_up) promoted like eager (an fp32 b_up or r gives fp32 y).
-        r = x if residual is None else residual
-        out_dtype = torch.promote_types(r.dtype, amp if bias_up is None else bias_up.dtype)
+        out_dtype = autocast_out_dtype(x, residual, bias_up, amp)
         cast = lambda t: None if t is None else t.to(amp)  # noqa: E731
-        x, residual = cast(x), r
+        x, residual = cast(x), x if residual is None else residual
         down, bias_down, up, bias_up = tuple(map(cast, down)), cast(bias_down), tuple(map(cast, up)), cast(bias_up)
     r2 = None if residual is None else residual.reshape(-1, shape[-1])
     y, _ = adapter_fwd(x.reshape(-1, shape[-1]), r2, *down, bias_down, *up, bias_up, activation, float(scale),
@@ -294,11 +269,4 @@ def _run(x, residual, down, bias_down, up, bias_up, activation, scale):
     return y.reshape(shape)
 
 
-def compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up, *,
-                      activation="gelu", scale=1.0, residual=None):
-    return _run(x, residual, (rule_down, left_down, right_down), bias_down, (rule_up, left_up, right_up),
-                bias_up, activation, scale)
-
-
-def adapter(x, w_down, b_down, w_up, b_up, *, activation="gelu", scale=1.0, residual=None):
-    return _run(x, residual, (None, w_down, None), b_down, (None, w_up, None), b_up, activation, scale)
+compacter_adapter, adapter = adapter_entry_points(_run)

@@ -15,6 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._phm_grad import phm_weight_backward
+from ._common import autocast_dtype, rows
 from ._triton_common import empty, h_args, h_tile, interpreting, padded, rows_tn
 
 
@@ -69,14 +70,9 @@ def _matmul_h(x2: Tensor, rule, left, right, bias: Optional[Tensor], trans: bool
     return y
 
 
-def _rows(t: Tensor) -> Tensor:
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 @torch.library.custom_op("compacter_kernels::triton_phm_linear_fwd", mutates_args=())
 def phm_linear_fwd(x: Tensor, rule: Tensor, left: Tensor, right: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
-    return _matmul_h(_rows(x), rule, left, right, bias, trans=False)
+    return _matmul_h(rows(x), rule, left, right, bias, trans=False)
 
 
 @phm_linear_fwd.register_fake
@@ -88,12 +84,12 @@ def _(x, rule, left, right, bias):
 def phm_linear_bwd(dy: Tensor, x: Tensor, rule: Tensor, left: Tensor, right: Optional[Tensor],
                    has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dH fp32 (I, O), db fp32 (O,), zeros when there is no bias)."""
-    dy2 = _rows(dy)
+    dy2 = rows(dy)
     dx = _matmul_h(dy2, rule, left, right, None, trans=True)
     if x.shape[0] == 0:
         z = torch.zeros(x.shape[1], dy.shape[1], dtype=torch.float32, device=x.device)
         return dx, z, z[0]
-    dH, db = rows_tn(_rows(x), dy2, colsum=has_bias)
+    dH, db = rows_tn(rows(x), dy2, colsum=has_bias)
     return dx, dH, db if has_bias else dH.new_zeros(dH.shape[1])
 
 
@@ -121,11 +117,10 @@ phm_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def phm_linear(x, rule, left, right=None, bias=None):
     """Backend entry point, signature of compacter_kernels.reference.phm_linear."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    amp = autocast_dtype(x)
+    if amp is not None:
         # As eager under autocast: the matmul in the autocast dtype, the bias added after,
         # promoting (an fp32 bias gives an fp32 y).
-        amp = torch.get_autocast_dtype(dev)
         cast = lambda t: None if t is None else t.to(amp)  # noqa: E731
         y = _phm_linear(cast(x), cast(rule), cast(left), cast(right), None)
         return y if bias is None else y + bias

@@ -1,0 +1,64 @@
+"""Glue every kernel backend shares (no triton import: the CUDA backend uses it too)."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .._phm_grad import phm_weight_backward
+from ..reference import ACTIVATIONS
+
+# Activation codes the kernels take (Triton constexpr, CUDA int): gelu 0, gelu_tanh 1, relu 2, silu 3, identity 4.
+ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
+
+
+def rows(t: Tensor) -> Tensor:
+    """2-D (M, features) view with unit feature stride (copies only when it must)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def out_features(rule: Optional[Tensor], left: Tensor, right: Optional[Tensor]) -> int:
+    """Output width of a projection given as (rule, left, right); rule None = dense (I, O) left."""
+    if rule is None:
+        return left.shape[1]
+    return rule.shape[0] * (left if right is None else right).shape[2]
+
+
+def factor_grads(dH: Tensor, rule, left, right):
+    """(d rule, d left, d right) from the fp32 dH; a dense projection's gradient is dH itself."""
+    if rule is None:
+        return None, dH.to(left.dtype), None
+    return phm_weight_backward(dH, rule, left, right)
+
+
+def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    dev = x.device.type
+    # is_autocast_enabled raises for device types without autocast (meta: shape checks only).
+    if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
+def autocast_out_dtype(x: Tensor, residual: Optional[Tensor], bias_up: Optional[Tensor], amp: torch.dtype):
+    """y's dtype in eager under autocast: r + scale * (g @ H_up [+ b_up]), the matmul in amp."""
+    r = x if residual is None else residual
+    return torch.promote_types(r.dtype, amp if bias_up is None else bias_up.dtype)
+
+
+def adapter_entry_points(run: Callable):
+    """(compacter_adapter, adapter) with the reference's signatures, on a backend's
+    ``run(x, residual, down, bias_down, up, bias_up, activation, scale)``, where down and up
+    are (rule, left, right) triples and rule None means a dense matrix."""
+
+    def compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
+                          *, activation="gelu", scale=1.0, residual=None):
+        return run(x, residual, (rule_down, left_down, right_down), bias_down, (rule_up, left_up, right_up),
+                   bias_up, activation, scale)
+
+    def adapter(x, w_down, b_down, w_up, b_up, *, activation="gelu", scale=1.0, residual=None):
+        return run(x, residual, (None, w_down, None), b_down, (None, w_up, None), b_up, activation, scale)
+
+    return compacter_adapter, adapter

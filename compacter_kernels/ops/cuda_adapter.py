@@ -1,0 +1,156 @@
+"""Fused bottleneck adapter on the CUDA extension's kernels: Compacter (PHM weights) and Houlsby.
+
+Import only once ``compacter_kernels._C`` has loaded: ``_extension._register()`` does, since the
+registrations below need the C++ ops ``compacter_kernels::cuda_adapter_fwd`` / ``_bwd``
+(csrc/ops.cpp; kernels in csrc/adapter_*.cuh).
+
+The kernels take DENSE ``H_down`` (d, k) and ``H_up`` (k, d) in x's dtype. A Compacter
+projection's H is built once per call (forward, and again in backward) by the extension's
+``phm_weight`` op in fp32 from fp32 factors, then rounded once to x's dtype: the values the
+Triton backend's prebuilt-H mode feeds its matmuls. A dense (Houlsby) projection passes its
+matrix (cast to x's dtype). Biases are read in x's dtype or in fp32 (autocast). Forward, per
+block of rows:
+
+    z = x @ H_down + b_down;  g = act(z);  y = r + scale * (g @ H_up + b_up)   (r = residual or x)
+
+and z (M x k, x's dtype) is saved for backward. Backward, with du = scale * dy:
+
+    dg = du @ H_up^T;   dz = dg * act'(z);   dx = [dy +] dz @ H_down^T   (no dy term with a residual)
+    dH_down = x^T @ dz,  db_down = sum_rows dz;   dH_up = g^T @ du,  db_up = sum_rows du
+    dH -> (d rule, d W_left, d W_right) by `phm_weight_backward` (H = sum_i kron(A_i, S_i T_i)),
+    or dH itself for a dense projection; d residual = dy.
+
+Every reduction over rows is a fixed-order sum of per-split fp32 partials (no atomics): the
+gradients are bit-identical from run to run.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._common import ACT_CODE, adapter_entry_points, autocast_dtype, autocast_out_dtype, factor_grads, out_features, rows
+
+if not hasattr(torch.ops.compacter_kernels, "cuda_adapter_fwd"):
+    raise ImportError("compacter_kernels.ops.cuda_adapter needs the CUDA extension's ops: it is imported by "
+                      "compacter_kernels._extension once compacter_kernels._C has loaded (see "
+                      "compacter_kernels.available_backends()['cuda'])")
+
+
+def _check_device(x: Tensor) -> None:
+    # Without this, CPU tensors would fail inside phm_weight with the dispatcher's message.
+    if x.device.type != "cuda":
+        raise RuntimeError(f"the cuda backend needs CUDA tensors, got x on {x.device}")
+
+
+def _dense_h(rule: Optional[Tensor], left: Tensor, right: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """The projection's H as the kernels read it: contiguous, in ``dtype`` (x's)."""
+    if rule is None:
+        return left.to(dtype).contiguous()
+    right = None if right is None else right.float().contiguous()
+    H = torch.ops.compacter_kernels.phm_weight(rule.float().contiguous(), left.float().contiguous(), right)
+    return H.to(dtype)
+
+
+def _bias(b: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """A bias as the kernels read it: contiguous, in x's dtype or float32 (kept: no rounding)."""
+    if b is None:
+        return None
+    return (b if b.dtype in (dtype, torch.float32) else b.float()).contiguous()
+
+
+# ---- fake (meta) impls of the C++ ops: shapes and dtypes only, for torch.compile / FakeTensor ----
+
+@torch.library.register_fake("compacter_kernels::cuda_adapter_fwd")
+def _cuda_adapter_fwd_fake(x, residual, h_down, bias_down, h_up, bias_up, activation, scale, out_dtype):
+    torch._check(x.dim() == 2 and h_down.dim() == 2, lambda: "cuda_adapter_fwd: x and h_down must be 2-D")
+    M, k = x.shape[0], h_down.shape[1]
+    return x.new_empty((M, x.shape[1]), dtype=out_dtype), x.new_empty((M, k))
+
+
+@torch.library.register_fake("compacter_kernels::cuda_adapter_bwd")
+def _cuda_adapter_bwd_fake(dy, x, z, h_down, h_up, activation, scale, has_residual):
+    torch._check(x.dim() == 2 and z.dim() == 2, lambda: "cuda_adapter_bwd: x and z must be 2-D")
+    (M, d), k = x.shape, z.shape[1]
+    f32 = lambda *s: x.new_empty(s, dtype=torch.float32)  # noqa: E731
+    return x.new_empty((M, d)), f32(d, k), f32(k, d), f32(k), f32(d)
+
+
+# ---- the differentiable op on the factors (what torch.compile and autograd see) -----------------
+
+@torch.library.custom_op("compacter_kernels::cuda_compacter_fwd", mutates_args=())
+def adapter_fwd(
+    x: Tensor, residual: Optional[Tensor],
+    rule_down: Optional[Tensor], left_down: Tensor, right_down: Optional[Tensor], bias_down: Optional[Tensor],
+    rule_up: Optional[Tensor], left_up: Tensor, right_up: Optional[Tensor], bias_up: Optional[Tensor],
+    activation: str, scale: float, out_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """(y in out_dtype, z) for 2-D x (M, d); the arguments of ``triton_adapter_fwd``. rule_* None
+    means the projection is dense (left_* is the matrix). Under autocast x comes in the autocast
+    dtype while the parameters keep theirs (see `_run`), and out_dtype may be wider than x's."""
+    _check_device(x)
+    h_down = _dense_h(rule_down, left_down, right_down, x.dtype)
+    h_up = _dense_h(rule_up, left_up, right_up, x.dtype)
+    return torch.ops.compacter_kernels.cuda_adapter_fwd(
+        rows(x), None if residual is None else rows(residual), h_down, _bias(bias_down, x.dtype), h_up,
+        _bias(bias_up, x.dtype), ACT_CODE[activation], scale, out_dtype)
+
+
+@adapter_fwd.register_fake
+def _(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
+      activation, scale, out_dtype):
+    K = out_features(rule_down, left_down, right_down)
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty((x.shape[0], K))
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, rd, ld, rgd, bd, ru, lu, rgu, bu, activation, scale, _ = inputs
+    ctx.save_for_backward(x, output[1], rd, ld, rgd, ru, lu, rgu)
+    ctx.bias_dtypes = (None if bd is None else bd.dtype, None if bu is None else bu.dtype)
+    ctx.has_residual = residual is not None
+    ctx.activation, ctx.scale = activation, scale
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, dy, _dz):
+    x, z, rd, ld, rgd, ru, lu, rgu = ctx.saved_tensors
+    # H is rebuilt rather than saved: d*k elements, one small launch per projection.
+    h_down = _dense_h(rd, ld, rgd, x.dtype)
+    h_up = _dense_h(ru, lu, rgu, x.dtype)
+    dx, dHd, dHu, dbd, dbu = torch.ops.compacter_kernels.cuda_adapter_bwd(
+        dy, x, z, h_down, h_up, ACT_CODE[ctx.activation], ctx.scale, ctx.has_residual)
+    g_rd, g_ld, g_rgd = factor_grads(dHd, rd, ld, rgd)
+    g_ru, g_lu, g_rgu = factor_grads(dHu, ru, lu, rgu)
+    dres = dy if ctx.has_residual else None
+    dbd = None if ctx.bias_dtypes[0] is None else dbd.to(ctx.bias_dtypes[0])
+    dbu = None if ctx.bias_dtypes[1] is None else dbu.to(ctx.bias_dtypes[1])
+    return dx, dres, g_rd, g_ld, g_rgd, dbd, g_ru, g_lu, g_rgu, dbu, None, None, None
+
+
+adapter_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- backend entry points (signatures of compacter_kernels.reference) ---------------------------
+
+def _run(x, residual, down, bias_down, up, bias_up, activation, scale):
+    shape = x.shape
+    amp = autocast_dtype(x)
+    if amp is None:
+        out_dtype = x.dtype
+    else:
+        # As the reference under autocast: matmuls in the autocast dtype, and
+        # y = r + scale * (g @ H_up + b_up) promoted like eager (an fp32 b_up or r gives fp32 y).
+        # Unlike the Triton backend, only x is cast here: the op rounds H once to the autocast
+        # dtype and reads fp32 biases as they are, so no parameter, and no parameter gradient,
+        # is rounded to the autocast dtype on its way (eager keeps the bias adds in fp32 too).
+        out_dtype = autocast_out_dtype(x, residual, bias_up, amp)
+        x, residual = x.to(amp), x if residual is None else residual
+    r2 = None if residual is None else residual.reshape(-1, shape[-1])
+    y, _ = adapter_fwd(x.reshape(-1, shape[-1]), r2, *down, bias_down, *up, bias_up, activation, float(scale),
+                       out_dtype)
+    return y.reshape(shape)
+
+
+compacter_adapter, adapter = adapter_entry_points(_run)
