@@ -42,16 +42,33 @@ def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(dev)
 
 
-def autocast_out_dtype(x: Tensor, residual: Optional[Tensor], bias_up: Optional[Tensor], amp: torch.dtype):
-    """y's dtype in eager under autocast: r + scale * (g @ H_up [+ b_up]), the matmul in amp."""
-    r = x if residual is None else residual
-    return torch.promote_types(r.dtype, amp if bias_up is None else bias_up.dtype)
+def adapter_entry_points(fwd_op: Callable, *, cast_params: bool):
+    """(compacter_adapter, adapter) with the reference's signatures, on a backend's forward op
+    ``fwd_op(x2d, residual2d, *down, bias_down, *up, bias_up, activation, scale, out_dtype)``
+    (down and up are (rule, left, right) triples; rule None means a dense matrix).
 
+    Under autocast they behave as the eager reference: matmuls in the autocast dtype and
+    y = r + scale * (g @ H_up + b_up) promoted as eager promotes it (an fp32 b_up or r gives an
+    fp32 y). x goes to the autocast dtype; with ``cast_params`` the parameters do too, for a
+    backend whose kernels take one dtype.
+    """
 
-def adapter_entry_points(run: Callable):
-    """(compacter_adapter, adapter) with the reference's signatures, on a backend's
-    ``run(x, residual, down, bias_down, up, bias_up, activation, scale)``, where down and up
-    are (rule, left, right) triples and rule None means a dense matrix."""
+    def run(x, residual, down, bias_down, up, bias_up, activation, scale):
+        shape = x.shape
+        amp = autocast_dtype(x)
+        out_dtype = x.dtype
+        if amp is not None:
+            r = x if residual is None else residual
+            out_dtype = torch.promote_types(r.dtype, amp if bias_up is None else bias_up.dtype)
+            x, residual = x.to(amp), r
+            if cast_params:
+                cast = lambda t: None if t is None else t.to(amp)  # noqa: E731
+                down, up = tuple(map(cast, down)), tuple(map(cast, up))
+                bias_down, bias_up = cast(bias_down), cast(bias_up)
+        r2 = None if residual is None else residual.reshape(-1, shape[-1])
+        y, _ = fwd_op(x.reshape(-1, shape[-1]), r2, *down, bias_down, *up, bias_up, activation, float(scale),
+                      out_dtype)
+        return y.reshape(shape)
 
     def compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
                           *, activation="gelu", scale=1.0, residual=None):

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import ACT_CODE, adapter_entry_points, autocast_dtype, autocast_out_dtype, factor_grads, out_features, rows
+from ._common import ACT_CODE, adapter_entry_points, factor_grads, out_features, rows
 from ._triton_common import act_bwd, act_fwd, empty, h_args, h_tile, interpreting, padded, rows_tn
 
 
@@ -251,22 +251,4 @@ adapter_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- backend entry points (signatures of compacter_kernels.reference) -------------------------
 
-def _run(x, residual, down, bias_down, up, bias_up, activation, scale):
-    shape = x.shape
-    amp = autocast_dtype(x)
-    if amp is None:
-        out_dtype = x.dtype
-    else:
-        # As the reference under autocast: matmuls in the autocast dtype, and
-        # y = r + scale * (g @ H_up + b_up) promoted like eager (an fp32 b_up or r gives fp32 y).
-        out_dtype = autocast_out_dtype(x, residual, bias_up, amp)
-        cast = lambda t: None if t is None else t.to(amp)  # noqa: E731
-        x, residual = cast(x), x if residual is None else residual
-        down, bias_down, up, bias_up = tuple(map(cast, down)), cast(bias_down), tuple(map(cast, up)), cast(bias_up)
-    r2 = None if residual is None else residual.reshape(-1, shape[-1])
-    y, _ = adapter_fwd(x.reshape(-1, shape[-1]), r2, *down, bias_down, *up, bias_up, activation, float(scale),
-                       out_dtype)
-    return y.reshape(shape)
-
-
-compacter_adapter, adapter = adapter_entry_points(_run)
+compacter_adapter, adapter = adapter_entry_points(adapter_fwd, cast_params=True)

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import ACT_CODE, adapter_entry_points, autocast_dtype, autocast_out_dtype, factor_grads, out_features, rows
+from ._common import ACT_CODE, adapter_entry_points, factor_grads, out_features, rows
 
 if not hasattr(torch.ops.compacter_kernels, "cuda_adapter_fwd"):
     raise ImportError("compacter_kernels.ops.cuda_adapter needs the CUDA extension's ops: it is imported by "
@@ -134,23 +134,6 @@ adapter_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- backend entry points (signatures of compacter_kernels.reference) ---------------------------
 
-def _run(x, residual, down, bias_down, up, bias_up, activation, scale):
-    shape = x.shape
-    amp = autocast_dtype(x)
-    if amp is None:
-        out_dtype = x.dtype
-    else:
-        # As the reference under autocast: matmuls in the autocast dtype, and
-        # y = r + scale * (g @ H_up + b_up) promoted like eager (an fp32 b_up or r gives fp32 y).
-        # Unlike the Triton backend, only x is cast here: the op rounds H once to the autocast
-        # dtype and reads fp32 biases as they are, so no parameter, and no parameter gradient,
-        # is rounded to the autocast dtype on its way (eager keeps the bias adds in fp32 too).
-        out_dtype = autocast_out_dtype(x, residual, bias_up, amp)
-        x, residual = x.to(amp), x if residual is None else residual
-    r2 = None if residual is None else residual.reshape(-1, shape[-1])
-    y, _ = adapter_fwd(x.reshape(-1, shape[-1]), r2, *down, bias_down, *up, bias_up, activation, float(scale),
-                       out_dtype)
-    return y.reshape(shape)
-
-
-compacter_adapter, adapter = adapter_entry_points(_run)
+# Only x is cast under autocast: the op rounds H once to the autocast dtype and reads fp32 biases
+# as they are, so no parameter, and no parameter gradient, is rounded on its way.
+compacter_adapter, adapter = adapter_entry_points(adapter_fwd, cast_params=False)
