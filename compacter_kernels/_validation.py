@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .ops._common import autocast_dtype
 from .reference import ACTIVATIONS
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -37,7 +38,7 @@ def check_common(x: Tensor, named: dict, *, activation: Optional[str] = None, sc
         raise ValueError("x must have at least one dimension (the features), got a 0-d tensor")
     # Under autocast, mixed dtypes are the norm (fp32 parameters, low-precision activations):
     # the backends cast as autocast would.
-    autocast = torch.is_autocast_enabled(x.device.type)
+    autocast = autocast_dtype(x) is not None
     for name, t in named.items():
         _tensor(name, t, optional=True)
         if t is None:

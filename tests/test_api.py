@@ -125,3 +125,9 @@ def test_noncontiguous_and_broadcast_inputs_give_correct_results():
     for xi in (x, x_bcast):
         args = (xi,) + inp.args()[1:]
         torch.testing.assert_close(ck.compacter_adapter(*args), ref.compacter_adapter(xi.contiguous(), *inp.args()[1:]))
+
+
+def test_meta_tensors_give_shapes_through_the_reference():
+    """Shape inference on the meta device goes through validation (autocast check included)."""
+    inp = compacter_inputs(lead=(2, 3), d=16, k=8, n=4, device="meta", requires_grad=False)
+    assert ck.compacter_adapter(*inp.args(), backend="reference").shape == (2, 3, 16)

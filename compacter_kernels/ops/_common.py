@@ -34,6 +34,21 @@ def factor_grads(dH: Tensor, rule, left, right):
     return phm_weight_backward(dH, rule, left, right)
 
 
+def dense_h(rule: Optional[Tensor], left: Tensor, right: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """A projection's H (I, O) as a contiguous matrix in ``dtype``: summed in fp32 from the
+    factors (the CUDA extension's phm_weight op on CUDA tensors when it is loaded, else the
+    reference) and rounded once; a dense projection's matrix as it is."""
+    if rule is None:
+        return left.to(dtype).contiguous()
+    from .. import _extension, reference
+
+    rule, left = rule.float().contiguous(), left.float().contiguous()
+    right = None if right is None else right.float().contiguous()
+    if rule.is_cuda and _extension.load() is not None:
+        return torch.ops.compacter_kernels.phm_weight(rule, left, right).to(dtype)
+    return reference.phm_weight(rule, left, right).to(dtype)
+
+
 def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     dev = x.device.type
     # is_autocast_enabled raises for device types without autocast (meta: shape checks only).

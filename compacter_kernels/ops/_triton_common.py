@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import dense_h
 
 # How an H is given: dense (I, O) matrix; full PHM weight B; factorised S @ T.
 MODE_DENSE, MODE_PHM, MODE_PHM_FACTORED = 0, 1, 2
@@ -125,20 +126,6 @@ def h_tile(rule_ptr, left_ptr, right_ptr, ri, ci, mask, P, Q, O,
 INKERNEL_H_BUDGET = 256
 
 
-def _build_h(rule, left, right):
-    """H once, summed in fp32 and stored in the compute dtype (the kernels round their in-register
-    tiles to it before tl.dot anyway; half the bytes every program re-reads): the CUDA
-    extension's phm_weight op when loaded, else the reference."""
-    from .. import _extension, reference
-
-    dtype = left.dtype
-    rule, left = rule.float().contiguous(), left.float().contiguous()
-    right = None if right is None else right.float().contiguous()
-    if rule.is_cuda and _extension.load() is not None:
-        return torch.ops.compacter_kernels.phm_weight(rule, left, right).to(dtype)
-    return reference.phm_weight(rule, left, right).to(dtype)
-
-
 def h_args(rule, left, right, tile_cols: int):
     """(rule_ptr, left_ptr, right_ptr, MODE, N, R) of one projection; rule None = dense.
 
@@ -149,7 +136,9 @@ def h_args(rule, left, right, tile_cols: int):
         return left, left, left, MODE_DENSE, 1, 1
     n, r = rule.shape[0], 1 if right is None else left.shape[2]
     if n * (r + 1) * tile_cols > INKERNEL_H_BUDGET:
-        H = _build_h(rule, left, right)
+        # Stored in the compute dtype: the kernels round their tiles to it before tl.dot anyway,
+        # and every program re-reads H.
+        H = dense_h(rule, left, right, left.dtype)
         return H, H, H, MODE_DENSE, 1, 1
     rule, left = rule.contiguous(), left.contiguous()
     if right is None:

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import ACT_CODE, adapter_entry_points, factor_grads, out_features, rows
+from ._common import ACT_CODE, adapter_entry_points, dense_h, factor_grads, out_features, rows
 
 if not hasattr(torch.ops.compacter_kernels, "cuda_adapter_fwd"):
     raise ImportError("compacter_kernels.ops.cuda_adapter needs the CUDA extension's ops: it is imported by "
@@ -43,15 +43,6 @@ def _check_device(x: Tensor) -> None:
     # Without this, CPU tensors would fail inside phm_weight with the dispatcher's message.
     if x.device.type != "cuda":
         raise RuntimeError(f"the cuda backend needs CUDA tensors, got x on {x.device}")
-
-
-def _dense_h(rule: Optional[Tensor], left: Tensor, right: Optional[Tensor], dtype: torch.dtype) -> Tensor:
-    """The projection's H as the kernels read it: contiguous, in ``dtype`` (x's)."""
-    if rule is None:
-        return left.to(dtype).contiguous()
-    right = None if right is None else right.float().contiguous()
-    H = torch.ops.compacter_kernels.phm_weight(rule.float().contiguous(), left.float().contiguous(), right)
-    return H.to(dtype)
 
 
 def _bias(b: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -91,8 +82,8 @@ def adapter_fwd(
     means the projection is dense (left_* is the matrix). Under autocast x comes in the autocast
     dtype while the parameters keep theirs (see `_run`), and out_dtype may be wider than x's."""
     _check_device(x)
-    h_down = _dense_h(rule_down, left_down, right_down, x.dtype)
-    h_up = _dense_h(rule_up, left_up, right_up, x.dtype)
+    h_down = dense_h(rule_down, left_down, right_down, x.dtype)
+    h_up = dense_h(rule_up, left_up, right_up, x.dtype)
     return torch.ops.compacter_kernels.cuda_adapter_fwd(
         rows(x), None if residual is None else rows(residual), h_down, _bias(bias_down, x.dtype), h_up,
         _bias(bias_up, x.dtype), ACT_CODE[activation], scale, out_dtype)
@@ -117,8 +108,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _dz):
     x, z, rd, ld, rgd, ru, lu, rgu = ctx.saved_tensors
     # H is rebuilt rather than saved: d*k elements, one small launch per projection.
-    h_down = _dense_h(rd, ld, rgd, x.dtype)
-    h_up = _dense_h(ru, lu, rgu, x.dtype)
+    h_down = dense_h(rd, ld, rgd, x.dtype)
+    h_up = dense_h(ru, lu, rgu, x.dtype)
     dx, dHd, dHu, dbd, dbu = torch.ops.compacter_kernels.cuda_adapter_bwd(
         dy, x, z, h_down, h_up, ACT_CODE[ctx.activation], ctx.scale, ctx.has_residual)
     g_rd, g_ld, g_rgd = factor_grads(dHd, rd, ld, rgd)
