@@ -111,6 +111,7 @@ def _register():
 
     torch.library.register_autograd("compacter_kernels::phm_weight", _backward, setup_context=_setup_context)
     # The fused adapter: fake impls of cuda_adapter_fwd/_bwd and the differentiable
-    # cuda_compacter_fwd op on the factors (registered at import, which needs the C++ ops).
-    from .ops import cuda_adapter  # noqa: F401
+    # cuda_compacter_fwd op on the factors (registered at import, which needs the C++ ops);
+    # PHM linear: the differentiable cuda_phm_linear_fwd (phm_weight + cuBLAS).
+    from .ops import cuda_adapter, cuda_phm_linear  # noqa: F401
     _registered = True

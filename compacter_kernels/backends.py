@@ -71,9 +71,10 @@ def _cuda_status() -> BackendStatus:
     ok, reason = _extension.status()
     if not ok:
         return BackendStatus(False, reason)
-    from .ops import cuda_adapter  # its ops were registered by _extension once _C loaded
+    from .ops import cuda_adapter, cuda_phm_linear  # their ops were registered by _extension once _C loaded
 
-    IMPLEMENTATIONS["cuda"].update(compacter_adapter=cuda_adapter.compacter_adapter, adapter=cuda_adapter.adapter)
+    IMPLEMENTATIONS["cuda"].update(compacter_adapter=cuda_adapter.compacter_adapter, adapter=cuda_adapter.adapter,
+                                   phm_linear=cuda_phm_linear.phm_linear)
     return BackendStatus(True, reason + "; fused kernels not yet validated on a GPU: used only when named")
 
 

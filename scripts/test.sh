@@ -3,7 +3,9 @@
 #   1. a virtual environment (.venv, or $VENV) with a CUDA build of torch and the test tools;
 #   2. the package built WITH its CUDA extension (a broken CUDA build fails here);
 #   3. a check that the extension imports and matches the sources;
-#   4. pytest over tests/ (Triton kernels run in the CPU interpreter when there is no GPU).
+#   4. pytest over tests/ (Triton kernels run in the CPU interpreter when there is no GPU);
+#   5. without a GPU, a second pytest run with the cuda backend's kernels in the CPU emulator
+#      (tests/emulation.py: a process of its own, as it registers CPU kernels for the CUDA ops).
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k kernels -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,3 +37,9 @@ PY
 
 echo "== running the tests"
 COMPACTER_KERNELS_REQUIRE_EXTENSION=1 "$PY" -m pytest tests -q -p no:cacheprovider "$@"
+
+if "$PY" -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then
+    echo "== no GPU: running the cuda backend's kernels in the CPU emulator"
+    COMPACTER_KERNELS_EMULATE_CUDA=1 "$PY" -m pytest tests/test_kernels.py tests/test_hardening.py \
+        tests/test_cuda_emulation.py -q -p no:cacheprovider "$@"
+fi

@@ -9,6 +9,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# COMPACTER_KERNELS_EMULATE_CUDA=1 without a GPU: the cuda backend's kernels run in the CPU
+# emulator (tests/emulation.py), before the test modules list their backends.
+import emulation  # noqa: E402
+
+if emulation.requested() and not torch.cuda.is_available():
+    emulation.enable()
+
 
 @pytest.fixture(autouse=True)
 def _seed(request):

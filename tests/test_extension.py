@@ -317,3 +317,172 @@ def test_cuda_adapter_rejects_cpu_tensors(ext):
     with pytest.raises(RuntimeError, match="needs CUDA tensors, got x on cpu"):
         cuda_adapter.compacter_adapter(x, *factors(4, 8, 4, 1, torch.float32), None,
                                        *factors(4, 4, 8, 1, torch.float32), None)
+
+
+# --- PHM linear on the cuda backend (phm_weight + cuBLAS, ops/cuda_phm_linear.py) -------------
+# Registration, fake impl and autograd glue without a GPU; the backward math on CPU in float64;
+# the run against the reference is tests/test_kernels.py's (backend "cuda") and the GPU tests here.
+
+def _close_fp32(a, e):
+    """Within fp32 error of e, relative to e's largest element (H is summed in fp32)."""
+    torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5 * max(1.0, e.abs().max().item()))
+
+
+def _phm_linear_inputs(dtype, device, factorised=True, bias=True, lead=(2, 5), n=4, I=32, O=24, r=2):
+    rule, left, right = factors(n, I, O, r, dtype, device, factorised)
+    x = torch.randn(*lead, I, dtype=torch.float64).to(device=device, dtype=dtype)
+    b = torch.randn(O, dtype=torch.float64).to(device=device, dtype=dtype) if bias else None
+    return [t if t is None else t.requires_grad_() for t in (x, rule, left, right, b)]
+
+
+def test_cuda_phm_linear_registered(ext):
+    from compacter_kernels.backends import IMPLEMENTATIONS, available_backends
+    from compacter_kernels.ops import cuda_phm_linear
+
+    op = torch.ops.compacter_kernels.cuda_phm_linear_fwd.default
+    assert [a.name for a in op._schema.arguments] == ["x", "rule", "left", "right", "bias"]
+    available_backends()
+    assert IMPLEMENTATIONS["cuda"]["phm_linear"] is cuda_phm_linear.phm_linear
+
+
+def test_cuda_phm_linear_rejects_cpu_tensors(ext):
+    from compacter_kernels.ops import cuda_phm_linear
+
+    args = _phm_linear_inputs(torch.float32, "cpu")
+    with pytest.raises(ValueError, match="the cuda backend needs CUDA tensors, got a tensor on cpu"):
+        compacter_kernels.phm_linear(*args, backend="cuda")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors, got x on cpu"):
+        cuda_phm_linear.phm_linear(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("factorised", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cuda_phm_linear_fake_and_meta(ext, dtype, factorised, bias):
+    """Shapes and dtypes: the forward on fake CUDA tensors, the backward formula there too (the
+    fp32-output mm of dH included; the autograd engine itself needs a real GPU for CUDA tensors),
+    and forward + autograd backward on meta tensors: a gradient of its input's shape and dtype
+    for every input."""
+    from compacter_kernels.ops import cuda_phm_linear
+
+    with FakeTensorMode():
+        x, *params = _phm_linear_inputs(dtype, "cuda", factorised, bias)
+        y = cuda_phm_linear.phm_linear(x, *params)
+        H = torch.empty(32, 24, dtype=dtype, device="cuda")
+        dx, dH, db = cuda_phm_linear.phm_linear_backward(y.reshape(10, 24), x.reshape(10, 32), H, bias)
+    assert (y.shape, y.dtype, y.device.type) == ((2, 5, 24), dtype, "cuda")
+    assert (dx.shape, dx.dtype, dH.shape, dH.dtype) == ((10, 32), dtype, (32, 24), torch.float32)
+    assert (db.shape, db.dtype) == ((24,), torch.float32) if bias else db is None
+    args = _phm_linear_inputs(dtype, "meta", factorised, bias)
+    y = cuda_phm_linear.phm_linear(*args)
+    assert (y.shape, y.dtype, y.device.type) == ((2, 5, 24), dtype, "meta")
+    leaves = [t for t in args if t is not None]
+    for t, g in zip(leaves, torch.autograd.grad(y, leaves, torch.ones_like(y))):
+        assert (g.shape, g.dtype, g.device.type) == (t.shape, t.dtype, "meta")
+
+
+@pytest.mark.parametrize("factorised", [True, False])
+@pytest.mark.parametrize("M", [0, 1, 37])
+def test_cuda_phm_linear_backward_math(ext, factorised, M):
+    """phm_linear_backward + factor_grads (the op's backward, plain torch) against autograd of
+    the reference, in float64 on CPU."""
+    from compacter_kernels.ops._common import factor_grads
+    from compacter_kernels.ops.cuda_phm_linear import phm_linear_backward
+
+    x, rule, left, right, b = _phm_linear_inputs(torch.float64, "cpu", factorised, lead=(M,))
+    y = compacter_kernels.reference.phm_linear(x, rule, left, right, b)
+    dy = torch.randn_like(y)
+    leaves = [t for t in (x, rule, left, right, b) if t is not None]
+    expected = torch.autograd.grad(y, leaves, dy)
+    H = kron_sum(rule, left, right).detach()
+    dx, dH, db = phm_linear_backward(dy, x.detach(), H, has_bias=True)
+    got = [dx, *(g for g in factor_grads(dH, rule.detach(), left.detach(), None if right is None else right.detach())
+                 if g is not None), db]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+    assert phm_linear_backward(dy, x.detach(), H, has_bias=False)[2] is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_phm_linear_backward_keeps_dH_in_fp32(ext, dtype):
+    """dH and db of low-precision x and dy come back in fp32, unrounded: equal to the fp64 product
+    of the same (rounded) inputs up to fp32 accumulation."""
+    from compacter_kernels.ops.cuda_phm_linear import phm_linear_backward
+
+    x, dy, H = torch.randn(67, 32).to(dtype), torch.randn(67, 24).to(dtype), torch.randn(32, 24).to(dtype)
+    dx, dH, db = phm_linear_backward(dy, x, H, has_bias=True)
+    assert (dx.dtype, dH.dtype, db.dtype) == (dtype, torch.float32, torch.float32)
+    torch.testing.assert_close(dH.double(), x.double().t() @ dy.double(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(db.double(), dy.double().sum(0), rtol=1e-6, atol=1e-5)
+
+
+@pytest.fixture
+def cuda_phm_linear_on_cpu(ext, monkeypatch):
+    """The module with its device check lifted: the op then runs on CPU tensors (H from the
+    reference's phm_weight, the matmuls on the CPU), so its whole autograd glue can be checked
+    without a GPU."""
+    from compacter_kernels.ops import cuda_adapter, cuda_phm_linear
+
+    monkeypatch.setattr(cuda_adapter, "_check_device", lambda x: None)
+    return cuda_phm_linear
+
+
+@pytest.mark.parametrize("factorised", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cuda_phm_linear_glue_on_cpu(cuda_phm_linear_on_cpu, factorised, bias):
+    # float64 everywhere but in H, which the op always sums in fp32: fp32-sized errors.
+    args = _phm_linear_inputs(torch.float64, "cpu", factorised, bias)
+    y = cuda_phm_linear_on_cpu.phm_linear(*args)
+    y_ref = compacter_kernels.reference.phm_linear(*args)
+    _close_fp32(y, y_ref)
+    leaves = [t for t in args if t is not None]
+    dy = torch.randn_like(y)
+    for g, e in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(y_ref, leaves, dy)):
+        _close_fp32(g, e)
+    x, rule, left, right, b = args
+    torch.library.opcheck(torch.ops.compacter_kernels.cuda_phm_linear_fwd.default,
+                          (x.detach().reshape(10, 32).requires_grad_(), rule, left, right, b))
+
+
+def test_cuda_phm_linear_autocast_on_cpu(cuda_phm_linear_on_cpu):
+    """fp32 parameters under autocast: y in the reference's dtype (fp32: the fp32 bias is added
+    after the bf16 matmul), fp32 gradients, values within bf16 error of the fp64 reference."""
+    args = _phm_linear_inputs(torch.float32, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = cuda_phm_linear_on_cpu.phm_linear(*args)
+        y_ref = compacter_kernels.reference.phm_linear(*args)
+    assert y.dtype == y_ref.dtype == torch.float32
+    y64 = compacter_kernels.reference.phm_linear(*(t.detach().double() for t in args))
+    torch.testing.assert_close(y.double(), y64, rtol=2e-2, atol=2e-2 * y64.abs().max().item())
+    grads = torch.autograd.grad(y.square().sum(), args)
+    assert all(g.dtype == torch.float32 and g.shape == t.shape for g, t in zip(grads, args))
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [0, 1031])
+def test_cuda_phm_linear_backward_keeps_dH_in_fp32_on_gpu(ext, dtype, M):
+    """The fp32-output cuBLAS matmul (torch.mm(..., out_dtype=torch.float32)) for dH."""
+    from compacter_kernels.ops.cuda_phm_linear import phm_linear_backward
+
+    x, dy, H = (torch.randn(*s, device="cuda").to(dtype) for s in ((M, 96), (M, 48), (96, 48)))
+    dx, dH, db = phm_linear_backward(dy, x, H, has_bias=True)
+    assert (dx.dtype, dH.dtype, db.dtype) == (dtype, torch.float32, torch.float32)
+    torch.testing.assert_close(dH.double(), x.double().t() @ dy.double(), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(db.double(), dy.double().sum(0), rtol=1e-4, atol=1e-3)
+
+
+@requires_gpu
+@pytest.mark.parametrize("M", [0, 1, 300])
+def test_cuda_phm_linear_on_gpu(ext, M):
+    """The real op (phm_weight kernel, cuBLAS) against the reference, M = 0 included, and opcheck
+    (tests/test_kernels.py holds it to the common standard over shapes and dtypes)."""
+    args = _phm_linear_inputs(torch.float32, "cuda", lead=(M,))
+    y = compacter_kernels.phm_linear(*args, backend="cuda")
+    y_ref = compacter_kernels.reference.phm_linear(*args)
+    _close_fp32(y, y_ref)
+    dy = torch.randn_like(y)
+    for g, e in zip(torch.autograd.grad(y, args, dy), torch.autograd.grad(y_ref, args, dy)):
+        _close_fp32(g, e)
+    if M:
+        torch.library.opcheck(torch.ops.compacter_kernels.cuda_phm_linear_fwd.default, tuple(args))

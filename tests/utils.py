@@ -3,10 +3,35 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+import emulation
+
+ON_GPU = torch.cuda.is_available()
+# The cuda backend's kernels run in the CPU emulator (a test run of its own: see tests/emulation.py).
+CUDA_EMULATED = emulation.requested() and not ON_GPU
+
+
+def why_backend_cannot_run(name: str) -> Optional[str]:
+    """Why tests cannot run kernel backend ``name`` in this process, or None."""
+    import compacter_kernels as ck
+
+    status = ck.available_backends()[name]
+    if not status:
+        return f"backend {name!r} unavailable here: {status.reason}"
+    if ON_GPU:
+        return None
+    if CUDA_EMULATED:
+        return None if name == "cuda" else f"this run tests the emulated cuda backend; {name} runs in the main run"
+    if name == "cuda":
+        return f"the cuda backend needs a GPU ({emulation.ENV}=1 runs its kernels in the CPU emulator)"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return "the triton backend needs a GPU or TRITON_INTERPRET=1"
+    return None
 
 # Per-dtype (atol, rtol), as causal-conv1d / mamba-ssm test their kernels.
 TOLERANCES = {

@@ -1,0 +1,102 @@
+"""PHM linear on the CUDA backend: H built by the extension's ``phm_weight``, the matmuls on cuBLAS.
+
+Forward, for x (M, I):
+
+    H = sum_i kron(A_i, S_i T_i)   (I, O), by `phm_weight` in fp32 from fp32 factors, rounded once to x's dtype
+    y = x @ H + b                  (torch.addmm on cuBLAS, fp32 accumulation)
+
+No GEMM of our own: H is small (I x O elements, one launch) and the cost is the M x I x O product,
+where a hand-written kernel would be slower than cuBLAS at these sizes. Unlike the adapter there
+is no bottleneck between two products to keep on chip; fusing the Kronecker build into the GEMM
+(as the Triton backend can) would save only the I x O round trip of H. Backward, with H rebuilt
+rather than saved (one small launch):
+
+    dx = dy @ H^T                                (cuBLAS, x's dtype)
+    dH = x^T @ dy,  db = sum_rows dy             (fp32 results: fp16/bf16 products are not rounded)
+    dH -> (d rule, d W_left, d W_right) by `phm_weight_backward`
+
+Under autocast only x is cast (see `phm_linear`): H is still summed in fp32 from the factors as
+they are and rounded once to the autocast dtype, and every parameter gradient is computed in fp32
+and returned in its parameter's dtype.
+
+Import only once ``compacter_kernels._C`` has loaded (``_extension._register()`` does).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import cuda_adapter
+from ._common import autocast_dtype, dense_h, factor_grads, out_features
+
+
+def _mm_wide(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b in fp32 (fp64 for fp64 inputs); fp16/bf16 products are not rounded on the way out."""
+    if a.dtype in (torch.float16, torch.bfloat16):
+        if a.is_cuda:  # cuBLAS writes its fp32 accumulator as it is (mm.dtype, CUDA only, torch >= 2.8)
+            return torch.mm(a, b, out_dtype=torch.float32)
+        a, b = a.float(), b.float()  # elsewhere (meta, the CPU tests): same values via an upcast
+    return a @ b
+
+
+def phm_linear_backward(dy: Tensor, x: Tensor, H: Tensor, has_bias: bool):
+    """(dx in x's dtype, dH (I, O), db (O,) or None) of y = x @ H + b for 2-D x, dy in x's dtype
+    and H (I, O); dH and db in fp32 (fp64 for fp64). Plain torch on any device: the tests check
+    it on CPU against autograd of the reference."""
+    dx = dy @ H.t()
+    dH = _mm_wide(x.t(), dy)
+    db = dy.sum(0, dtype=dH.dtype) if has_bias else None
+    return dx, dH, db
+
+
+@torch.library.custom_op("compacter_kernels::cuda_phm_linear_fwd", mutates_args=())
+def phm_linear_fwd(x: Tensor, rule: Tensor, left: Tensor, right: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """y (M, O) = x (M, I) @ H + bias; bias (if any) in x's dtype (under autocast the entry point
+    adds it outside the op); the factors in any float dtype (H is summed in fp32)."""
+    cuda_adapter._check_device(x)  # the backend's one device check (the CPU emulation of the tests lifts it)
+    H = dense_h(rule, left, right, x.dtype)
+    return torch.mm(x, H) if bias is None else torch.addmm(bias, x, H)
+
+
+@phm_linear_fwd.register_fake
+def _(x, rule, left, right, bias):
+    return x.new_empty((x.shape[0], out_features(rule, left, right)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, rule, left, right, bias = inputs
+    ctx.save_for_backward(x, rule, left, right)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy):
+    x, rule, left, right = ctx.saved_tensors
+    # The op's own dtypes even when .backward() runs inside an autocast region (it would round
+    # the fp32 products to the autocast dtype).
+    with torch.autocast("cuda", enabled=False):
+        dx, dH, db = phm_linear_backward(dy, x, dense_h(rule, left, right, x.dtype), ctx.has_bias)
+        g_rule, g_left, g_right = factor_grads(dH, rule, left, right)
+    return dx, g_rule, g_left, g_right, db.to(x.dtype) if ctx.has_bias else None
+
+
+phm_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def phm_linear(x, rule, left, right=None, bias=None):
+    """Backend entry point, signature of compacter_kernels.reference.phm_linear."""
+    amp = autocast_dtype(x)
+    if amp is not None:
+        # As eager under autocast: the matmul in the autocast dtype, the bias added after,
+        # promoting (an fp32 bias gives an fp32 y). Only x is cast: H is summed in fp32 from the
+        # factors as they are and rounded once, so no factor (and no factor gradient) is rounded.
+        y = _phm_linear(x.to(amp), rule, left, right, None)
+        return y if bias is None else y + bias
+    return _phm_linear(x, rule, left, right, bias)
+
+
+def _phm_linear(x, rule, left, right, bias):
+    y = phm_linear_fwd(x.reshape(-1, x.shape[-1]), rule, left, right, bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1])

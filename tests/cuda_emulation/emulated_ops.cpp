@@ -1,0 +1,106 @@
+// CPU impls of the extension's CUDA ops that run csrc/'s kernels in the emulator
+// (emulated_cuda.h): the adapter ops go through the same host code as the CUDA build
+// (csrc/adapter_host.h) with a launcher that emulates the launches, and phm_weight runs its
+// kernel (csrc/phm_weight.cuh). Loaded by tests/emulation.py only when
+// COMPACTER_KERNELS_EMULATE_CUDA=1, into a test process of its own: it registers CPU kernels
+// for ops that otherwise have none.
+#include "emulated_cuda.h"  // first: the CUDA names the kernels use
+
+#include <ATen/ops/full.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "adapter_host.h"
+#include "phm_weight.cuh"
+
+namespace compacter_kernels {
+namespace adapter {
+namespace {
+
+// adapter_host.h's Launcher, on the emulator. Outputs start as NaN, so an element a kernel
+// does not write fails the comparison with the reference.
+struct EmulatedLauncher {
+  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) { return at::full(sizes, NAN, options); }
+  int64_t sm_count() { return 132; }  // an H100's: rows_tn splits rows as it would there
+
+  static void check_smem(const Layout& L, int64_t k, const char* op) {
+    // The message of CudaLauncher::set_smem on an H100.
+    TORCH_CHECK(L.bytes <= kEmulatedSmemLimit, op, ": bottleneck k=", k, " needs ", L.bytes,
+                " bytes of shared memory per block, more than this GPU's ", kEmulatedSmemLimit,
+                "; use the triton or reference backend for this size");
+  }
+
+  template <typename T>
+  void fwd(int64_t blocks, const FwdArgs& a) {
+    check_smem(a.L, a.k, "cuda_adapter_fwd");
+    emulate_launch({static_cast<unsigned>(blocks), 1, 1}, kThreads, a.L.bytes, [&] { adapter_fwd_kernel<T>(a); });
+  }
+
+  template <typename T>
+  void bwd(int64_t blocks, const BwdArgs& a) {
+    check_smem(a.L, a.k, "cuda_adapter_bwd");
+    emulate_launch({static_cast<unsigned>(blocks), 1, 1}, kThreads, a.L.bytes, [&] { adapter_bwd_kernel<T>(a); });
+  }
+
+  template <typename T>
+  void rows_tn(int64_t gx, int64_t gy, int64_t gz, const RowsTnArgs& p) {
+    emulate_launch({static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(gz)}, kThreads,
+                   rows_tn_smem_bytes<T>(), [&] { rows_tn_kernel<T>(p); });
+  }
+
+  void sum_splits(int64_t blocks, const float* part, float* out, int64_t splits, int64_t n, float scale) {
+    // At most 3 blocks: the grid-stride loop then runs more than once per thread at test sizes.
+    emulate_launch({static_cast<unsigned>(std::min<int64_t>(blocks, 3)), 1, 1}, 256, 0,
+                   [&] { sum_splits_kernel(part, out, splits, n, scale); });
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> emulated_adapter_fwd(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                                        const at::Tensor& h_down,
+                                                        const std::optional<at::Tensor>& bias_down,
+                                                        const at::Tensor& h_up, const std::optional<at::Tensor>& bias_up,
+                                                        int64_t activation, double scale, at::ScalarType out_dtype) {
+  EmulatedLauncher launch;
+  return adapter_fwd(launch, x, residual, h_down, bias_down, h_up, bias_up, activation, scale, out_dtype);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulated_adapter_bwd(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& z, const at::Tensor& h_down, const at::Tensor& h_up,
+    int64_t activation, double scale, bool has_residual) {
+  EmulatedLauncher launch;
+  return adapter_bwd(launch, dy, x, z, h_down, h_up, activation, scale, has_residual);
+}
+
+}  // namespace
+}  // namespace adapter
+
+namespace {
+
+// The kernel only; phm_weight.cu's argument checks are the CUDA build's (tested on a GPU).
+at::Tensor emulated_phm_weight(const at::Tensor& rule, const at::Tensor& left, const std::optional<at::Tensor>& right) {
+  TORCH_CHECK(rule.is_contiguous() && left.is_contiguous() && (!right || right->is_contiguous()));
+  const int64_t n = rule.size(0), Ib = left.size(1), Ob = right ? right->size(2) : left.size(2);
+  const int64_t r = right ? left.size(2) : 0;
+  auto out = at::full({n * Ib, n * Ob}, NAN, left.options());
+  constexpr unsigned threads = 64;
+  // Two blocks at most: every thread goes round the grid-stride loop at test sizes.
+  const auto blocks = static_cast<unsigned>(std::min<int64_t>(2, (out.numel() + threads - 1) / threads));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, left.scalar_type(), "emulated_phm_weight", [&] {
+    emulate_launch({blocks, 1, 1}, threads, 0, [&] {
+      phm_weight_kernel<scalar_t>(rule.data_ptr<scalar_t>(), left.data_ptr<scalar_t>(),
+                                  right ? right->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), n, Ib, Ob, r);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(compacter_kernels, CPU, m) {
+  m.impl("cuda_adapter_fwd", &adapter::emulated_adapter_fwd);
+  m.impl("cuda_adapter_bwd", &adapter::emulated_adapter_bwd);
+  m.impl("phm_weight", &emulated_phm_weight);
+}
+
+}  // namespace compacter_kernels
