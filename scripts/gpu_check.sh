@@ -4,8 +4,9 @@
 # pytest-benchmark and matplotlib. This builds the CUDA extension in place for the local GPU,
 # runs the whole test suite on the GPU, then the full benchmark sweep. Everything lands in
 # $OUT (default gpu-results/): env.txt, build.log, tests.log, bench.log and the bench JSON/CSV/PNG.
-# Usage (from the repo root): COMPACTER_KERNELS_COMMIT=$(git rev-parse HEAD) bash scripts/gpu_check.sh [all|tests|bench] [pytest args]
-# (tests and bench apart when one 10-minute command cannot hold both).
+# Usage (from the repo root): COMPACTER_KERNELS_COMMIT=$(git rev-parse HEAD) bash scripts/gpu_check.sh [all|tests|bench|sanitize] [pytest args]
+# (tests and bench apart when one 10-minute command cannot hold both). `sanitize` runs the cuda
+# backend's kernel-path and dense-adapter tests under compute-sanitizer's four tools, into sanitize.log.
 set -uo pipefail
 STEP=${1:-all}; shift || true
 cd "$(dirname "$0")/.."
@@ -29,6 +30,17 @@ fi
 echo "built in $(( $(date +%s) - start )) s"
 
 tests_rc=0
+if [ "$STEP" = sanitize ]; then
+  # No caching allocator: each tensor is its own allocation, so memcheck sees every overrun.
+  for tool in memcheck racecheck synccheck initcheck; do
+    echo "== compute-sanitizer --tool $tool"
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 1 \
+      "$PY" -m pytest tests/test_kernels.py -q -p no:cacheprovider -k "cuda and (paths or dense)" "$@" \
+      >> "$OUT/sanitize.log" 2>&1 || { tests_rc=1; echo "$tool FAILED"; }
+  done
+  tail -20 "$OUT/sanitize.log"
+  exit "$tests_rc"
+fi
 if [ "$STEP" != bench ]; then
   echo "== tests"
   COMPACTER_KERNELS_REQUIRE_EXTENSION=1 "$PY" -m pytest tests -q -p no:cacheprovider "$@" 2>&1 | tee "$OUT/tests.log" | tail -30

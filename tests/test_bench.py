@@ -90,7 +90,7 @@ TINY = ["--m", "4,8", "--d", "16", "--k", "8", "--warmup-ms", "0", "--rep-ms", "
 def test_main_writes_json_and_csv(tmp_path, capsys):
     assert cli.main([*TINY, "--out", str(tmp_path)]) == 0
     out, err = capsys.readouterr()
-    assert "median ms" in out and "GB/s" in out  # the table
+    assert "median ms" in out and "GB/s" in out and "saved MiB" in out  # the table
     assert "[" in err and "done" in err  # the progress bar
     if not torch.cuda.is_available():
         assert out.splitlines()[0].startswith("no GPU")
@@ -100,7 +100,7 @@ def test_main_writes_json_and_csv(tmp_path, capsys):
     data = json.loads(json_path.read_text())
     meta = data["metadata"]
     for key in ("device", "driver_version", "torch", "triton", "cuda", "git_commit", "date", "copy_bandwidth_gbps",
-                "peak_memory", "command"):
+                "peak_memory", "saved_memory", "command"):
         assert key in meta
     assert meta["copy_bandwidth_gbps"] > 0
     rows = data["rows"]
@@ -113,11 +113,15 @@ def test_main_writes_json_and_csv(tmp_path, capsys):
                 assert ref["speedup_vs_reference"] == pytest.approx(1.0)
                 assert ref["floor_bytes"] == counts.floor_bytes(op, mode, M, 16, 8, 4)
                 assert by[(op, mode, M, "floor")]["floor_fraction"] == pytest.approx(1.0)
+                # Saved for backward, the same forward in every mode (exact counts: tests/test_memory.py).
+                assert 0 < ref["saved_mib"] <= ref["saved_total_mib"]
+                if op == "houlsby":  # z for gelu and g for the up matmul, (M, k) fp32 each
+                    assert ref["saved_mib"] * 2**20 == 2 * M * 8 * 4
                 for fused in ("triton", "cuda"):
                     r = by[(op, mode, M, fused)]
                     assert r["status"] in ("ok", "skipped")
                     if r["status"] == "skipped":
-                        assert r["reason"] and f"skipped: {fused}" in out
+                        assert r["reason"] and f"skipped: {fused}" in out and r["saved_mib"] is None
                     if not torch.cuda.is_available():
                         assert r["status"] == "skipped" and "no GPU" in r["reason"]
     assert not any(r["provider"] == "reference+compile" for r in rows)  # not asked for

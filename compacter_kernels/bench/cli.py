@@ -114,7 +114,7 @@ def _base_row(case: Case, mode: str, provider: str) -> dict:
     return {"op": case.op, "mode": mode, "provider": provider, "model": case.model, "d": case.d, "k": case.k,
             "n": case.n, "rank": case.rank, "dtype": str(case.dtype).replace("torch.", ""), "M": case.M,
             "activation": case.activation, "status": "ok", "reason": "", "median_ms": None, "p20_ms": None,
-            "p80_ms": None, "reps": None, "peak_mib": None,
+            "p80_ms": None, "reps": None, "peak_mib": None, "saved_mib": None, "saved_total_mib": None,
             "floor_bytes": counts.floor_bytes(case.op, mode, case.M, case.d, case.k, e),
             "flops": counts.flops(case.op, mode, case.M, case.d, case.k)}
 
@@ -136,6 +136,7 @@ def sweep(args: argparse.Namespace, shapes: list[Shape], device: torch.device, b
             fns.clear()
             group = (dtype, shape, op)
         inputs = None
+        saved: dict[str, timing.SavedBytes] = {}  # per provider: every mode runs the same forward
         for mode in args.modes:
             if "floor" in args.providers:
                 row = _base_row(case, mode, "floor")
@@ -156,8 +157,13 @@ def sweep(args: argparse.Namespace, shapes: list[Shape], device: torch.device, b
                                                           compile_dynamic=not args.compile_static)
                     setup, run = cases.runner(fns[provider], mode, inputs)
                     t = timing.measure(setup, run, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+                    if provider not in saved:
+                        saved[provider] = timing.saved_activation_bytes(fns[provider], inputs["xs"][0],
+                                                                        *inputs["params"])
+                    kept = saved[provider]
                     row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, reps=t.reps,
-                               peak_mib=timing.peak_memory_mib(setup, run, device))
+                               peak_mib=timing.peak_memory_mib(setup, run, device),
+                               saved_mib=kept.new / 2**20, saved_total_mib=kept.total / 2**20)
                 except (NotImplementedError, ValueError) as exc:  # the backend's "cannot run this case"
                     row.update(status="skipped", reason=str(exc))
                 except torch.cuda.OutOfMemoryError:

@@ -66,6 +66,9 @@ def metadata(device: torch.device, command: str, **extra: Any) -> dict[str, Any]
         "timer": "CUDA events" if gpu else "time.perf_counter",
         "cpu_threads": torch.get_num_threads(),
         "peak_memory": "torch.cuda.max_memory_allocated delta" if gpu else "not measured on CPU",
+        "saved_memory": "bytes of the distinct storages autograd saves in the forward for backward "
+                        "(saved_tensors_hooks); saved_mib: new tensors only, saved_total_mib: also x and "
+                        "the parameters it saves",
         "backends": {name: {"available": s.available, "reason": s.reason} for name, s in available_backends().items()},
         "command": command,
         **extra,
@@ -103,11 +106,13 @@ def _pct(v: Optional[float]) -> str:
 def print_table(rows: list[dict], meta: dict) -> None:
     cols = [("op", 10), ("mode", 7), ("model", 9), ("dtype", 8), ("d", 5), ("k", 4), ("M", 6),
             ("provider", 17), ("median ms", 10), ("p20-p80 ms", 17), ("GB/s", 8), ("floor", 6),
-            ("x eager", 7), ("x compile", 9), ("peak MiB", 8)]
+            ("x eager", 7), ("x compile", 9), ("peak MiB", 8), ("saved MiB", 9), ("all MiB", 8)]
     print(f"\n{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | "
           f"copy bandwidth {meta['copy_bandwidth_gbps']:.1f} GB/s | peak memory: {meta['peak_memory']}")
     print("GB/s = floor bytes / time; floor = floor time / time; x eager / x compile = speed-up over "
           "the reference / torch.compile(reference)")
+    print("saved MiB = activations the forward allocates and autograd keeps for backward; all MiB = "
+          "the same plus the x and parameters it saves")
     print("  ".join(name.rjust(w) for name, w in cols))
     prev = None
     for r in rows:
@@ -120,7 +125,7 @@ def print_table(rows: list[dict], meta: dict) -> None:
                  _f(r["median_ms"], ".4f"), f"{_f(r['p20_ms'], '.4f')}-{_f(r['p80_ms'], '.4f')}",
                  _f(r["gbps"], ".1f"), _pct(r["floor_fraction"]),
                  _f(r["speedup_vs_reference"], ".2f"), _f(r["speedup_vs_compile"], ".2f"),
-                 _f(r["peak_mib"], ".1f")]
+                 _f(r["peak_mib"], ".1f"), _f(r["saved_mib"], ".3f"), _f(r["saved_total_mib"], ".3f")]
         print("  ".join(str(c).rjust(w) for c, (_, w) in zip(cells, cols)))
     # Skipped and failed rows: one line per (provider, status, reason), not one per case.
     groups: dict[tuple, int] = defaultdict(int)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import sys
 import time
+import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -106,6 +107,41 @@ def peak_memory_mib(setup: Callable[[], Any], fn: Callable[[Any], Any], device: 
     peak = torch.cuda.max_memory_allocated(device) - base
     del out, state
     return peak / 2**20
+
+
+class SavedBytes(NamedTuple):
+    new: int  # storages the forward allocated: the activation memory it adds until backward
+    total: int  # new + the storages of the arguments it saved (x, weights: alive anyway)
+
+
+def saved_activation_bytes(fn: Callable[..., Any], *args: Any) -> SavedBytes:
+    """Bytes autograd keeps from the forward ``fn(*args)`` for its backward, on any device.
+
+    Every tensor saved for backward passes through a saved_tensors_hooks pack hook, which sees
+    it (torch.compile's saved tensors too: AOTAutograd saves them with save_for_backward).
+    Each distinct storage counts once and whole (a saved view keeps all of its storage alive);
+    tensors saved by a branch whose result was dropped are freed, so only those still alive when
+    the forward returns count. ``new`` leaves out the storages of the tensor arguments (x and the
+    parameters, which the caller holds anyway); ``total`` includes them.
+    """
+    saved: list[weakref.ref] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(weakref.ref(t))  # the graph holds t (what pack returns) as long as it keeps it
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    storages = {}
+    for ref in saved:
+        t = ref()
+        if t is not None:
+            s = t.untyped_storage()
+            storages[(t.device, s.data_ptr())] = s.nbytes()
+    del out
+    owned = {(a.device, a.untyped_storage().data_ptr()) for a in args if isinstance(a, torch.Tensor)}
+    return SavedBytes(new=sum(b for key, b in storages.items() if key not in owned),
+                      total=sum(storages.values()))
 
 
 class Progress:
