@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -27,11 +28,20 @@ def out_features(rule: Optional[Tensor], left: Tensor, right: Optional[Tensor]) 
     return rule.shape[0] * (left if right is None else right).shape[2]
 
 
+def no_autocast(t: Tensor):
+    """Autocast off on t's device: the ops' own dtypes inside a forward (or a backward) that runs
+    under autocast, where torch's bmm/einsum would otherwise round fp32 factors to fp16/bf16."""
+    dev = t.device.type
+    return torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
+
+
 def factor_grads(dH: Tensor, rule, left, right):
-    """(d rule, d left, d right) from the fp32 dH; a dense projection's gradient is dH itself."""
+    """(d rule, d left, d right) from the fp32 dH, each in its parameter's dtype (computed in
+    fp32); a dense projection's gradient is dH itself."""
     if rule is None:
         return None, dH.to(left.dtype), None
-    return phm_weight_backward(dH, rule, left, right)
+    with no_autocast(dH):
+        return phm_weight_backward(dH, rule, left, right)
 
 
 def dense_h(rule: Optional[Tensor], left: Tensor, right: Optional[Tensor], dtype: torch.dtype) -> Tensor:
@@ -46,7 +56,8 @@ def dense_h(rule: Optional[Tensor], left: Tensor, right: Optional[Tensor], dtype
     right = None if right is None else right.float().contiguous()
     if rule.is_cuda and _extension.load() is not None:
         return torch.ops.compacter_kernels.phm_weight(rule, left, right).to(dtype)
-    return reference.phm_weight(rule, left, right).to(dtype)
+    with no_autocast(rule):
+        return reference.phm_weight(rule, left, right).to(dtype)
 
 
 def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
@@ -57,15 +68,16 @@ def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(dev)
 
 
-def adapter_entry_points(fwd_op: Callable, *, cast_params: bool):
+def adapter_entry_points(fwd_op: Callable):
     """(compacter_adapter, adapter) with the reference's signatures, on a backend's forward op
     ``fwd_op(x2d, residual2d, *down, bias_down, *up, bias_up, activation, scale, out_dtype)``
     (down and up are (rule, left, right) triples; rule None means a dense matrix).
 
     Under autocast they behave as the eager reference: matmuls in the autocast dtype and
     y = r + scale * (g @ H_up + b_up) promoted as eager promotes it (an fp32 b_up or r gives an
-    fp32 y). x goes to the autocast dtype; with ``cast_params`` the parameters do too, for a
-    backend whose kernels take one dtype.
+    fp32 y). Only x goes to the autocast dtype; the parameters keep theirs: the op sums H in fp32
+    and rounds it once to x's dtype (as `dense_h`), adds the biases in fp32, and returns each
+    parameter's gradient, computed in fp32, in that parameter's dtype.
     """
 
     def run(x, residual, down, bias_down, up, bias_up, activation, scale):
@@ -76,10 +88,6 @@ def adapter_entry_points(fwd_op: Callable, *, cast_params: bool):
             r = x if residual is None else residual
             out_dtype = torch.promote_types(r.dtype, amp if bias_up is None else bias_up.dtype)
             x, residual = x.to(amp), r
-            if cast_params:
-                cast = lambda t: None if t is None else t.to(amp)  # noqa: E731
-                down, up = tuple(map(cast, down)), tuple(map(cast, up))
-                bias_down, bias_up = cast(bias_down), cast(bias_up)
         r2 = None if residual is None else residual.reshape(-1, shape[-1])
         y, _ = fwd_op(x.reshape(-1, shape[-1]), r2, *down, bias_down, *up, bias_up, activation, float(scale),
                       out_dtype)

@@ -126,19 +126,19 @@ def h_tile(rule_ptr, left_ptr, right_ptr, ri, ci, mask, P, Q, O,
 INKERNEL_H_BUDGET = 256
 
 
-def h_args(rule, left, right, tile_cols: int):
+def h_args(rule, left, right, tile_cols: int, dtype: torch.dtype):
     """(rule_ptr, left_ptr, right_ptr, MODE, N, R) of one projection; rule None = dense.
 
     ``tile_cols`` is the width of the H tiles a program builds per row block (the cost model).
+    ``dtype`` is x's, the dtype of the tl.dot operands. The factors may be in another (fp32
+    under autocast): the kernels read them as they are and build H tiles in fp32, rounded once
+    to ``dtype`` before tl.dot; a dense or prebuilt H is passed in ``dtype``, rounded once.
     """
-    if rule is None:
-        left = left.contiguous()
-        return left, left, left, MODE_DENSE, 1, 1
-    n, r = rule.shape[0], 1 if right is None else left.shape[2]
-    if n * (r + 1) * tile_cols > INKERNEL_H_BUDGET:
-        # Stored in the compute dtype: the kernels round their tiles to it before tl.dot anyway,
-        # and every program re-reads H.
-        H = dense_h(rule, left, right, left.dtype)
+    n, r = (0, 0) if rule is None else (rule.shape[0], 1 if right is None else left.shape[2])
+    if rule is None or n * (r + 1) * tile_cols > INKERNEL_H_BUDGET:
+        # In the compute dtype: the kernels round their tiles to it before tl.dot anyway, and every
+        # program re-reads H (a dense matrix in another dtype is cast once here, not per program).
+        H = dense_h(rule, left, right, dtype)
         return H, H, H, MODE_DENSE, 1, 1
     rule, left = rule.contiguous(), left.contiguous()
     if right is None:

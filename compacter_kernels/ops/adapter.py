@@ -156,7 +156,9 @@ def adapter_fwd(
     activation: str, scale: float, out_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
     """(y in out_dtype, z) for 2-D x (M, d). rule_* None means the projection is dense (left_* is
-    the matrix). out_dtype differs from x's only under autocast (y = fp32 residual + ...)."""
+    the matrix). Under autocast the parameters may be in another dtype than x's (fp32: H built in
+    fp32, rounded once to x's dtype; biases added in fp32) and out_dtype may be wider than x's
+    (y = fp32 residual + ...)."""
     M, D = x.shape
     K = bias_down.shape[0] if bias_down is not None else out_features(rule_down, left_down, right_down)
     y = empty((M, D), dtype=out_dtype, device=x.device)
@@ -166,8 +168,8 @@ def adapter_fwd(
     x2 = rows(x)
     r2 = rows(residual) if residual is not None else x2
     BM, BD, KP, warps = _blocks(D, K, x.dtype)
-    rd, ld, rgd, mode_d, n_d, r_d = h_args(rule_down, left_down, right_down, KP)
-    ru, lu, rgu, mode_u, n_u, r_u = h_args(rule_up, left_up, right_up, KP)
+    rd, ld, rgd, mode_d, n_d, r_d = h_args(rule_down, left_down, right_down, KP, x.dtype)
+    ru, lu, rgu, mode_u, n_u, r_u = h_args(rule_up, left_up, right_up, KP, x.dtype)
     _adapter_fwd_kernel[(triton.cdiv(M, BM),)](
         x2, r2, y, z, rd, ld, rgd, bias_down if bias_down is not None else x2, ru, lu, rgu,
         bias_up if bias_up is not None else x2, M, D, K, x2.stride(0), r2.stride(0), scale,
@@ -205,8 +207,8 @@ def adapter_bwd(
     g = empty((M, K), dtype=x.dtype, device=x.device)
     dz = empty((M, K), dtype=x.dtype, device=x.device)
     BM, BD, KP, warps = _blocks(D, K, x.dtype, backward=True)
-    rd, ld, rgd, mode_d, n_d, r_d = h_args(rule_down, left_down, right_down, KP)
-    ru, lu, rgu, mode_u, n_u, r_u = h_args(rule_up, left_up, right_up, KP)
+    rd, ld, rgd, mode_d, n_d, r_d = h_args(rule_down, left_down, right_down, KP, x.dtype)
+    ru, lu, rgu, mode_u, n_u, r_u = h_args(rule_up, left_up, right_up, KP, x.dtype)
     _adapter_bwd_kernel[(triton.cdiv(M, BM),)](
         dy2, z, dx, g, dz, rd, ld, rgd, ru, lu, rgu, M, D, K, dy2.stride(0), scale,
         MODE_D=mode_d, N_D=n_d, R_D=r_d, MODE_U=mode_u, N_U=n_u, R_U=r_u,
@@ -228,7 +230,7 @@ def _(dy, x, z, rule_down, left_down, right_down, rule_up, left_up, right_up, ac
 def _setup_context(ctx, inputs, output):
     x, residual, rd, ld, rgd, bd, ru, lu, rgu, bu, activation, scale, _ = inputs
     ctx.save_for_backward(x, output[1], rd, ld, rgd, ru, lu, rgu)
-    ctx.has_bias = (bd is not None, bu is not None)
+    ctx.bias_dtypes = (None if bd is None else bd.dtype, None if bu is None else bu.dtype)
     ctx.has_residual = residual is not None
     ctx.activation, ctx.scale = activation, scale
     ctx.mark_non_differentiable(output[1])
@@ -241,8 +243,8 @@ def _backward(ctx, dy, _dz):
     g_rd, g_ld, g_rgd = factor_grads(dHd, rd, ld, rgd)
     g_ru, g_lu, g_rgu = factor_grads(dHu, ru, lu, rgu)
     dres = dy if ctx.has_residual else None
-    dbd = dbd.to(x.dtype) if ctx.has_bias[0] else None
-    dbu = dbu.to(x.dtype) if ctx.has_bias[1] else None
+    dbd = None if ctx.bias_dtypes[0] is None else dbd.to(ctx.bias_dtypes[0])
+    dbu = None if ctx.bias_dtypes[1] is None else dbu.to(ctx.bias_dtypes[1])
     return dx, dres, g_rd, g_ld, g_rgd, dbd, g_ru, g_lu, g_rgu, dbu, None, None, None
 
 
@@ -251,4 +253,4 @@ adapter_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- backend entry points (signatures of compacter_kernels.reference) -------------------------
 
-compacter_adapter, adapter = adapter_entry_points(adapter_fwd, cast_params=True)
+compacter_adapter, adapter = adapter_entry_points(adapter_fwd)

@@ -125,6 +125,4 @@ adapter_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- backend entry points (signatures of compacter_kernels.reference) ---------------------------
 
-# Only x is cast under autocast: the op rounds H once to the autocast dtype and reads fp32 biases
-# as they are, so no parameter, and no parameter gradient, is rounded on its way.
-compacter_adapter, adapter = adapter_entry_points(adapter_fwd, cast_params=False)
+compacter_adapter, adapter = adapter_entry_points(adapter_fwd)

@@ -3,6 +3,9 @@
 Backward:  dx = dy @ H^T  (the same kernel, reading H transposed),
            dH = x^T @ dy, db = sum_rows dy  (split-M partial sums, fixed-order reduction),
            dH -> (d rule, d W_left, d W_right) by `phm_weight_backward`.
+
+The factors may be in another dtype than x (fp32 under autocast): H tiles are summed in fp32 and
+rounded once to x's dtype before tl.dot, and each factor's gradient comes back in its dtype.
 """
 
 from __future__ import annotations
@@ -14,8 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._phm_grad import phm_weight_backward
-from ._common import autocast_dtype, rows
+from ._common import autocast_dtype, factor_grads, rows
 from ._triton_common import empty, h_args, h_tile, interpreting, padded, rows_tn
 
 
@@ -62,7 +64,7 @@ def _matmul_h(x2: Tensor, rule, left, right, bias: Optional[Tensor], trans: bool
     BM = 16 if interpreting() else (32 if x2.dtype == torch.float32 else 64)
     BN = min(padded(NOUT), 32 if interpreting() else 128)
     BK = min(padded(KRED), 32 if interpreting() else 64)
-    rp, lp, rgp, mode, N, R = h_args(rule, left, right, BN)
+    rp, lp, rgp, mode, N, R = h_args(rule, left, right, BN, x2.dtype)
     _phm_matmul_kernel[(triton.cdiv(M, BM), triton.cdiv(NOUT, BN))](
         x2, y, rp, lp, rgp, bias if bias is not None else x2, M, KRED, NOUT, x2.stride(0), HI // n, HO // n, HO,
         TRANS=trans, MODE=mode, N=N, R=R, HAS_BIAS=bias is not None, BM=BM, BN=BN, BK=BK,
@@ -108,7 +110,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy):
     x, rule, left, right = ctx.saved_tensors
     dx, dH, db = phm_linear_bwd(dy, x, rule, left, right, ctx.has_bias)
-    g_rule, g_left, g_right = phm_weight_backward(dH, rule, left, right)
+    g_rule, g_left, g_right = factor_grads(dH, rule, left, right)
     return dx, g_rule, g_left, g_right, db.to(x.dtype) if ctx.has_bias else None
 
 
@@ -120,9 +122,9 @@ def phm_linear(x, rule, left, right=None, bias=None):
     amp = autocast_dtype(x)
     if amp is not None:
         # As eager under autocast: the matmul in the autocast dtype, the bias added after,
-        # promoting (an fp32 bias gives an fp32 y).
-        cast = lambda t: None if t is None else t.to(amp)  # noqa: E731
-        y = _phm_linear(cast(x), cast(rule), cast(left), cast(right), None)
+        # promoting (an fp32 bias gives an fp32 y). Only x is cast: H is summed in fp32 from the
+        # factors as they are and rounded once, and the factor gradients are computed in fp32.
+        y = _phm_linear(x.to(amp), rule, left, right, None)
         return y if bias is None else y + bias
     return _phm_linear(x, rule, left, right, bias)
 
