@@ -28,11 +28,17 @@ def out_features(rule: Optional[Tensor], left: Tensor, right: Optional[Tensor]) 
     return rule.shape[0] * (left if right is None else right).shape[2]
 
 
+# Device types with autocast, found once at import: torch.compile (Dynamo, torch 2.11) cannot trace
+# torch.amp.is_autocast_available, and torch.is_autocast_enabled raises for the others (meta).
+_AUTOCAST_DEVICES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "privateuseone")
+                              if torch.amp.is_autocast_available(d))
+
+
 def no_autocast(t: Tensor):
     """Autocast off on t's device: the ops' own dtypes inside a forward (or a backward) that runs
     under autocast, where torch's bmm/einsum would otherwise round fp32 factors to fp16/bf16."""
     dev = t.device.type
-    return torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
+    return torch.autocast(dev, enabled=False) if dev in _AUTOCAST_DEVICES else contextlib.nullcontext()
 
 
 def factor_grads(dH: Tensor, rule, left, right):
@@ -62,8 +68,7 @@ def dense_h(rule: Optional[Tensor], left: Tensor, right: Optional[Tensor], dtype
 
 def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     dev = x.device.type
-    # is_autocast_enabled raises for device types without autocast (meta: shape checks only).
-    if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):
+    if dev not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(dev):
         return None
     return torch.get_autocast_dtype(dev)
 
