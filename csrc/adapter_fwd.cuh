@@ -1,8 +1,9 @@
 // Fused bottleneck adapter, forward, for dense H_down (d, k) and H_up (k, d):
 //
-//   z = x @ H_down + b_down        (M, k), fp32 accumulation, saved in x's dtype for backward
-//   g = act(z)                     from the fp32 z, rounded to x's dtype (the second product's operand)
-//   y = r + scale * (g @ H_up + b_up),   r = residual or x, y in out_dtype
+//   z = x @ H_down + b_down        (M, k), fp32 accumulation, rounded to x's dtype (saved for backward)
+//   g = act(z)                     from the rounded z, rounded to x's dtype (the second product's operand)
+//   u = g @ H_up + b_up            rounded to x's dtype (as the reference rounds it)
+//   y = r + scale * u,             r = residual or x, y in out_dtype
 //
 // One block of 128 threads per BM rows (BM = 32, or 16 when k > 128). The block walks d in
 // kBD-column chunks twice: first accumulating z (tensor cores for fp16/bf16, FMA for fp32),
@@ -65,6 +66,8 @@ __global__ void __launch_bounds__(kThreads) adapter_fwd_kernel(const FwdArgs a) 
   __syncthreads();
 
   // Epilogue 1: z (+ b_down) out in T, g = act(z) into shared memory; padded columns of g are 0.
+  // z and u are rounded to T where the reference rounds them, so a low-precision bottleneck that
+  // overflows gives the reference's inf/nan (gelu(-inf) is nan), and backward sees forward's z.
   T* z = static_cast<T*>(a.z);
   for (int i = threadIdx.x; i < L.BM * L.KP; i += kThreads) {
     const int r = i / L.KP, c = i - r * L.KP;
@@ -73,8 +76,9 @@ __global__ void __launch_bounds__(kThreads) adapter_fwd_kernel(const FwdArgs a) 
     float g = 0.f;
     if (c < a.k) {
       if (a.b_down != nullptr) v += load1_dyn(a.b_down, a.b_down_dt, c);
-      if (gr < a.M) z[gr * a.k + c] = T(v);
-      g = act_fwd(v, a.act);
+      const T zt = T(v);
+      if (gr < a.M) z[gr * a.k + c] = zt;
+      g = act_fwd(static_cast<float>(zt), a.act);
     }
     gs[r * L.ldk + c] = T(g);
   }
@@ -113,7 +117,7 @@ __global__ void __launch_bounds__(kThreads) adapter_fwd_kernel(const FwdArgs a) 
         load8(x + gr * a.sx + gc, n, res);
       }
 #pragma unroll
-      for (int j = 0; j < 8; ++j) u[j] = res[j] + a.scale * (u[j] + b[j]);
+      for (int j = 0; j < 8; ++j) u[j] = res[j] + a.scale * static_cast<float>(T(u[j] + b[j]));
       store8_dyn(a.y, a.y_dt, gr * a.d + gc, n, u);
     }
   }
