@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include "adapter_host.h"
+#include "checks.h"
 
 namespace compacter_kernels {
 namespace adapter {

@@ -26,7 +26,6 @@
 
 #include "adapter_bwd.cuh"
 #include "adapter_fwd.cuh"
-#include "checks.h"
 
 namespace compacter_kernels {
 namespace adapter {
@@ -64,13 +63,22 @@ inline void check_activation(int64_t activation, const char* op) {
               "(gelu, gelu_tanh, relu, silu, identity), got ", activation);
 }
 
+// Messages name the op, the argument, and the sizes expected and seen.
+inline void check_shape(const at::Tensor& t, const char* name, c10::IntArrayRef expected, const char* op) {
+  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", expected, ", got ", t.sizes());
+}
+
+inline void check_contiguous(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
 // H_down (d, k) and H_up (k, d): x's dtype, contiguous.
 inline void check_h(const at::Tensor& h_down, const at::Tensor& h_up, const at::Tensor& x, int64_t d, int64_t k,
                     const char* op) {
-  CHECK_SHAPE(h_down, d, k);
-  CHECK_SHAPE(h_up, k, d);
-  CHECK_CONTIGUOUS(h_down);
-  CHECK_CONTIGUOUS(h_up);
+  check_shape(h_down, "h_down", {d, k}, op);
+  check_shape(h_up, "h_up", {k, d}, op);
+  check_contiguous(h_down, "h_down", op);
+  check_contiguous(h_up, "h_up", op);
   TORCH_CHECK(h_down.scalar_type() == x.scalar_type() && h_up.scalar_type() == x.scalar_type(), op,
               ": h_down and h_up must have x's dtype ", x.scalar_type(), ", got ", h_down.scalar_type(), " and ",
               h_up.scalar_type());
@@ -84,7 +92,7 @@ inline void check_bias(const std::optional<at::Tensor>& bias, const char* name, 
   // float32 too: under autocast the biases stay fp32 parameters (the eager bias add is fp32).
   TORCH_CHECK(b.scalar_type() == x.scalar_type() || b.scalar_type() == at::kFloat, op, ": ", name,
               " must have x's dtype ", x.scalar_type(), " or float32, got ", b.scalar_type());
-  TORCH_CHECK(b.is_contiguous(), op, ": ", name, " must be contiguous");
+  check_contiguous(b, name, op);
 }
 
 inline int64_t checked_blocks(int64_t M, int BM, const char* op) {
@@ -114,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> adapter_fwd(Launcher& launch, const at::Tenso
   const int y_dt = dtype_code(out_dtype, "cuda_adapter_fwd: out_dtype");
   int residual_dt = kF32;
   if (residual_in.has_value()) {
-    CHECK_SHAPE(*residual_in, M, d);
+    check_shape(*residual_in, "residual", {M, d}, op);
     residual_dt = dtype_code(residual_in->scalar_type(), "cuda_adapter_fwd: residual");
   }
 
@@ -201,9 +209,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
   TORCH_CHECK(z.dim() == 2, op, ": z must be 2-D (rows, k), got shape ", z.sizes());
   const int64_t M = x_in.size(0), d = x_in.size(1), k = z.size(1);
   TORCH_CHECK(d > 0 && k > 0, op, ": d and k must be positive, got d=", d, " k=", k);
-  CHECK_SHAPE(dy_in, M, d);
-  CHECK_SHAPE(z, M, k);
-  CHECK_CONTIGUOUS(z);
+  check_shape(dy_in, "dy", {M, d}, op);
+  check_shape(z, "z", {M, k}, op);
+  check_contiguous(z, "z", op);
   TORCH_CHECK(z.scalar_type() == x_in.scalar_type(), op, ": z must have x's dtype ", x_in.scalar_type(), ", got ",
               z.scalar_type());
   check_h(h_down, h_up, x_in, d, k, op);

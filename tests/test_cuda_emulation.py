@@ -30,3 +30,60 @@ def test_phm_weight_kernel_matches_the_reference(dtype, n, I, O, rank):
     step = torch.finfo(dtype).eps * expected.double().abs().clamp_min(1e-3)
     bound = tol * max(1.0, expected.double().abs().max().item()) if tol else step
     assert ((out.double() - expected.double()).abs() <= bound).all()
+
+
+# ---- the adapter ops' argument checks (csrc/adapter_host.h, shared with the CUDA build) ----------
+
+def _fwd(x, h_down, h_up, residual=None, bias_down=None, bias_up=None, activation=0, out_dtype=None):
+    return torch.ops.compacter_kernels.cuda_adapter_fwd(x, residual, h_down, bias_down, h_up, bias_up, activation,
+                                                        1.0, x.dtype if out_dtype is None else out_dtype)
+
+
+def _bwd(dy, x, z, h_down, h_up, activation=0):
+    return torch.ops.compacter_kernels.cuda_adapter_bwd(dy, x, z, h_down, h_up, activation, 1.0, False)
+
+
+M, D, K = 5, 32, 8
+BAD_FWD = [  # (what, kwargs of _fwd, message)
+    ("integer x", dict(x=torch.ones(M, D, dtype=torch.int32)), "x has dtype Int; the kernels take"),
+    ("3-D x", dict(x=torch.randn(1, M, D)), r"x must be 2-D \(rows, d\)"),
+    ("h_up shape", dict(h_up=torch.randn(K, D + 1)),
+     r"cuda_adapter_fwd: h_up must have shape \[8, 32\], got \[8, 33\]"),
+    ("h_down not contiguous", dict(h_down=torch.randn(K, D).t()), "cuda_adapter_fwd: h_down must be contiguous"),
+    ("h dtype", dict(h_down=torch.randn(D, K, dtype=torch.float64)), "h_down and h_up must have x's dtype"),
+    ("bias length", dict(bias_down=torch.randn(K + 1)), r"bias_down must have shape \(8\)"),
+    ("bias dtype", dict(bias_up=torch.randn(D, dtype=torch.float64)), "bias_up must have x's dtype Float or float32"),
+    ("activation", dict(activation=7), r"activation code must be in 0\.\.4"),
+    ("out dtype", dict(out_dtype=torch.int64), "out_dtype: unsupported dtype Long"),
+    ("residual shape", dict(residual=torch.randn(M + 1, D)), r"residual must have shape \[5, 32\], got \[6, 32\]"),
+]
+
+
+@pytest.mark.parametrize("what,kw,message", BAD_FWD, ids=[c[0] for c in BAD_FWD])
+def test_forward_rejects_bad_arguments_with_a_clear_message(what, kw, message):
+    args = dict(x=torch.randn(M, D), h_down=torch.randn(D, K), h_up=torch.randn(K, D))
+    _fwd(**args)  # the good call runs
+    with pytest.raises(RuntimeError, match=message):
+        _fwd(**{**args, **kw})
+
+
+BAD_BWD = [
+    ("z not contiguous", dict(z=torch.randn(K, M).t()), "cuda_adapter_bwd: z must be contiguous"),
+    ("z dtype", dict(z=torch.randn(M, K, dtype=torch.float16)), "z must have x's dtype"),
+    ("dy shape", dict(dy=torch.randn(M, D + 1)), r"cuda_adapter_bwd: dy must have shape \[5, 32\], got \[5, 33\]"),
+    ("h_down shape", dict(h_down=torch.randn(D, K + 1)), r"h_down must have shape \[32, 8\], got \[32, 9\]"),
+]
+
+
+@pytest.mark.parametrize("what,kw,message", BAD_BWD, ids=[c[0] for c in BAD_BWD])
+def test_backward_rejects_bad_arguments_with_a_clear_message(what, kw, message):
+    args = dict(dy=torch.randn(M, D), x=torch.randn(M, D), z=torch.randn(M, K), h_down=torch.randn(D, K),
+                h_up=torch.randn(K, D))
+    _bwd(**args)
+    with pytest.raises(RuntimeError, match=message):
+        _bwd(**{**args, **kw})
+
+
+def test_a_bottleneck_too_wide_for_shared_memory_says_what_to_use():
+    with pytest.raises(RuntimeError, match="k=1024 needs .* bytes of shared memory .* use the triton or reference"):
+        _fwd(torch.randn(M, D), torch.randn(D, 1024), torch.randn(1024, D))

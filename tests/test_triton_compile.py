@@ -15,6 +15,8 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "triton_resources.
 
 def _compile(arch: int, dtype: str):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # The checkout first: with an in-place build (scripts/gpu_check.sh) the package is not installed.
+    env["PYTHONPATH"] = os.pathsep.join([str(SCRIPT.parent.parent), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     out = subprocess.run([sys.executable, str(SCRIPT), "--arch", str(arch), "--dtype", dtype, "--json"],
                          capture_output=True, text=True, env=env, timeout=900)
