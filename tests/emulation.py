@@ -33,22 +33,33 @@ def _cuda_include() -> Path:
     return inc
 
 
-def enable() -> None:
-    """Build (cached by torch's extension builder) and load the emulated ops, then let the cuda
-    backend run on CPU tensors."""
-    import torch
+def _build(name: str, source: str, *, sanitize: bool = False, **kw):
+    """torch's extension builder (cached) on tests/cuda_emulation/<source>."""
     from torch.utils.cpp_extension import load
+
+    # C++20 for std::barrier; -O1 keeps the build short; the CUDA headers' device attributes
+    # (__device__, __shared__) mean nothing to the host compiler.
+    cflags = ["-std=c++20", "-O1", "-pthread", "-Wno-attributes"] + (["-g", "-fsanitize=thread"] if sanitize else [])
+    return load(name=name, sources=[str(HERE / "cuda_emulation" / source)],
+                extra_include_paths=[str(ROOT / "csrc"), str(HERE / "cuda_emulation"), str(_cuda_include())],
+                extra_cflags=cflags, extra_ldflags=["-pthread"] + (["-fsanitize=thread"] if sanitize else []),
+                is_python_module=False, verbose=os.environ.get("CI") == "true", **kw)
+
+
+def race_check_executable() -> str:
+    """tests/cuda_emulation/race_check.cpp built with ThreadSanitizer: a program of its own."""
+    return _build("compacter_kernels_race_check", "race_check.cpp", sanitize=True, is_standalone=True)
+
+
+def enable() -> None:
+    """Build and load the emulated ops, then let the cuda backend run on CPU tensors."""
+    import torch
 
     from compacter_kernels import _extension, backends
 
     if _extension.load() is None:
         raise RuntimeError(f"{ENV}=1 needs the built extension: {_extension.status()[1]}")
-    load(name="compacter_kernels_cuda_emulation", sources=[str(HERE / "cuda_emulation" / "emulated_ops.cpp")],
-         extra_include_paths=[str(ROOT / "csrc"), str(HERE / "cuda_emulation"), str(_cuda_include())],
-         # C++20 for std::barrier; -O1 keeps the build short; the CUDA headers' device
-         # attributes (__device__, __shared__) mean nothing to the host compiler.
-         extra_cflags=["-std=c++20", "-O1", "-pthread", "-Wno-attributes"], extra_ldflags=["-pthread"],
-         is_python_module=False, verbose=os.environ.get("CI") == "true")
+    _build("compacter_kernels_cuda_emulation", "emulated_ops.cpp")
 
     # The package refuses CPU tensors for the cuda backend; the emulated ops take them.
     unsupported = backends._unsupported

@@ -1,13 +1,19 @@
-"""The CUDA phm_weight kernel in the CPU emulator (the adapter kernels run through
-tests/test_kernels.py and tests/test_hardening.py in the same emulated run).
+"""The CUDA kernels in the CPU emulator, beyond what tests/test_kernels.py and
+tests/test_hardening.py run through the cuda backend in the same emulated run: the phm_weight
+kernel, the adapter ops' argument errors, and a shared-memory race check.
 
-Runs only with COMPACTER_KERNELS_EMULATE_CUDA=1 and no GPU (see tests/emulation.py); on a GPU,
-tests/test_extension.py runs this kernel for real.
+Runs only with COMPACTER_KERNELS_EMULATE_CUDA=1 and no GPU (see tests/emulation.py); on a GPU
+the real kernels run in the other test modules, and compute-sanitizer does the race check
+(scripts/gpu_check.sh sanitize).
 """
+
+import os
+import subprocess
 
 import pytest
 import torch
 
+import emulation
 from compacter_kernels import reference as ref
 from utils import CUDA_EMULATED, phm_factors
 
@@ -87,3 +93,19 @@ def test_backward_rejects_bad_arguments_with_a_clear_message(what, kw, message):
 def test_a_bottleneck_too_wide_for_shared_memory_says_what_to_use():
     with pytest.raises(RuntimeError, match="k=1024 needs .* bytes of shared memory .* use the triton or reference"):
         _fwd(torch.randn(M, D), torch.randn(D, 1024), torch.randn(1024, D))
+
+
+# ---- shared-memory races: the kernels under ThreadSanitizer --------------------------------------
+
+def test_kernels_have_no_shared_memory_races_under_thread_sanitizer():
+    """race_check.cpp runs the forward and backward kernels at shapes that take each of their
+    paths, built with -fsanitize=thread: a block's threads meet only at __syncthreads, so a
+    missing barrier is a reported data race (checked: removing the one before the forward's
+    y epilogue is reported at its line)."""
+    exe = emulation.race_check_executable()
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    env = {**os.environ, "TSAN_OPTIONS": "halt_on_error=1 exitcode=66",
+           "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [torch_lib, os.environ.get("LD_LIBRARY_PATH")]))}
+    run = subprocess.run([exe], capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0 and "ThreadSanitizer" not in run.stderr, run.stderr[-4000:]
+    assert run.stdout.strip().endswith("ok"), run.stdout

@@ -4,57 +4,15 @@
 // kernel (csrc/phm_weight.cuh). Loaded by tests/emulation.py only when
 // COMPACTER_KERNELS_EMULATE_CUDA=1, into a test process of its own: it registers CPU kernels
 // for ops that otherwise have none.
-#include "emulated_cuda.h"  // first: the CUDA names the kernels use
+#include "emulated_launcher.h"  // first: the CUDA names the kernels use
 
-#include <ATen/ops/full.h>
 #include <torch/library.h>
 
-#include <cmath>
-
-#include "adapter_host.h"
 #include "phm_weight.cuh"
 
 namespace compacter_kernels {
 namespace adapter {
 namespace {
-
-// adapter_host.h's Launcher, on the emulator. Outputs start as NaN, so an element a kernel
-// does not write fails the comparison with the reference.
-struct EmulatedLauncher {
-  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) { return at::full(sizes, NAN, options); }
-  int64_t sm_count() { return 132; }  // an H100's: rows_tn splits rows as it would there
-
-  static void check_smem(const Layout& L, int64_t k, const char* op) {
-    // The message of CudaLauncher::set_smem on an H100.
-    TORCH_CHECK(L.bytes <= kEmulatedSmemLimit, op, ": bottleneck k=", k, " needs ", L.bytes,
-                " bytes of shared memory per block, more than this GPU's ", kEmulatedSmemLimit,
-                "; use the triton or reference backend for this size");
-  }
-
-  template <typename T>
-  void fwd(int64_t blocks, const FwdArgs& a) {
-    check_smem(a.L, a.k, "cuda_adapter_fwd");
-    emulate_launch({static_cast<unsigned>(blocks), 1, 1}, kThreads, a.L.bytes, [&] { adapter_fwd_kernel<T>(a); });
-  }
-
-  template <typename T>
-  void bwd(int64_t blocks, const BwdArgs& a) {
-    check_smem(a.L, a.k, "cuda_adapter_bwd");
-    emulate_launch({static_cast<unsigned>(blocks), 1, 1}, kThreads, a.L.bytes, [&] { adapter_bwd_kernel<T>(a); });
-  }
-
-  template <typename T>
-  void rows_tn(int64_t gx, int64_t gy, int64_t gz, const RowsTnArgs& p) {
-    emulate_launch({static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(gz)}, kThreads,
-                   rows_tn_smem_bytes<T>(), [&] { rows_tn_kernel<T>(p); });
-  }
-
-  void sum_splits(int64_t blocks, const float* part, float* out, int64_t splits, int64_t n, float scale) {
-    // At most 3 blocks: the grid-stride loop then runs more than once per thread at test sizes.
-    emulate_launch({static_cast<unsigned>(std::min<int64_t>(blocks, 3)), 1, 1}, 256, 0,
-                   [&] { sum_splits_kernel(part, out, splits, n, scale); });
-  }
-};
 
 std::tuple<at::Tensor, at::Tensor> emulated_adapter_fwd(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                                                         const at::Tensor& h_down,
