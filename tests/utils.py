@@ -33,6 +33,7 @@ def why_backend_cannot_run(name: str) -> Optional[str]:
         return "the triton backend needs a GPU or TRITON_INTERPRET=1"
     return None
 
+
 # Per-dtype (atol, rtol), as causal-conv1d / mamba-ssm test their kernels.
 TOLERANCES = {
     torch.float64: (1e-10, 1e-8),
