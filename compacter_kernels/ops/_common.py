@@ -107,3 +107,69 @@ def adapter_entry_points(fwd_op: Callable):
         return run(x, residual, (None, w_down, None), b_down, (None, w_up, None), b_up, activation, scale)
 
     return compacter_adapter, adapter
+
+
+def register_adapter_autograd(fwd_op, kernels_bwd: Callable) -> None:
+    """Autograd of a backend's fused adapter op (the ``fwd_op`` of `adapter_entry_points`) over
+    the factors. ``kernels_bwd(dy, x, z, *down, *up, activation, scale, has_residual)`` gives
+    (dx, dH_down, dH_up, db_down, db_up), the last four in fp32; dH goes to the factors here and
+    each bias gradient comes back in its bias's dtype."""
+
+    def setup_context(ctx, inputs, output):
+        x, residual, rd, ld, rgd, bd, ru, lu, rgu, bu, activation, scale, _ = inputs
+        ctx.save_for_backward(x, output[1], rd, ld, rgd, ru, lu, rgu)
+        ctx.bias_dtypes = (None if bd is None else bd.dtype, None if bu is None else bu.dtype)
+        ctx.has_residual = residual is not None
+        ctx.activation, ctx.scale = activation, scale
+        ctx.mark_non_differentiable(output[1])
+
+    def backward(ctx, dy, _dz):
+        x, z, rd, ld, rgd, ru, lu, rgu = ctx.saved_tensors
+        dx, dHd, dHu, dbd, dbu = kernels_bwd(dy, x, z, rd, ld, rgd, ru, lu, rgu, ctx.activation, ctx.scale,
+                                             ctx.has_residual)
+        g_rd, g_ld, g_rgd = factor_grads(dHd, rd, ld, rgd)
+        g_ru, g_lu, g_rgu = factor_grads(dHu, ru, lu, rgu)
+        dres = dy if ctx.has_residual else None
+        dbd = None if ctx.bias_dtypes[0] is None else dbd.to(ctx.bias_dtypes[0])
+        dbu = None if ctx.bias_dtypes[1] is None else dbu.to(ctx.bias_dtypes[1])
+        return dx, dres, g_rd, g_ld, g_rgd, dbd, g_ru, g_lu, g_rgu, dbu, None, None, None
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
+
+
+def register_phm_linear_autograd(fwd_op, kernels_bwd: Callable) -> None:
+    """Autograd of a backend's ``fwd_op(x2d, rule, left, right, bias)``: ``kernels_bwd(dy, x, rule,
+    left, right, has_bias)`` gives (dx, dH fp32, db fp32); dH goes to the factors here."""
+
+    def setup_context(ctx, inputs, output):
+        x, rule, left, right, bias = inputs
+        ctx.save_for_backward(x, rule, left, right)
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, dy):
+        x, rule, left, right = ctx.saved_tensors
+        dx, dH, db = kernels_bwd(dy, x, rule, left, right, ctx.has_bias)
+        g_rule, g_left, g_right = factor_grads(dH, rule, left, right)
+        return dx, g_rule, g_left, g_right, db.to(x.dtype) if ctx.has_bias else None
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
+
+
+def phm_linear_entry_point(fwd_op: Callable) -> Callable:
+    """``phm_linear`` with the reference's signature on a backend's ``fwd_op(x2d, rule, left, right,
+    bias)``. Under autocast, as eager: the matmul in the autocast dtype, the bias added after,
+    promoting (an fp32 bias gives an fp32 y). Only x is cast: H is summed in fp32 from the
+    factors as they are and rounded once, and the factor gradients are computed in fp32."""
+
+    def run(x, rule, left, right, bias):
+        y = fwd_op(x.reshape(-1, x.shape[-1]), rule, left, right, bias)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def phm_linear(x, rule, left, right=None, bias=None):
+        amp = autocast_dtype(x)
+        if amp is not None:
+            y = run(x.to(amp), rule, left, right, None)
+            return y if bias is None else y + bias
+        return run(x, rule, left, right, bias)
+
+    return phm_linear

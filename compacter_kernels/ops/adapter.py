@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import ACT_CODE, adapter_entry_points, factor_grads, out_features, rows
+from ._common import ACT_CODE, adapter_entry_points, out_features, register_adapter_autograd, rows
 from ._triton_common import act_bwd, act_fwd, empty, h_args, h_tile, interpreting, padded, rows_tn
 
 
@@ -227,28 +227,7 @@ def _(dy, x, z, rule_down, left_down, right_down, rule_up, left_up, right_up, ac
     return x.new_empty((M, D)), f32(D, K), f32(K, D), f32(K), f32(D)
 
 
-def _setup_context(ctx, inputs, output):
-    x, residual, rd, ld, rgd, bd, ru, lu, rgu, bu, activation, scale, _ = inputs
-    ctx.save_for_backward(x, output[1], rd, ld, rgd, ru, lu, rgu)
-    ctx.bias_dtypes = (None if bd is None else bd.dtype, None if bu is None else bu.dtype)
-    ctx.has_residual = residual is not None
-    ctx.activation, ctx.scale = activation, scale
-    ctx.mark_non_differentiable(output[1])
-
-
-def _backward(ctx, dy, _dz):
-    x, z, rd, ld, rgd, ru, lu, rgu = ctx.saved_tensors
-    dx, dHd, dHu, dbd, dbu = adapter_bwd(dy, x, z, rd, ld, rgd, ru, lu, rgu, ctx.activation, ctx.scale,
-                                         ctx.has_residual)
-    g_rd, g_ld, g_rgd = factor_grads(dHd, rd, ld, rgd)
-    g_ru, g_lu, g_rgu = factor_grads(dHu, ru, lu, rgu)
-    dres = dy if ctx.has_residual else None
-    dbd = None if ctx.bias_dtypes[0] is None else dbd.to(ctx.bias_dtypes[0])
-    dbu = None if ctx.bias_dtypes[1] is None else dbu.to(ctx.bias_dtypes[1])
-    return dx, dres, g_rd, g_ld, g_rgd, dbd, g_ru, g_lu, g_rgu, dbu, None, None, None
-
-
-adapter_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_adapter_autograd(adapter_fwd, adapter_bwd)
 
 
 # ---- backend entry points (signatures of compacter_kernels.reference) -------------------------

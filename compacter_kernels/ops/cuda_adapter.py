@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import ACT_CODE, adapter_entry_points, dense_h, factor_grads, out_features, rows
+from ._common import ACT_CODE, adapter_entry_points, dense_h, out_features, register_adapter_autograd, rows
 
 if not hasattr(torch.ops.compacter_kernels, "cuda_adapter_fwd"):
     raise ImportError("compacter_kernels.ops.cuda_adapter needs the CUDA extension's ops: it is imported by "
@@ -96,31 +96,15 @@ def _(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up
     return x.new_empty(x.shape, dtype=out_dtype), x.new_empty((x.shape[0], K))
 
 
-def _setup_context(ctx, inputs, output):
-    x, residual, rd, ld, rgd, bd, ru, lu, rgu, bu, activation, scale, _ = inputs
-    ctx.save_for_backward(x, output[1], rd, ld, rgd, ru, lu, rgu)
-    ctx.bias_dtypes = (None if bd is None else bd.dtype, None if bu is None else bu.dtype)
-    ctx.has_residual = residual is not None
-    ctx.activation, ctx.scale = activation, scale
-    ctx.mark_non_differentiable(output[1])
-
-
-def _backward(ctx, dy, _dz):
-    x, z, rd, ld, rgd, ru, lu, rgu = ctx.saved_tensors
+def _kernels_bwd(dy, x, z, rd, ld, rgd, ru, lu, rgu, activation, scale, has_residual):
     # H is rebuilt rather than saved: d*k elements, one small launch per projection.
     h_down = dense_h(rd, ld, rgd, x.dtype)
     h_up = dense_h(ru, lu, rgu, x.dtype)
-    dx, dHd, dHu, dbd, dbu = torch.ops.compacter_kernels.cuda_adapter_bwd(
-        dy, x, z, h_down, h_up, ACT_CODE[ctx.activation], ctx.scale, ctx.has_residual)
-    g_rd, g_ld, g_rgd = factor_grads(dHd, rd, ld, rgd)
-    g_ru, g_lu, g_rgu = factor_grads(dHu, ru, lu, rgu)
-    dres = dy if ctx.has_residual else None
-    dbd = None if ctx.bias_dtypes[0] is None else dbd.to(ctx.bias_dtypes[0])
-    dbu = None if ctx.bias_dtypes[1] is None else dbu.to(ctx.bias_dtypes[1])
-    return dx, dres, g_rd, g_ld, g_rgd, dbd, g_ru, g_lu, g_rgu, dbu, None, None, None
+    return torch.ops.compacter_kernels.cuda_adapter_bwd(dy, x, z, h_down, h_up, ACT_CODE[activation], scale,
+                                                        has_residual)
 
 
-adapter_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_adapter_autograd(adapter_fwd, _kernels_bwd)
 
 
 # ---- backend entry points (signatures of compacter_kernels.reference) ---------------------------

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import cuda_adapter
-from ._common import autocast_dtype, dense_h, factor_grads, out_features
+from ._common import dense_h, no_autocast, out_features, phm_linear_entry_point, register_phm_linear_autograd
 
 
 def _mm_wide(a: Tensor, b: Tensor) -> Tensor:
@@ -66,37 +66,16 @@ def _(x, rule, left, right, bias):
     return x.new_empty((x.shape[0], out_features(rule, left, right)))
 
 
-def _setup_context(ctx, inputs, output):
-    x, rule, left, right, bias = inputs
-    ctx.save_for_backward(x, rule, left, right)
-    ctx.has_bias = bias is not None
+def _kernels_bwd(dy, x, rule, left, right, has_bias):
+    # H is rebuilt rather than saved. The op's own dtypes even when .backward() runs inside an
+    # autocast region (it would round the fp32 products to the autocast dtype).
+    with no_autocast(dy):
+        return phm_linear_backward(dy, x, dense_h(rule, left, right, x.dtype), has_bias)
 
 
-def _backward(ctx, dy):
-    x, rule, left, right = ctx.saved_tensors
-    # The op's own dtypes even when .backward() runs inside an autocast region (it would round
-    # the fp32 products to the autocast dtype).
-    with torch.autocast("cuda", enabled=False):
-        dx, dH, db = phm_linear_backward(dy, x, dense_h(rule, left, right, x.dtype), ctx.has_bias)
-        g_rule, g_left, g_right = factor_grads(dH, rule, left, right)
-    return dx, g_rule, g_left, g_right, db.to(x.dtype) if ctx.has_bias else None
+register_phm_linear_autograd(phm_linear_fwd, _kernels_bwd)
 
-
-phm_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def phm_linear(x, rule, left, right=None, bias=None):
-    """Backend entry point, signature of compacter_kernels.reference.phm_linear."""
-    amp = autocast_dtype(x)
-    if amp is not None:
-        # As eager under autocast: the matmul in the autocast dtype, the bias added after,
-        # promoting (an fp32 bias gives an fp32 y). Only x is cast: H is summed in fp32 from the
-        # factors as they are and rounded once, so no factor (and no factor gradient) is rounded.
-        y = _phm_linear(x.to(amp), rule, left, right, None)
-        return y if bias is None else y + bias
-    return _phm_linear(x, rule, left, right, bias)
-
-
-def _phm_linear(x, rule, left, right, bias):
-    y = phm_linear_fwd(x.reshape(-1, x.shape[-1]), rule, left, right, bias)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+# Backend entry point, signature of compacter_kernels.reference.phm_linear. Under autocast only x
+# is cast: H is summed in fp32 from the factors as they are and rounded once, so no factor (and
+# no factor gradient) is rounded.
+phm_linear = phm_linear_entry_point(phm_linear_fwd)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import autocast_dtype, factor_grads, rows
+from ._common import phm_linear_entry_point, register_phm_linear_autograd, rows
 from ._triton_common import empty, h_args, h_tile, interpreting, padded, rows_tn
 
 
@@ -101,34 +101,7 @@ def _(dy, x, rule, left, right, has_bias):
         x.new_empty((dy.shape[1],), dtype=torch.float32)
 
 
-def _setup_context(ctx, inputs, output):
-    x, rule, left, right, bias = inputs
-    ctx.save_for_backward(x, rule, left, right)
-    ctx.has_bias = bias is not None
+register_phm_linear_autograd(phm_linear_fwd, phm_linear_bwd)
 
-
-def _backward(ctx, dy):
-    x, rule, left, right = ctx.saved_tensors
-    dx, dH, db = phm_linear_bwd(dy, x, rule, left, right, ctx.has_bias)
-    g_rule, g_left, g_right = factor_grads(dH, rule, left, right)
-    return dx, g_rule, g_left, g_right, db.to(x.dtype) if ctx.has_bias else None
-
-
-phm_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def phm_linear(x, rule, left, right=None, bias=None):
-    """Backend entry point, signature of compacter_kernels.reference.phm_linear."""
-    amp = autocast_dtype(x)
-    if amp is not None:
-        # As eager under autocast: the matmul in the autocast dtype, the bias added after,
-        # promoting (an fp32 bias gives an fp32 y). Only x is cast: H is summed in fp32 from the
-        # factors as they are and rounded once, and the factor gradients are computed in fp32.
-        y = _phm_linear(x.to(amp), rule, left, right, None)
-        return y if bias is None else y + bias
-    return _phm_linear(x, rule, left, right, bias)
-
-
-def _phm_linear(x, rule, left, right, bias):
-    y = phm_linear_fwd(x.reshape(-1, x.shape[-1]), rule, left, right, bias)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+# Backend entry point, signature of compacter_kernels.reference.phm_linear.
+phm_linear = phm_linear_entry_point(phm_linear_fwd)
