@@ -89,7 +89,7 @@ def _cuda_extensions(version):
     ext = CUDAExtension(
         name=f"{PKG}._C",
         sources=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").iterdir() if p.suffix in (".cpp", ".cu")),
-        # Headers as depends: rebuild when they change, and setuptools ships them in the sdist.
+        # Headers as depends: rebuild when they change (MANIFEST.in ships them in the sdist).
         depends=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.suffix in (".h", ".cuh")),
         # No -std flag: torch picks the standard its headers need (C++17, or C++20 for torch>=2.13).
         # No --use_fast_math: GELU needs an exact erf.

@@ -44,12 +44,19 @@ def build(via: str, config: BertConfig, reduction_factor: int) -> BertForSequenc
     return model
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--via", choices=("transformers", "adapterhub"), default="transformers")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=16)
+    parser.add_argument("--steps", type=positive_int, default=100)
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--seq", type=positive_int, default=16)
     parser.add_argument("--lr", type=float, default=1e-2)
     args = parser.parse_args()
 
@@ -87,9 +94,11 @@ def main() -> None:
         if step % 25 == 0 or step == 1:
             recent = losses[-25:]
             print(f"step {step:4d}  loss {sum(recent) / len(recent):.4f}  step time {1e3 * times[-1]:.1f} ms")
-    first, last = sum(losses[:25]) / 25, sum(losses[-25:]) / 25
+    window = min(25, len(losses))
+    first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
     median = sorted(times[5:])[len(times[5:]) // 2] if len(times) > 5 else times[-1]
-    print(f"mean loss, first 25 steps {first:.4f} -> last 25 steps {last:.4f}; median step {1e3 * median:.1f} ms")
+    print(f"mean loss, first {window} steps {first:.4f} -> last {window} steps {last:.4f}; "
+          f"median step {1e3 * median:.1f} ms")
 
 
 if __name__ == "__main__":
