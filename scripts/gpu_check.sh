@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# One batched run for a lent GPU machine (device time is scarce: one call does it all).
-# That machine reaches no registry; its python3 already has torch, triton, pytest, hypothesis,
-# pytest-benchmark and matplotlib. This builds the CUDA extension in place for the local GPU,
-# runs the whole test suite on the GPU, then the full benchmark sweep. Everything lands in
-# $OUT (default gpu-results/): env.txt, build.log, tests.log, bench.log and the bench JSON/CSV/PNG.
-# Usage (from the repo root): COMPACTER_KERNELS_COMMIT=$(git rev-parse HEAD) bash scripts/gpu_check.sh [all|tests|bench|sanitize] [pytest args]
-# (tests and bench apart when one 10-minute command cannot hold both). `sanitize` runs the cuda
-# backend's kernel-path and dense-adapter tests under compute-sanitizer's four tools, into sanitize.log.
+# Batched runs for a lent GPU machine (device time is scarce: few, full calls).
+# That machine reaches no registry; its python3 already has torch, triton, pytest, pytest-xdist,
+# hypothesis, pytest-benchmark and matplotlib. Each step builds the CUDA extension in place for
+# the local GPU (incremental on a machine still warm from the last call), then runs. Everything
+# lands in $OUT (default gpu-results/): env.txt, build.log, the step's log, the bench JSON/CSV/PNG/MD.
+# Usage (from the repo root): COMPACTER_KERNELS_COMMIT=$(git rev-parse HEAD) bash scripts/gpu_check.sh STEP [pytest args]
+# STEP, in the order to run them, one device command each (10 minutes at most):
+#   tests     the whole suite on the GPU (tests.log)
+#   sanitize  the cuda backend's kernel-path and dense-adapter tests under compute-sanitizer's four tools
+#   targets   `compacter-bench --preset targets`: the sizes the performance targets are judged at,
+#             with the verdicts in <run>-targets.md
+#   bench     the full sweep, interrupted (and reported) after $BENCH_SECONDS (540)
+#   all       tests, targets and bench in one command (default)
 set -uo pipefail
 STEP=${1:-all}; shift || true
+case "$STEP" in all|tests|sanitize|targets|bench) ;; *) echo "unknown step '$STEP' (all|tests|sanitize|targets|bench)"; exit 2;; esac
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
@@ -41,7 +47,7 @@ if [ "$STEP" = sanitize ]; then
   tail -20 "$OUT/sanitize.log"
   exit "$tests_rc"
 fi
-if [ "$STEP" != bench ]; then
+if [ "$STEP" = all ] || [ "$STEP" = tests ]; then
   echo "== tests"
   # Spread over processes when pytest-xdist is there (the GPU image has it): most of the suite's
   # time on a GPU should be Triton compiling kernel specialisations, CPU work (not yet measured).
@@ -53,8 +59,13 @@ if [ "$STEP" != bench ]; then
   echo "tests exit code: $tests_rc"
 fi
 
-if [ "$STEP" != tests ]; then
-  echo "== benchmark"
-  "$PY" -m compacter_kernels.bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60
+if [ "$STEP" = all ] || [ "$STEP" = targets ]; then
+  echo "== benchmark: the sizes the performance targets are set at"
+  "$PY" -m compacter_kernels.bench --preset targets --out "$OUT" 2>&1 | tee "$OUT/targets.log" | tail -80
+fi
+if [ "$STEP" = all ] || [ "$STEP" = bench ]; then
+  # SIGINT before the device's 10-minute limit: the command then reports what it measured.
+  echo "== benchmark: the full sweep (stopped after ${BENCH_SECONDS:=540} s)"
+  timeout -s INT "$BENCH_SECONDS" "$PY" -m compacter_kernels.bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60
 fi
 exit "$tests_rc"

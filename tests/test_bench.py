@@ -190,3 +190,83 @@ def test_bad_cli_values_exit_2(argv, message, capsys, tmp_path):
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+# ---- the performance targets ------------------------------------------------------------------
+
+def _target_rows(fwd_fraction, compile_ms):
+    """bf16 rows at M=32768 and 64 for one shape: reference, reference+compile, floor, triton; cuda skipped."""
+    base = dict(op="compacter", model="t5-base", d=768, k=24, n=4, rank=1, dtype="bfloat16", status="ok",
+                reason="", floor_bytes=1, flops=1)
+    times = {"fwd": 1.0, "bwd": 2.0, "fwd+bwd": 3.0}
+    rows = []
+    for M in (64, 32768):
+        for mode, t in times.items():
+            rows += [{**base, "M": M, "mode": mode, "provider": "floor", "median_ms": t * fwd_fraction},
+                     {**base, "M": M, "mode": mode, "provider": "triton", "median_ms": t},
+                     {**base, "M": M, "mode": mode, "provider": "reference", "median_ms": 10 * t},
+                     {**base, "M": M, "mode": mode, "provider": "cuda", "median_ms": None, "status": "skipped",
+                      "reason": "no GPU"}]
+            if compile_ms is not None:
+                rows.append({**base, "M": M, "mode": mode, "provider": "reference+compile", "median_ms": compile_ms})
+            # fp32 rows are not judged
+            rows.append({**base, "M": M, "mode": mode, "provider": "triton", "median_ms": 99.0, "dtype": "float32"})
+    report.add_derived(rows)
+    return rows
+
+
+def test_target_checks_judge_each_target(tmp_path):
+    checks = report.target_checks(_target_rows(fwd_fraction=0.75, compile_ms=3.0))
+    got = {(c["provider"], c["target"]): c for c in checks}
+    assert len(checks) == 2 * len(report.TARGETS)  # triton and cuda, one shape
+    assert got[("triton", "fwd, fraction of the floor")]["status"] == "missed"  # 75% < 80%
+    assert got[("triton", "fwd, fraction of the floor")]["value"] == pytest.approx(0.75)
+    assert got[("triton", "bwd, fraction of the floor")]["status"] == "met"  # 75% >= 70%
+    assert got[("triton", "fwd+bwd, speed-up over eager")]["status"] == "met"  # 10x
+    assert got[("triton", "fwd+bwd, speed-up over torch.compile")]["status"] == "missed"  # 1.0x
+    assert got[("triton", "fwd at M=64, speed-up over eager")]["status"] == "met"
+    assert all(c["status"] == "not measured" and c["reason"] == "cuda: no GPU"
+               for c in checks if c["provider"] == "cuda")
+    md = report.targets_markdown(checks)
+    assert "| compacter | 768 | 24 | triton | fwd, fraction of the floor | 80% | 75% | missed |" in md
+    assert md.rstrip().endswith("Targets: 3 met, 2 missed, 5 not measured.")
+    meta = dict(device="GPU-X", driver_version="1", torch="t", triton="tr", cuda="c", git_commit="abc", date="today")
+    *_, md_path = report.write_files([], meta, tmp_path, "run", checks)
+    assert md_path.name == "run-targets.md"
+    assert md_path.read_text() == "GPU-X, torch t, triton tr, commit abc, today\n\n" + md
+
+
+def test_target_checks_without_the_compared_row():
+    checks = report.target_checks(_target_rows(fwd_fraction=0.9, compile_ms=None))
+    (c,) = [c for c in checks if c["provider"] == "triton" and "torch.compile" in c["target"]]
+    assert c["status"] == "not measured" and "was not timed" in c["reason"]
+    assert "none judged" in report.targets_markdown([])
+
+
+def test_targets_preset_is_the_targets_sizes():
+    parser = cli.build_parser()
+    args = parser.parse_args(["--preset", "targets"])
+    shapes = {(s.d, s.k) for s in cli._shapes(args, parser)}
+    assert shapes == {(d, d // 32) for d in (768, 1024, 4096)} | {(d, d // 16) for d in (768, 1024, 4096)}
+    assert set(cli.PRESETS["targets"][1]) == {M for _, _, M, _, _ in report.TARGETS}
+
+
+def test_interrupt_keeps_what_was_measured(tmp_path, capsys, monkeypatch):
+    calls = []
+    measure = timing.measure
+
+    def interrupted_in_the_third_timing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # the first call measures the copy bandwidth
+            raise KeyboardInterrupt
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(timing, "measure", interrupted_in_the_third_timing)
+    assert cli.main([*TINY, "--providers", "reference,floor", "--out", str(tmp_path)]) == 130
+    out, _ = capsys.readouterr()
+    assert "interrupted: reporting the 2 timings made so far" in out
+    data = json.loads(next(tmp_path.glob("compacter-bench-*.json")).read_text())
+    assert data["metadata"]["interrupted"] is True
+    timed = [r for r in data["rows"] if r["provider"] == "reference"]
+    assert [r["status"] for r in timed] == ["ok", "ok", "skipped"] and timed[-1]["reason"] == "interrupted"
+    assert all(r["median_ms"] > 0 for r in timed[:2])

@@ -32,19 +32,23 @@ class Shape:
     k: int
 
 
-FULL_M = (1, 16, 128, 1024, 4096, 16384, 65536)
-# Shapes named after real models; k = d / reduction factor.
+# 64 and 32768 are where the performance targets are set (report.TARGETS).
+FULL_M = (1, 64, 1024, 4096, 16384, 32768, 65536)
+# Shapes named after real models; k = d / reduction factor (16 and 32: the targets' shapes).
 MODEL_SHAPES = {
     "bert-base": (Shape("bert-base", 768, 48),),  # AdapterHub's default reduction 16
     "t5-base": (Shape("t5-base", 768, 24),),  # the Compacter paper: reduction 32
-    "t5-large": (Shape("t5-large", 1024, 32),),
+    "t5-large": (Shape("t5-large", 1024, 32), Shape("t5-large", 1024, 64)),
     "llm-4096": (Shape("llm-4096", 4096, 128), Shape("llm-4096", 4096, 256)),
 }
+ALL_SHAPES = tuple(s for shapes in MODEL_SHAPES.values() for s in shapes)
 PRESETS: dict[str, tuple[tuple[Shape, ...], tuple[int, ...]]] = {
     # A few small sizes: seconds of timing on a CPU (plus torch.compile's first compile).
     "quick": (MODEL_SHAPES["t5-base"], (16, 256, 4096)),
+    # Only the sizes the performance targets are judged at: the first run to make on a GPU.
+    "targets": (ALL_SHAPES, (64, 32768)),
     **{name: (shapes, FULL_M) for name, shapes in MODEL_SHAPES.items()},
-    "full": (tuple(s for shapes in MODEL_SHAPES.values() for s in shapes), FULL_M),
+    "full": (ALL_SHAPES, FULL_M),
 }
 
 

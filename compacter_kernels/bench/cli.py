@@ -119,12 +119,30 @@ def _base_row(case: Case, mode: str, provider: str) -> dict:
             "flops": counts.flops(case.op, mode, case.M, case.d, case.k)}
 
 
-def sweep(args: argparse.Namespace, shapes: list[Shape], device: torch.device, bw_gbps: float) -> list[dict]:
+def sweep(args: argparse.Namespace, shapes: list[Shape], device: torch.device,
+          bw_gbps: float) -> tuple[list[dict], bool]:
+    """(rows, interrupted): a Ctrl-C (or `timeout -s INT`) ends the sweep with what it measured."""
     skip = {p: cases.skip_reason(p, device) for p in args.providers}
     timed = [p for p in args.providers if p != "floor"]
     todo = [(dtype, shape, op, M) for dtype in args.dtype for shape in shapes for op in args.ops for M in args.m]
     progress = timing.Progress(len(todo) * len(args.modes) * len([p for p in timed if not skip[p]]))
     rows: list[dict] = []
+    interrupted = False
+    try:
+        _sweep(args, todo, skip, timed, device, bw_gbps, progress, rows)
+    except KeyboardInterrupt:
+        interrupted = True
+        if rows and rows[-1]["status"] == "ok" and rows[-1]["median_ms"] is None:  # the case cut short
+            rows[-1].update(status="skipped", reason="interrupted")
+    progress.close()
+    if interrupted:
+        done = sum(r["median_ms"] is not None for r in rows if r["provider"] != "floor")
+        print(f"interrupted: reporting the {done} timings made so far")
+    return rows, interrupted
+
+
+def _sweep(args, todo, skip, timed, device, bw_gbps, progress, rows: list[dict]) -> None:
+    """Appends a row per (case, mode, provider) to ``rows`` as it goes, so an interrupt keeps them."""
     broken: dict[str, str] = {}  # provider -> why it is skipped for the rest of the run
     fns: dict[str, Callable] = {}
     group = None
@@ -174,8 +192,6 @@ def sweep(args: argparse.Namespace, shapes: list[Shape], device: torch.device, b
                     why = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"[:300]
                     row.update(status="error", reason=why)
                     broken[provider] = f"not run after an error on an earlier case ({why}); drop it with --providers"
-    progress.close()
-    return rows
 
 
 def _stamp() -> str:
@@ -214,15 +230,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args.m = args.m or list(PRESETS[args.preset][1])
     bw = timing.copy_bandwidth_gbps(device)
-    rows = sweep(args, shapes, device, bw)
+    rows, interrupted = sweep(args, shapes, device, bw)
     report.add_derived(rows)
     meta = report.metadata(device, command, copy_bandwidth_gbps=bw, preset=args.preset, activation=args.activation,
-                           compile="dynamic=False per shape" if args.compile_static else "dynamic=True per sweep")
+                           compile="dynamic=False per shape" if args.compile_static else "dynamic=True per sweep",
+                           interrupted=interrupted)
     report.print_table(rows, meta)
+    checks = report.target_checks(rows)
+    print("\n" + report.targets_markdown(checks), end="")
     stem = f"compacter-bench-{_stamp()}"
-    paths = report.write_files(rows, meta, args.out, stem)
+    paths = report.write_files(rows, meta, args.out, stem, checks)
     if not args.no_plot:
         paths += report.plot(rows, args.out, stem)
     print("wrote " + ", ".join(map(str, paths)))
+    if interrupted:
+        return 130
     return 1 if any(r["status"] == "error" for r in rows) else 0
 

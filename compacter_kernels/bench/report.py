@@ -17,6 +17,7 @@ import torch
 
 from .. import __version__
 from ..backends import available_backends
+from .cases import FUSED
 
 # Metadata copied onto every CSV row, so a row read alone still says where it was measured.
 ROW_METADATA = ("device", "driver_version", "torch", "triton", "cuda", "git_commit", "date")
@@ -136,17 +137,78 @@ def print_table(rows: list[dict], meta: dict) -> None:
         print(f"{status}: {provider} ({count} rows): {reason}")
 
 
-def write_files(rows: list[dict], meta: dict, out_dir: Path, stem: str) -> list[Path]:
+# The kernels' performance targets (the Triton and CUDA issues), judged on bf16 rows of the
+# fused adapters: (what, mode, M, the row's metric, the least value that meets it).
+TARGETS = (
+    ("fwd, fraction of the floor", "fwd", 32768, "floor_fraction", 0.80),
+    ("bwd, fraction of the floor", "bwd", 32768, "floor_fraction", 0.70),
+    ("fwd+bwd, speed-up over eager", "fwd+bwd", 32768, "speedup_vs_reference", 3.0),
+    ("fwd+bwd, speed-up over torch.compile", "fwd+bwd", 32768, "speedup_vs_compile", 1.3),
+    ("fwd at M=64, speed-up over eager", "fwd", 64, "speedup_vs_reference", 4.0),
+)
+TARGET_OPS = ("compacter", "houlsby")
+
+
+def target_checks(rows: list[dict]) -> list[dict]:
+    """Each target that this run's rows can speak to, per op, shape and fused provider: its
+    value and whether it is met ("not measured", with the reason, when a row needed is missing
+    or was not timed)."""
+    by = {_key(r) + (r["provider"],): r for r in rows}
+    cases = dict.fromkeys((r["op"], r["model"], r["d"], r["k"], r["n"], r["rank"]) for r in rows
+                          if r["op"] in TARGET_OPS and r["dtype"] == "bfloat16" and r["provider"] in FUSED)
+    checks = []
+    for op, model, d, k, n, rank in cases:
+        for provider in FUSED:
+            for what, mode, M, metric, least in TARGETS:
+                row = by.get((op, mode, model, d, k, n, rank, "bfloat16", M, provider))
+                if row is None:
+                    continue  # this size or mode is not in the run
+                value = row.get(metric)
+                if value is not None:
+                    status, reason = ("met" if value >= least else "missed"), ""
+                elif row["status"] != "ok":
+                    status, reason = "not measured", f"{provider}: {row['reason']}"
+                else:
+                    status, reason = "not measured", "the row it is compared with was not timed"
+                checks.append({"op": op, "model": model, "d": d, "k": k, "provider": provider, "target": what,
+                               "least": least, "value": value, "status": status, "reason": reason})
+    return checks
+
+
+def targets_markdown(checks: list[dict]) -> str:
+    """The target checks as a Markdown table (printed, and written next to the JSON)."""
+    if not checks:
+        return ("Targets: none judged (they are set for bf16 compacter/houlsby at M = 32768 and 64 with "
+                "the triton or cuda provider; `--preset targets` runs exactly those).\n")
+    lines = ["| op | d | k | provider | target | least | measured | |", "|---|---|---|---|---|---|---|---|"]
+    for c in checks:
+        fmt = ".0%" if "fraction" in c["target"] else ".2f"
+        value = "-" if c["value"] is None else format(c["value"], fmt)
+        verdict = c["status"] + (f" ({c['reason']})" if c["reason"] else "")
+        lines.append(f"| {c['op']} | {c['d']} | {c['k']} | {c['provider']} | {c['target']} | "
+                     f"{format(c['least'], fmt)} | {value} | {verdict} |")
+    met = sum(c["status"] == "met" for c in checks)
+    missed = sum(c["status"] == "missed" for c in checks)
+    return "\n".join(lines) + f"\n\nTargets: {met} met, {missed} missed, {len(checks) - met - missed} not measured.\n"
+
+
+def write_files(rows: list[dict], meta: dict, out_dir: Path, stem: str, checks: list[dict]) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
-    json_path.write_text(json.dumps({"metadata": meta, "rows": rows}, indent=1) + "\n")
+    json_path.write_text(json.dumps({"metadata": meta, "rows": rows, "targets": checks}, indent=1) + "\n")
     fields = list(rows[0]) + list(ROW_METADATA) if rows else list(ROW_METADATA)
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:
             w.writerow({**r, **{m: meta[m] for m in ROW_METADATA}})
-    return [json_path, csv_path]
+    paths = [json_path, csv_path]
+    if checks:
+        md_path = out_dir / f"{stem}-targets.md"
+        md_path.write_text(f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, commit "
+                           f"{meta['git_commit']}, {meta['date']}\n\n" + targets_markdown(checks))
+        paths.append(md_path)
+    return paths
 
 
 def plot(rows: list[dict], out_dir: Path, stem: str) -> list[Path]:
