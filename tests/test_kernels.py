@@ -111,6 +111,17 @@ def test_compacter_adapter_matches_reference(backend, d, k, n, rank, dtype, h_bu
              f"compacter d={d} k={k} n={n} r={rank}", activation="gelu", scale=0.7)
 
 
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
+def test_inference_without_autograd(backend, grad_mode):
+    """Serving: under no_grad / inference_mode, parameters that require grad, no graph built."""
+    inp = compacter_inputs(lead=(2, 13), d=32, k=24, n=4, rank=1, dtype=torch.float32, device=DEVICE)
+    with grad_mode():
+        y = _kernel("compacter_adapter", backend)(*inp.args(), activation="gelu", scale=0.5)
+        expected = ref.compacter_adapter(*inp.args(), activation="gelu", scale=0.5)
+    assert not y.requires_grad and y.grad_fn is None
+    assert_matches_reference(y, expected.double(), expected, torch.float32, "no-grad output")
+
+
 @pytest.mark.parametrize("activation", ref.ACTIVATIONS)
 def test_every_activation(backend, activation):
     inp = compacter_inputs(lead=(21,), d=32, k=24, n=4, rank=1, dtype=torch.float32, device=DEVICE)
