@@ -10,7 +10,8 @@ import torch
 import compacter_kernels as ck
 from compacter_kernels import reference as ref
 from compacter_kernels.ops import _triton_common
-from utils import ON_GPU, TOLERANCES, compacter_inputs, dense_inputs, phm_factors, why_backend_cannot_run
+from utils import (ON_GPU, assert_matches_reference, compacter_inputs, dense_inputs, double_leaves,
+                   phm_factors, why_backend_cannot_run)
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 KERNEL_BACKENDS = ["triton", "cuda"]
@@ -44,34 +45,11 @@ def _skip_unsupported(dtype, backend):
         pytest.skip("bf16 tl.dot is silently wrong in the Triton interpreter: bf16 is tested on a GPU")
 
 
-def _double(tensors, memo):
-    """fp64 leaf copies of the given tensors for the reference; memo keeps sharing (one copy each)."""
-    for t in tensors:
-        if t is not None and id(t) not in memo:
-            memo[id(t)] = t.detach().double().requires_grad_(t.requires_grad)
-    return [None if t is None else memo[id(t)] for t in tensors]
-
-
-def assert_matches_reference(actual, expected64, expected_lowp, dtype, what):
-    """fp32: per-dtype tolerances. fp16/bf16: error vs fp64 at most twice PyTorch's own error
-    in that dtype (flash-attention's rule) plus the dtype's atol."""
-    assert actual.dtype == dtype, what
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values (unwritten output?)"
-    atol, rtol = TOLERANCES[dtype]
-    if dtype == torch.float32:
-        torch.testing.assert_close(actual.double(), expected64, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
-        return
-    err = (actual.double() - expected64).abs().max().item()
-    ref_err = (expected_lowp.double() - expected64).abs().max().item()
-    scale = expected64.abs().max().item()
-    assert err <= 2 * ref_err + atol * max(1.0, scale), f"{what}: error {err:.3g} vs PyTorch's {ref_err:.3g}"
-
-
 def check_op(fn_kernel, fn_ref, args, dtype, what, **kw):
     """Output and every gradient of fn_kernel(args) against fn_ref in fp64 and in dtype."""
     out = fn_kernel(*args, **kw)
     memo = {}
-    a64 = _double(args, memo)
+    a64 = double_leaves(args, memo)
     out64 = fn_ref(*a64, **kw)
     out_lp = fn_ref(*args, **kw)
     assert out.shape == out64.shape, what
@@ -81,7 +59,7 @@ def check_op(fn_kernel, fn_ref, args, dtype, what, **kw):
         return
     dy = torch.randn_like(out)
     g = torch.autograd.grad(out, leaves, dy)
-    g64 = torch.autograd.grad(out64, _double(leaves, memo), dy.double())
+    g64 = torch.autograd.grad(out64, double_leaves(leaves, memo), dy.double())
     g_lp = torch.autograd.grad(out_lp, leaves, dy)
     for i, (a, b, c) in enumerate(zip(g, g64, g_lp)):
         assert_matches_reference(a, b, c, dtype, f"{what} grad #{i} {tuple(a.shape)}")

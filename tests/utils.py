@@ -132,3 +132,29 @@ def grads(out: torch.Tensor, inputs, grad_out: torch.Tensor):
 def assert_close(actual, expected, dtype, msg=""):
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{msg}\n{m}")
+
+
+def double_leaves(tensors, memo):
+    """fp64 leaf copies of the given tensors for the reference; memo keeps sharing (one copy each)."""
+    for t in tensors:
+        if t is not None and id(t) not in memo:
+            memo[id(t)] = t.detach().double().requires_grad_(t.requires_grad)
+    return [None if t is None else memo[id(t)] for t in tensors]
+
+
+def assert_matches_reference(actual, expected64, expected_lowp, dtype, what):
+    """fp32: per-dtype tolerances. fp16/bf16: error vs fp64 at most twice PyTorch's own error
+    in that dtype (flash-attention's rule) plus the dtype's atol."""
+    assert actual.dtype == dtype, what
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values (unwritten output?)"
+    atol, rtol = TOLERANCES[dtype]
+    if dtype == torch.float32:
+        torch.testing.assert_close(actual.double(), expected64, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+        return
+    assert actual.shape == expected64.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected64.shape)}"
+    if actual.numel() == 0:
+        return
+    err = (actual.double() - expected64).abs().max().item()
+    ref_err = (expected_lowp.double() - expected64).abs().max().item()
+    scale = expected64.abs().max().item()
+    assert err <= 2 * ref_err + atol * max(1.0, scale), f"{what}: error {err:.3g} vs PyTorch's {ref_err:.3g}"
