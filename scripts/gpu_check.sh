@@ -38,11 +38,12 @@ echo "built in $(( $(date +%s) - start )) s"
 tests_rc=0
 if [ "$STEP" = sanitize ]; then
   # No caching allocator: each tensor is its own allocation, so memcheck sees every overrun.
+  # Each tool within $SANITIZE_SECONDS (120), so that all four fit one 10-minute device command.
   for tool in memcheck racecheck synccheck initcheck; do
-    echo "== compute-sanitizer --tool $tool"
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 1 \
-      "$PY" -m pytest tests/test_kernels.py -q -p no:cacheprovider -k "cuda and (paths or dense)" "$@" \
-      >> "$OUT/sanitize.log" 2>&1 || { tests_rc=1; echo "$tool FAILED"; }
+    echo "== compute-sanitizer --tool $tool" | tee -a "$OUT/sanitize.log"
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SANITIZE_SECONDS:-120}" compute-sanitizer --tool "$tool" \
+      --error-exitcode 1 "$PY" -m pytest tests/test_kernels.py -q -p no:cacheprovider -k "cuda and (paths or dense)" \
+      "$@" >> "$OUT/sanitize.log" 2>&1 || { rc=$?; tests_rc=1; echo "$tool FAILED or timed out (exit code $rc)"; }
   done
   tail -20 "$OUT/sanitize.log"
   exit "$tests_rc"
