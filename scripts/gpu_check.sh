@@ -3,7 +3,9 @@
 # That machine reaches no registry; its python3 already has torch, triton, pytest, pytest-xdist,
 # hypothesis, pytest-benchmark and matplotlib. Each step builds the CUDA extension in place for
 # the local GPU (incremental on a machine still warm from the last call), then runs. Everything
-# lands in $OUT (default gpu-results/): env.txt, build.log, the step's log, the bench JSON/CSV/PNG/MD.
+# lands in $OUT (default gpu-results/): env.txt, build.log, the step's log, the bench JSON/CSV/MD
+# (no PNGs: a device command returns at most 8 files; draw them from the JSON with
+# `compacter-bench --plot-json <run>.json`).
 # Usage (from the repo root): COMPACTER_KERNELS_COMMIT=$(git rev-parse HEAD) bash scripts/gpu_check.sh STEP [pytest args]
 # STEP, in the order to run them, one device command each (10 minutes at most):
 #   tests     the whole suite on the GPU (tests.log)
@@ -11,7 +13,8 @@
 #   targets   `compacter-bench --preset targets`: the sizes the performance targets are judged at,
 #             with the verdicts in <run>-targets.md
 #   bench     the full sweep, interrupted (and reported) after $BENCH_SECONDS (540)
-#   all       tests, targets and bench in one command (default)
+#   all       tests, targets and bench in one command (default; on a lent machine use the steps:
+#             together they write more than the 8 files a device command returns)
 set -uo pipefail
 STEP=${1:-all}; shift || true
 case "$STEP" in all|tests|sanitize|targets|bench) ;; *) echo "unknown step '$STEP' (all|tests|sanitize|targets|bench)"; exit 2;; esac
@@ -62,11 +65,12 @@ fi
 
 if [ "$STEP" = all ] || [ "$STEP" = targets ]; then
   echo "== benchmark: the sizes the performance targets are set at"
-  "$PY" -m compacter_kernels.bench --preset targets --out "$OUT" 2>&1 | tee "$OUT/targets.log" | tail -80
+  "$PY" -m compacter_kernels.bench --preset targets --no-plot --out "$OUT" 2>&1 | tee "$OUT/targets.log" | tail -80
 fi
 if [ "$STEP" = all ] || [ "$STEP" = bench ]; then
   # SIGINT before the device's 10-minute limit: the command then reports what it measured.
   echo "== benchmark: the full sweep (stopped after ${BENCH_SECONDS:=540} s)"
-  timeout -s INT "$BENCH_SECONDS" "$PY" -m compacter_kernels.bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60
+  timeout -s INT "$BENCH_SECONDS" "$PY" -m compacter_kernels.bench --no-plot --out "$OUT" 2>&1 \
+    | tee "$OUT/bench.log" | tail -60
 fi
 exit "$tests_rc"

@@ -150,6 +150,26 @@ def test_plot_without_matplotlib_says_so_once(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out == "plot skipped: matplotlib is not installed (pip install matplotlib)\n"
 
 
+def test_plot_json_redraws_a_saved_run(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert cli.main([*TINY, "--out", str(tmp_path)]) == 0  # TINY has --no-plot
+    assert not list(tmp_path.glob("*.png"))
+    (json_path,) = tmp_path.glob("compacter-bench-*.json")
+    capsys.readouterr()
+    assert cli.main(["--plot-json", str(json_path)]) == 0
+    (png,) = tmp_path.glob("*.png")
+    assert png.name.startswith(json_path.stem) and png.read_bytes()[:4] == b"\x89PNG"
+    assert capsys.readouterr().out == f"wrote {png}\n"
+
+
+def test_plot_json_rejects_other_files(tmp_path, capsys):
+    other = tmp_path / "other.json"
+    other.write_text('{"not": "results"}')
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--plot-json", str(other)])
+    assert exc.value.code == 2 and "not a results JSON of this command (KeyError" in capsys.readouterr().err
+
+
 def test_e2e_tiny(tmp_path, capsys):
     argv = ["--e2e", "--layers", "1", "--batch", "1", "--seq", "8", "--steps", "1", "--providers", "reference",
             "--out", str(tmp_path)]

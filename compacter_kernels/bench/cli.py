@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int,
                    help="CPU threads for torch (default: torch's); 1 is steadier on a loaded machine")
     p.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
+    p.add_argument("--plot-json", type=Path, metavar="JSON",
+                   help="time nothing: draw the PNGs of a results JSON this command wrote, next to it")
     g = p.add_argument_group("end to end (--e2e): training steps of a frozen encoder with Compacter adapters")
     g.add_argument("--e2e", action="store_true", help="run the end-to-end case instead of the op sweep")
     g.add_argument("--model", type=_one_of(tuple(e2e.MODELS)), default="bert-base",
@@ -194,6 +196,16 @@ def _sweep(args, todo, skip, timed, device, bw_gbps, progress, rows: list[dict])
                     broken[provider] = f"not run after an error on an earlier case ({why}); drop it with --providers"
 
 
+def _plot_json(path: Path, parser: argparse.ArgumentParser) -> int:
+    try:
+        rows = json.loads(path.read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        parser.error(f"--plot-json {path}: not a results JSON of this command ({type(exc).__name__}: {exc})")
+    paths = report.plot(rows, path.parent, path.stem)
+    print("wrote " + (", ".join(map(str, paths)) or "nothing"))
+    return 0 if paths else 1
+
+
 def _stamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
@@ -203,6 +215,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     command = shlex.join(["compacter-bench", *argv])
+    if args.plot_json:
+        return _plot_json(args.plot_json, parser)
     gpu = torch.cuda.is_available()
     device = torch.device("cuda") if gpu else torch.device("cpu")
     args.preset = args.preset or ("full" if gpu else "quick")
