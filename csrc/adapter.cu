@@ -51,12 +51,13 @@ struct CudaLauncher {
 
   at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) { return at::empty(sizes, options); }
   int64_t sm_count() { return device_attribute(cudaDevAttrMultiProcessorCount, device); }
+  int64_t max_smem() { return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device); }
 
   // Opts a row-block kernel in to more than 48 KiB of dynamic shared memory, or explains why
   // it cannot run (only a very wide bottleneck gets there: the H tiles grow with k).
   template <typename Kernel>
   void set_smem(Kernel kernel, const Layout& L, int64_t k, const char* op) {
-    const int limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    const int64_t limit = max_smem();
     TORCH_CHECK(L.bytes <= limit, op, ": bottleneck k=", k, " needs ", L.bytes,
                 " bytes of shared memory per block, more than this GPU's ", limit,
                 "; use the triton or reference backend for this size");

@@ -29,9 +29,10 @@ constexpr int kPad = 8;        // smem row padding in elements: rows stay 16-byt
                                // (WMMA needs ldm % 8 == 0) and successive rows shift banks
 constexpr int kStagePad = 4;   // the same for the fp32 staging buffers (ldm % 4 == 0)
 // A row block keeps its whole rows of x (forward) or dy (backward) in shared memory when they
-// take at most this many bytes, so that x is read from global memory once; else it streams
-// kBD-column tiles and reads the residual again in the epilogue.
-constexpr int64_t kResidentBytes = 64 * 1024;
+// take at most this many bytes (COMPACTER_KERNELS_CUDA_RESIDENT_KIB overrides it: see
+// adapter_host.h), so that x is read from global memory once; else it streams kBD-column tiles
+// and reads the residual again in the epilogue.
+constexpr int64_t kDefaultResidentBytes = 64 * 1024;
 
 // Runtime element types of the tensors whose dtype may differ from x's (residual, y, dy, biases).
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
@@ -305,7 +306,7 @@ struct Layout {
   int64_t off_h, off_k, off_st, bytes;
 };
 
-inline Layout make_layout(int64_t d, int64_t k, int64_t esize, bool want_resident) {
+inline Layout make_layout(int64_t d, int64_t k, int64_t esize, bool want_resident, int64_t resident_bytes) {
   Layout L{};
   L.KP = static_cast<int>(round_up(k, 16));
   // (BM/16) * (KP/16) accumulator tiles must fit one pass (kTilesPerPass) for k <= 256.
@@ -315,7 +316,7 @@ inline Layout make_layout(int64_t d, int64_t k, int64_t esize, bool want_residen
   L.ldk = L.KP + kPad;
   L.ldst = std::max(L.KP, kBD) + kStagePad;
   const int64_t resident_ld = round_up(d, kBD) + kPad;
-  L.resident = want_resident && L.BM * resident_ld * esize <= kResidentBytes;
+  L.resident = want_resident && L.BM * resident_ld * esize <= resident_bytes;
   L.ldr = static_cast<int>(L.resident ? resident_ld : kBD + kPad);
   auto align = [](int64_t b) { return round_up(b, 128); };
   L.off_h = align(int64_t{L.BM} * L.ldr * esize);

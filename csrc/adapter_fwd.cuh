@@ -8,7 +8,7 @@
 // One block of 128 threads per BM rows (BM = 32, or 16 when k > 128). The block walks d in
 // kBD-column chunks twice: first accumulating z (tensor cores for fp16/bf16, FMA for fp32),
 // then producing y chunk by chunk. x's rows stay in shared memory between the two walks when
-// they fit (kResidentBytes), so x is read from global memory once; y is written once.
+// they fit (kDefaultResidentBytes), so x is read from global memory once; y is written once.
 // The Python side (compacter_kernels/ops/cuda_adapter.py) builds H from the PHM factors; the
 // launch is in adapter.cu.
 #pragma once

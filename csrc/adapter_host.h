@@ -9,6 +9,7 @@
 // A Launcher provides:
 //   at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions&)    outputs the kernels write
 //   int64_t sm_count()                                                   splits rows_tn's rows
+//   int64_t max_smem()                  shared memory a block may opt in to (bytes): caps the layout
 //   template <typename T> void fwd(int64_t blocks, const FwdArgs&)       adapter_fwd_kernel<T>
 //   template <typename T> void bwd(int64_t blocks, const BwdArgs&)       adapter_bwd_kernel<T>
 //   template <typename T> void rows_tn(int64_t gx, int64_t gy, int64_t gz, const RowsTnArgs&)
@@ -20,7 +21,9 @@
 #include <ATen/ops/empty.h>  // per-operator headers: much lighter to compile than ATen/ATen.h
 #include <ATen/ops/zeros.h>
 
+#include <cerrno>
 #include <climits>
+#include <cstdlib>
 #include <optional>
 #include <tuple>
 
@@ -101,6 +104,30 @@ inline int64_t checked_blocks(int64_t M, int BM, const char* op) {
   return blocks;
 }
 
+// The most bytes of rows (x forward, dy backward) a block keeps in shared memory: the
+// COMPACTER_KERNELS_CUDA_RESIDENT_KIB environment variable, read on every call (an experiment
+// knob: compare layouts in one process without rebuilding), else kDefaultResidentBytes.
+inline int64_t resident_bytes_limit(const char* op) {
+  const char* env = std::getenv("COMPACTER_KERNELS_CUDA_RESIDENT_KIB");
+  if (env == nullptr || *env == '\0') return kDefaultResidentBytes;
+  char* end = nullptr;
+  errno = 0;
+  const long long kib = std::strtoll(env, &end, 10);
+  TORCH_CHECK(*end == '\0' && errno == 0 && kib >= 0 && kib <= 1024 * 1024, op,
+              ": COMPACTER_KERNELS_CUDA_RESIDENT_KIB must be a whole number of KiB from 0 to 1048576, got '", env,
+              "'");
+  return static_cast<int64_t>(kib) * 1024;
+}
+
+// Rows kept on chip when wanted and within the limit, unless the layout would then need more
+// shared memory than a block may have (a raised limit on a wide d): then they stream.
+template <typename Launcher>
+Layout choose_layout(Launcher& launch, int64_t d, int64_t k, int64_t esize, bool want_resident, const char* op) {
+  Layout L = make_layout(d, k, esize, want_resident, resident_bytes_limit(op));
+  if (L.resident && L.bytes > launch.max_smem()) L = make_layout(d, k, esize, false, 0);
+  return L;
+}
+
 // ---- forward -----------------------------------------------------------------------------------
 
 template <typename Launcher>
@@ -154,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor> adapter_fwd(Launcher& launch, const at::Tenso
   args.act = static_cast<int>(activation);
   args.scale = static_cast<float>(scale);
   // x is needed again (as the residual) only when no residual tensor was given.
-  args.L = make_layout(d, k, x.element_size(), /*want_resident=*/!residual.defined());
+  args.L = choose_layout(launch, d, k, x.element_size(), /*want_resident=*/!residual.defined(), op);
 
   const int64_t blocks = checked_blocks(M, args.L.BM, op);
   CK_DISPATCH_KERNEL_TYPES(x.scalar_type(), "cuda_adapter_fwd", [&] { launch.template fwd<scalar_t>(blocks, args); });
@@ -247,7 +274,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
   args.has_residual = has_residual;
   // dy is needed again (dx's dy term) only without a residual tensor, and is kept in shared
   // memory, in x's dtype, only when it has that dtype: an fp32 dy is read again instead.
-  args.L = make_layout(d, k, x.element_size(), /*want_resident=*/!has_residual && dy.scalar_type() == dtype);
+  args.L = choose_layout(launch, d, k, x.element_size(), /*want_resident=*/!has_residual && dy.scalar_type() == dtype,
+                         op);
 
   const int64_t blocks = checked_blocks(M, args.L.BM, op);
   at::Tensor dH_down, db_down, dH_up, db_up;

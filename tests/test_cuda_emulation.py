@@ -1,6 +1,7 @@
 """The CUDA kernels in the CPU emulator, beyond what tests/test_kernels.py and
 tests/test_hardening.py run through the cuda backend in the same emulated run: the phm_weight
-kernel, the adapter ops' argument errors, and a shared-memory race check.
+kernel, the adapter ops' argument errors, the choice of which rows stay in shared memory, and a
+shared-memory race check.
 
 Runs only with COMPACTER_KERNELS_EMULATE_CUDA=1 and no GPU (see tests/emulation.py); on a GPU
 the real kernels run in the other test modules, and compute-sanitizer does the race check
@@ -13,9 +14,10 @@ import subprocess
 import pytest
 import torch
 
+import compacter_kernels as ck
 import emulation
 from compacter_kernels import reference as ref
-from utils import CUDA_EMULATED, phm_factors
+from utils import CUDA_EMULATED, assert_matches_reference, dense_inputs, double_leaves, phm_factors
 
 pytestmark = pytest.mark.skipif(not CUDA_EMULATED, reason="runs in the emulated run: COMPACTER_KERNELS_EMULATE_CUDA=1 "
                                                           "without a GPU (scripts/test.sh does it)")
@@ -93,6 +95,52 @@ def test_backward_rejects_bad_arguments_with_a_clear_message(what, kw, message):
 def test_a_bottleneck_too_wide_for_shared_memory_says_what_to_use():
     with pytest.raises(RuntimeError, match="k=1024 needs .* bytes of shared memory .* use the triton or reference"):
         _fwd(torch.randn(M, D), torch.randn(D, 1024), torch.randn(1024, D))
+
+
+# ---- which rows stay in shared memory (csrc/adapter_host.h::choose_layout) ----------------------
+
+KNOB = "COMPACTER_KERNELS_CUDA_RESIDENT_KIB"
+
+
+def _dense_adapter_checked(d, k, dtype, rows=19):
+    """ck.adapter on the cuda backend against the reference, output and every gradient;
+    returns (forward resident, backward resident) of the launches it made."""
+    inp = dense_inputs(lead=(rows,), d=d, k=k, dtype=dtype)
+    y = ck.adapter(*inp, backend="cuda")
+    memo = {}
+    y64, y_lp = ref.adapter(*double_leaves(inp, memo)), ref.adapter(*inp)
+    assert_matches_reference(y, y64, y_lp, dtype, f"d={d} output")
+    dy = torch.randn_like(y)
+    leaves = [t for t in inp if t is not None]
+    for i, (a, b, c) in enumerate(zip(torch.autograd.grad(y, leaves, dy),
+                                      torch.autograd.grad(y64, double_leaves(leaves, memo), dy.double()),
+                                      torch.autograd.grad(y_lp, leaves, dy))):
+        assert_matches_reference(a, b, c, dtype, f"d={d} grad #{i}")
+    fwd_resident, _, bwd_resident, _ = torch.ops.compacter_kernels_emulation.last_layouts()
+    return bool(fwd_resident), bool(bwd_resident)
+
+
+def test_resident_rows_follow_the_knob(monkeypatch):
+    # d = 1024 in bf16: 32 rows of 1032 padded columns take 66,048 bytes, over the 64 KiB default.
+    monkeypatch.delenv(KNOB, raising=False)
+    assert _dense_adapter_checked(1024, 32, torch.bfloat16) == (False, False)
+    monkeypatch.setenv(KNOB, "72")
+    assert _dense_adapter_checked(1024, 32, torch.bfloat16) == (True, True)
+    monkeypatch.setenv(KNOB, "0")
+    assert _dense_adapter_checked(64, 16, torch.float32) == (False, False)  # resident by default
+
+
+def test_a_raised_knob_streams_rows_that_do_not_fit_shared_memory(monkeypatch):
+    # d = 4096 in fp32: 525 KB of rows, over the 227 KiB a block may have: streamed, no error.
+    monkeypatch.setenv(KNOB, "1048576")
+    assert _dense_adapter_checked(4096, 16, torch.float32, rows=5) == (False, False)
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "12k", "1048577"])
+def test_a_bad_knob_value_says_what_is_expected(monkeypatch, value):
+    monkeypatch.setenv(KNOB, value)
+    with pytest.raises(RuntimeError, match=f"{KNOB} must be a whole number of KiB from 0 to 1048576, got '{value}'"):
+        _fwd(torch.randn(M, D), torch.randn(D, K), torch.randn(K, D))
 
 
 # ---- shared-memory races: the kernels under ThreadSanitizer --------------------------------------

@@ -15,11 +15,15 @@ namespace compacter_kernels {
 namespace adapter {
 namespace {
 
+// The layouts of the last forward and backward launches, for tests of the layout choice.
+inline Layout last_fwd_layout{}, last_bwd_layout{};
+
 // adapter_host.h's Launcher, on the emulator. Outputs start as NaN, so an element a kernel
 // does not write fails the comparison with the reference.
 struct EmulatedLauncher {
   at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) { return at::full(sizes, NAN, options); }
   int64_t sm_count() { return 132; }  // an H100's: rows_tn splits rows as it would there
+  int64_t max_smem() { return kEmulatedSmemLimit; }
 
   static void check_smem(const Layout& L, int64_t k, const char* op) {
     // The message of CudaLauncher::set_smem on an H100.
@@ -31,12 +35,14 @@ struct EmulatedLauncher {
   template <typename T>
   void fwd(int64_t blocks, const FwdArgs& a) {
     check_smem(a.L, a.k, "cuda_adapter_fwd");
+    last_fwd_layout = a.L;
     emulate_launch({static_cast<unsigned>(blocks), 1, 1}, kThreads, a.L.bytes, [&] { adapter_fwd_kernel<T>(a); });
   }
 
   template <typename T>
   void bwd(int64_t blocks, const BwdArgs& a) {
     check_smem(a.L, a.k, "cuda_adapter_bwd");
+    last_bwd_layout = a.L;
     emulate_launch({static_cast<unsigned>(blocks), 1, 1}, kThreads, a.L.bytes, [&] { adapter_bwd_kernel<T>(a); });
   }
 

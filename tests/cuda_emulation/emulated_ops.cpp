@@ -8,6 +8,8 @@
 
 #include <torch/library.h>
 
+#include <vector>
+
 #include "phm_weight.cuh"
 
 namespace compacter_kernels {
@@ -28,6 +30,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulated_
     int64_t activation, double scale, bool has_residual) {
   EmulatedLauncher launch;
   return adapter_bwd(launch, dy, x, z, h_down, h_up, activation, scale, has_residual);
+}
+
+// (resident, shared-memory bytes) of the last forward and backward launches.
+std::vector<int64_t> last_layouts() {
+  return {last_fwd_layout.resident, last_fwd_layout.bytes, last_bwd_layout.resident, last_bwd_layout.bytes};
 }
 
 }  // namespace
@@ -54,6 +61,10 @@ at::Tensor emulated_phm_weight(const at::Tensor& rule, const at::Tensor& left, c
 }
 
 }  // namespace
+
+TORCH_LIBRARY(compacter_kernels_emulation, m) {
+  m.def("last_layouts() -> int[]", &adapter::last_layouts);
+}
 
 TORCH_LIBRARY_IMPL(compacter_kernels, CPU, m) {
   m.impl("cuda_adapter_fwd", &adapter::emulated_adapter_fwd);
