@@ -6,18 +6,20 @@
 # lands in $OUT (default gpu-results/): env.txt, build.log, the step's log, the bench JSON/CSV/MD
 # (no PNGs: a device command returns at most 8 files; draw them from the JSON with
 # `compacter-bench --plot-json <run>.json`).
-# Usage (from the repo root): COMPACTER_KERNELS_COMMIT=$(git rev-parse HEAD) bash scripts/gpu_check.sh STEP [pytest args]
+# Usage (from the repo root): COMPACTER_KERNELS_COMMIT=$(git rev-parse HEAD) bash scripts/gpu_check.sh STEP [ARGS]
+# (ARGS go to pytest for tests and sanitize, to the script for tune)
 # STEP, in the order to run them, one device command each (10 minutes at most):
 #   tests     the whole suite on the GPU (tests.log)
 #   sanitize  the cuda backend's kernel-path and dense-adapter tests under compute-sanitizer's four tools
 #   targets   `compacter-bench --preset targets`: the sizes the performance targets are judged at,
 #             with the verdicts in <run>-targets.md
 #   bench     the full sweep, interrupted (and reported) after $BENCH_SECONDS (540)
+#   tune      scripts/tune_triton_blocks.py: the Triton block-size candidates timed at M = 32768
 #   all       tests, targets and bench in one command (default; on a lent machine use the steps:
 #             together they write more than the 8 files a device command returns)
 set -uo pipefail
 STEP=${1:-all}; shift || true
-case "$STEP" in all|tests|sanitize|targets|bench) ;; *) echo "unknown step '$STEP' (all|tests|sanitize|targets|bench)"; exit 2;; esac
+case "$STEP" in all|tests|sanitize|targets|bench|tune) ;; *) echo "unknown step '$STEP' (all|tests|sanitize|targets|bench|tune)"; exit 2;; esac
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
@@ -66,6 +68,11 @@ fi
 if [ "$STEP" = all ] || [ "$STEP" = targets ]; then
   echo "== benchmark: the sizes the performance targets are set at"
   "$PY" -m compacter_kernels.bench --preset targets --no-plot --out "$OUT" 2>&1 | tee "$OUT/targets.log" | tail -80
+fi
+if [ "$STEP" = tune ]; then
+  echo "== Triton block sizes, timed"
+  "$PY" scripts/tune_triton_blocks.py --seconds "${TUNE_SECONDS:-480}" "$@" 2>&1 | tee "$OUT/tune.log" | tail -80
+  exit "${PIPESTATUS[0]}"
 fi
 if [ "$STEP" = all ] || [ "$STEP" = bench ]; then
   # SIGINT before the device's 10-minute limit: the command then reports what it measured.
