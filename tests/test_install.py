@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a clean checkout holds; build outputs and environments stay behind.
@@ -59,7 +60,8 @@ def test_wheel_without_cuda_toolkit_installs_and_runs(sdist_tree, tmp_path):
         env.pop(flag, None)
     log = _run([sys.executable, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps",
                 "-w", str(tmp_path / "wheels"), str(sdist_tree)], cwd=tmp_path, env=env)
-    assert "installed WITHOUT its CUDA kernels" in log and "nvcc was not found" in log, log[-3000:]
+    why = "nvcc was not found" if torch.version.cuda else "is a CPU-only build"
+    assert "installed WITHOUT its CUDA kernels" in log and why in log, log[-3000:]
     (wheel,) = (tmp_path / "wheels").glob("compacter_kernels-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "compacter_kernels/functional.py" in names

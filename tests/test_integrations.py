@@ -32,6 +32,7 @@ from compacter_kernels.integrations.transformers import (  # noqa: E402
     trainable_parameters,
 )
 from compacter_kernels.nn import PHMRule  # noqa: E402
+from utils import checkout_env  # noqa: E402
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=100,
              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -372,4 +373,4 @@ def test_trainable_fraction_t5_base_shape():
 def test_core_package_imports_no_integration_dependency():
     code = ("import sys, compacter_kernels, compacter_kernels.integrations; "
             "assert not {'adapters', 'transformers'} & set(sys.modules), sorted(sys.modules)")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, env=checkout_env())

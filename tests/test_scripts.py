@@ -4,12 +4,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from utils import checkout_env
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_tune_triton_blocks_smoke():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "tune_triton_blocks.py"), "--smoke"],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+                          capture_output=True, text=True, timeout=600, env=checkout_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     for op in ("fwd", "bwd"):

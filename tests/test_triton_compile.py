@@ -3,20 +3,19 @@ tensor-core instructions in the SASS. Catches what the CPU interpreter cannot (c
 a tile choice that spills) before a GPU session does."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from utils import checkout_env
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "triton_resources.py"
 
 
 def _compile(arch: int, dtype: str):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # The checkout first: with an in-place build (scripts/gpu_check.sh) the package is not installed.
-    env["PYTHONPATH"] = os.pathsep.join([str(SCRIPT.parent.parent), *filter(None, [env.get("PYTHONPATH")])])
+    env = checkout_env(drop=("TRITON_INTERPRET",))
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     out = subprocess.run([sys.executable, str(SCRIPT), "--arch", str(arch), "--dtype", dtype, "--json"],
                          capture_output=True, text=True, env=env, timeout=900)

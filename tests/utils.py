@@ -158,3 +158,15 @@ def assert_matches_reference(actual, expected64, expected_lowp, dtype, what):
     ref_err = (expected_lowp.double() - expected64).abs().max().item()
     scale = expected64.abs().max().item()
     assert err <= 2 * ref_err + atol * max(1.0, scale), f"{what}: error {err:.3g} vs PyTorch's {ref_err:.3g}"
+
+
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def checkout_env(drop=()) -> dict:
+    """os.environ for a subprocess that imports this checkout's compacter_kernels: the checkout
+    first on PYTHONPATH, as an in-place build (scripts/gpu_check.sh) is not installed."""
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["PYTHONPATH"] = os.pathsep.join([CHECKOUT, *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
