@@ -21,6 +21,8 @@ set -uo pipefail
 STEP=${1:-all}; shift || true
 case "$STEP" in all|tests|sanitize|targets|bench|tune) ;; *) echo "unknown step '$STEP' (all|tests|sanitize|targets|bench|tune)"; exit 2;; esac
 cd "$(dirname "$0")/.."
+# The in-place build is not installed: the checkout goes on the path of every Python started here.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
