@@ -131,3 +131,66 @@ def test_meta_tensors_give_shapes_through_the_reference():
     """Shape inference on the meta device goes through validation (autocast check included)."""
     inp = compacter_inputs(lead=(2, 3), d=16, k=8, n=4, device="meta", requires_grad=False)
     assert ck.compacter_adapter(*inp.args(), backend="reference").shape == (2, 3, 16)
+
+
+# ---- the ops' two ways in: autograd.Function in eager, the custom op otherwise ------------------
+
+@torch.library.custom_op("ck_test::scaled", mutates_args=())
+def _scaled_op(x: torch.Tensor, s: float) -> torch.Tensor:
+    return x * s
+
+
+@_scaled_op.register_fake
+def _(x, s):
+    return torch.empty_like(x)
+
+
+def _routed(calls):
+    """_eager_or_op around ck_test::scaled, recording which way each call went."""
+    from compacter_kernels.ops._common import _eager_or_op
+
+    def impl(x, s):
+        calls.append("function")
+        return x * s
+
+    def setup_context(ctx, inputs, output):
+        ctx.s = inputs[1]
+
+    def backward(ctx, dy):
+        return dy * ctx.s, None
+
+    _scaled_op.register_autograd(backward, setup_context=setup_context)
+    op = _scaled_op
+
+    def counted_op(x, s):
+        calls.append("op")
+        return op(x, s)
+
+    return _eager_or_op(counted_op, impl, setup_context, backward)
+
+
+def test_eager_calls_skip_the_op_dispatch_and_keep_their_gradient():
+    calls = []
+    f = _routed(calls)
+    x = torch.randn(5, requires_grad=True)
+    y = f(x, 3.0)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert calls == ["function"] and torch.equal(y, x * 3) and torch.equal(g, torch.full((5,), 3.0))
+
+
+def test_meta_fake_dispatch_modes_and_compile_take_the_op():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    calls = []
+    f = _routed(calls)
+    assert f(torch.empty(4, device="meta"), 2.0).device.type == "meta"
+    with FakeTensorMode():
+        f(torch.empty(4), 2.0)
+    with FlopCounterMode(display=False):
+        f(torch.randn(4), 2.0)
+    assert calls == ["op"] * 3
+    calls.clear()
+    x = torch.randn(6)
+    y = torch.compile(f, backend="aot_eager", fullgraph=True)(x, 2.0)
+    assert calls and set(calls) == {"op"} and torch.equal(y, x * 2)  # traced through the op

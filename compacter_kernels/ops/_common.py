@@ -73,10 +73,11 @@ def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(dev)
 
 
-def adapter_entry_points(fwd_op: Callable):
-    """(compacter_adapter, adapter) with the reference's signatures, on a backend's forward op
-    ``fwd_op(x2d, residual2d, *down, bias_down, *up, bias_up, activation, scale, out_dtype)``
-    (down and up are (rule, left, right) triples; rule None means a dense matrix).
+def adapter_entry_points(forward: Callable):
+    """(compacter_adapter, adapter) with the reference's signatures, on a backend's forward
+    ``forward(x2d, residual2d, *down, bias_down, *up, bias_up, activation, scale, out_dtype)``
+    (what `register_adapter_autograd` returns; down and up are (rule, left, right) triples, rule
+    None meaning a dense matrix).
 
     Under autocast they behave as the eager reference: matmuls in the autocast dtype and
     y = r + scale * (g @ H_up + b_up) promoted as eager promotes it (an fp32 b_up or r gives an
@@ -94,8 +95,8 @@ def adapter_entry_points(fwd_op: Callable):
             out_dtype = torch.promote_types(r.dtype, amp if bias_up is None else bias_up.dtype)
             x, residual = x.to(amp), r
         r2 = None if residual is None else residual.reshape(-1, shape[-1])
-        y, _ = fwd_op(x.reshape(-1, shape[-1]), r2, *down, bias_down, *up, bias_up, activation, float(scale),
-                      out_dtype)
+        y, _ = forward(x.reshape(-1, shape[-1]), r2, *down, bias_down, *up, bias_up, activation, float(scale),
+                       out_dtype)
         return y.reshape(shape)
 
     def compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
@@ -109,11 +110,43 @@ def adapter_entry_points(fwd_op: Callable):
     return compacter_adapter, adapter
 
 
-def register_adapter_autograd(fwd_op, kernels_bwd: Callable) -> None:
-    """Autograd of a backend's fused adapter op (the ``fwd_op`` of `adapter_entry_points`) over
-    the factors. ``kernels_bwd(dy, x, z, *down, *up, activation, scale, has_residual)`` gives
-    (dx, dH_down, dH_up, db_down, db_up), the last four in fp32; dH goes to the factors here and
-    each bias gradient comes back in its bias's dtype."""
+def _eager_or_op(op, impl: Callable, setup_context: Callable, grads_of: Callable) -> Callable:
+    """What the entry points call for a custom op with autograd. Plain tensors in eager mode go
+    through an autograd.Function on the op's own Python function: the same forward and backward
+    without torch.library's Python dispatch, which costs more host time than the kernels take at
+    small sizes (benchmarks/NOTES.md). Everything else goes through the op itself, with its fake
+    impl: torch.compile (the op is opaque to the compiler), meta tensors, tensor subclasses such
+    as FakeTensor, and active dispatch modes (FakeTensorMode, FlopCounterMode, ...)."""
+
+    class Eager(torch.autograd.Function):
+        # forward(ctx, ...) with the context set inside: with a separate setup_context,
+        # Function.apply binds the arguments with inspect.signature on every call (~85 us here).
+        @staticmethod
+        def forward(ctx, *args):
+            output = impl(*args)
+            setup_context(ctx, args, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return grads_of(ctx, *grads)
+
+    def call(x, *args):
+        if (torch.compiler.is_compiling() or type(x) is not torch.Tensor or x.device.type == "meta"
+                or torch._C._len_torch_dispatch_stack() > 0):
+            return op(x, *args)
+        return Eager.apply(x, *args)
+
+    return call
+
+
+def register_adapter_autograd(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kernels_bwd_impl: Callable):
+    """Autograd of a backend's fused adapter op (the ``fwd_op`` of `adapter_entry_points`, the
+    custom op of the Python function ``fwd_impl``) over the factors; returns the forward to
+    call (`_eager_or_op`). ``kernels_bwd(dy, x, z, *down, *up, activation, scale, has_residual)``
+    gives (dx, dH_down, dH_up, db_down, db_up), the last four in fp32; ``kernels_bwd_impl`` is
+    the same without the op dispatch (eager). dH goes to the factors here and each bias gradient
+    comes back in its bias's dtype."""
 
     def setup_context(ctx, inputs, output):
         x, residual, rd, ld, rgd, bd, ru, lu, rgu, bu, activation, scale, _ = inputs
@@ -123,46 +156,54 @@ def register_adapter_autograd(fwd_op, kernels_bwd: Callable) -> None:
         ctx.activation, ctx.scale = activation, scale
         ctx.mark_non_differentiable(output[1])
 
-    def backward(ctx, dy, _dz):
-        x, z, rd, ld, rgd, ru, lu, rgu = ctx.saved_tensors
-        dx, dHd, dHu, dbd, dbu = kernels_bwd(dy, x, z, rd, ld, rgd, ru, lu, rgu, ctx.activation, ctx.scale,
+    def backward_with(kernels):
+        def backward(ctx, dy, _dz):
+            x, z, rd, ld, rgd, ru, lu, rgu = ctx.saved_tensors
+            dx, dHd, dHu, dbd, dbu = kernels(dy, x, z, rd, ld, rgd, ru, lu, rgu, ctx.activation, ctx.scale,
                                              ctx.has_residual)
-        g_rd, g_ld, g_rgd = factor_grads(dHd, rd, ld, rgd)
-        g_ru, g_lu, g_rgu = factor_grads(dHu, ru, lu, rgu)
-        dres = dy if ctx.has_residual else None
-        dbd = None if ctx.bias_dtypes[0] is None else dbd.to(ctx.bias_dtypes[0])
-        dbu = None if ctx.bias_dtypes[1] is None else dbu.to(ctx.bias_dtypes[1])
-        return dx, dres, g_rd, g_ld, g_rgd, dbd, g_ru, g_lu, g_rgu, dbu, None, None, None
+            g_rd, g_ld, g_rgd = factor_grads(dHd, rd, ld, rgd)
+            g_ru, g_lu, g_rgu = factor_grads(dHu, ru, lu, rgu)
+            dres = dy if ctx.has_residual else None
+            dbd = None if ctx.bias_dtypes[0] is None else dbd.to(ctx.bias_dtypes[0])
+            dbu = None if ctx.bias_dtypes[1] is None else dbu.to(ctx.bias_dtypes[1])
+            return dx, dres, g_rd, g_ld, g_rgd, dbd, g_ru, g_lu, g_rgu, dbu, None, None, None
+        return backward
 
-    fwd_op.register_autograd(backward, setup_context=setup_context)
+    fwd_op.register_autograd(backward_with(kernels_bwd), setup_context=setup_context)
+    return _eager_or_op(fwd_op, fwd_impl, setup_context, backward_with(kernels_bwd_impl))
 
 
-def register_phm_linear_autograd(fwd_op, kernels_bwd: Callable) -> None:
-    """Autograd of a backend's ``fwd_op(x2d, rule, left, right, bias)``: ``kernels_bwd(dy, x, rule,
-    left, right, has_bias)`` gives (dx, dH fp32, db fp32); dH goes to the factors here."""
+def register_phm_linear_autograd(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kernels_bwd_impl: Callable):
+    """Autograd of a backend's ``fwd_op(x2d, rule, left, right, bias)`` (the custom op of
+    ``fwd_impl``); returns the forward to call (`_eager_or_op`). ``kernels_bwd(dy, x, rule, left,
+    right, has_bias)`` gives (dx, dH fp32, db fp32), ``kernels_bwd_impl`` the same without the op
+    dispatch; dH goes to the factors here."""
 
     def setup_context(ctx, inputs, output):
         x, rule, left, right, bias = inputs
         ctx.save_for_backward(x, rule, left, right)
         ctx.has_bias = bias is not None
 
-    def backward(ctx, dy):
-        x, rule, left, right = ctx.saved_tensors
-        dx, dH, db = kernels_bwd(dy, x, rule, left, right, ctx.has_bias)
-        g_rule, g_left, g_right = factor_grads(dH, rule, left, right)
-        return dx, g_rule, g_left, g_right, db.to(x.dtype) if ctx.has_bias else None
+    def backward_with(kernels):
+        def backward(ctx, dy):
+            x, rule, left, right = ctx.saved_tensors
+            dx, dH, db = kernels(dy, x, rule, left, right, ctx.has_bias)
+            g_rule, g_left, g_right = factor_grads(dH, rule, left, right)
+            return dx, g_rule, g_left, g_right, db.to(x.dtype) if ctx.has_bias else None
+        return backward
 
-    fwd_op.register_autograd(backward, setup_context=setup_context)
+    fwd_op.register_autograd(backward_with(kernels_bwd), setup_context=setup_context)
+    return _eager_or_op(fwd_op, fwd_impl, setup_context, backward_with(kernels_bwd_impl))
 
 
-def phm_linear_entry_point(fwd_op: Callable) -> Callable:
-    """``phm_linear`` with the reference's signature on a backend's ``fwd_op(x2d, rule, left, right,
-    bias)``. Under autocast, as eager: the matmul in the autocast dtype, the bias added after,
+def phm_linear_entry_point(forward: Callable) -> Callable:
+    """``phm_linear`` with the reference's signature on a backend's ``forward(x2d, rule, left, right,
+    bias)`` (what `register_phm_linear_autograd` returns). Under autocast, as eager: the matmul in the autocast dtype, the bias added after,
     promoting (an fp32 bias gives an fp32 y). Only x is cast: H is summed in fp32 from the
     factors as they are and rounded once, and the factor gradients are computed in fp32."""
 
     def run(x, rule, left, right, bias):
-        y = fwd_op(x.reshape(-1, x.shape[-1]), rule, left, right, bias)
+        y = forward(x.reshape(-1, x.shape[-1]), rule, left, right, bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def phm_linear(x, rule, left, right=None, bias=None):

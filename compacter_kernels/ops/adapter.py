@@ -148,8 +148,7 @@ def _adapter_bwd_kernel(
 
 # ---- torch.library ops: opaque to torch.compile, with fake and autograd registrations ---------
 
-@torch.library.custom_op("compacter_kernels::triton_adapter_fwd", mutates_args=())
-def adapter_fwd(
+def _adapter_fwd(
     x: Tensor, residual: Optional[Tensor],
     rule_down: Optional[Tensor], left_down: Tensor, right_down: Optional[Tensor], bias_down: Optional[Tensor],
     rule_up: Optional[Tensor], left_up: Tensor, right_up: Optional[Tensor], bias_up: Optional[Tensor],
@@ -179,6 +178,9 @@ def adapter_fwd(
     return y, z
 
 
+adapter_fwd = torch.library.custom_op("compacter_kernels::triton_adapter_fwd", _adapter_fwd, mutates_args=())
+
+
 @adapter_fwd.register_fake
 def _(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
       activation, scale, out_dtype):
@@ -186,8 +188,7 @@ def _(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up
     return x.new_empty(x.shape, dtype=out_dtype), x.new_empty((x.shape[0], K))
 
 
-@torch.library.custom_op("compacter_kernels::triton_adapter_bwd", mutates_args=())
-def adapter_bwd(
+def _adapter_bwd(
     dy: Tensor, x: Tensor, z: Tensor,
     rule_down: Optional[Tensor], left_down: Tensor, right_down: Optional[Tensor],
     rule_up: Optional[Tensor], left_up: Tensor, right_up: Optional[Tensor],
@@ -219,6 +220,9 @@ def adapter_bwd(
     return dx, dH_down, dH_up * scale, db_down, db_up * scale
 
 
+adapter_bwd = torch.library.custom_op("compacter_kernels::triton_adapter_bwd", _adapter_bwd, mutates_args=())
+
+
 @adapter_bwd.register_fake
 def _(dy, x, z, rule_down, left_down, right_down, rule_up, left_up, right_up, activation, scale, has_residual):
     M, D = x.shape
@@ -227,9 +231,7 @@ def _(dy, x, z, rule_down, left_down, right_down, rule_up, left_up, right_up, ac
     return x.new_empty((M, D)), f32(D, K), f32(K, D), f32(K), f32(D)
 
 
-register_adapter_autograd(adapter_fwd, adapter_bwd)
-
-
 # ---- backend entry points (signatures of compacter_kernels.reference) -------------------------
 
-compacter_adapter, adapter = adapter_entry_points(adapter_fwd)
+compacter_adapter, adapter = adapter_entry_points(
+    register_adapter_autograd(adapter_fwd, _adapter_fwd, adapter_bwd, _adapter_bwd))

@@ -71,8 +71,7 @@ def _cuda_adapter_bwd_fake(dy, x, z, h_down, h_up, activation, scale, has_residu
 
 # ---- the differentiable op on the factors (what torch.compile and autograd see) -----------------
 
-@torch.library.custom_op("compacter_kernels::cuda_compacter_fwd", mutates_args=())
-def adapter_fwd(
+def _adapter_fwd(
     x: Tensor, residual: Optional[Tensor],
     rule_down: Optional[Tensor], left_down: Tensor, right_down: Optional[Tensor], bias_down: Optional[Tensor],
     rule_up: Optional[Tensor], left_up: Tensor, right_up: Optional[Tensor], bias_up: Optional[Tensor],
@@ -87,6 +86,9 @@ def adapter_fwd(
     return torch.ops.compacter_kernels.cuda_adapter_fwd(
         rows(x), None if residual is None else rows(residual), h_down, _bias(bias_down, x.dtype), h_up,
         _bias(bias_up, x.dtype), ACT_CODE[activation], scale, out_dtype)
+
+
+adapter_fwd = torch.library.custom_op("compacter_kernels::cuda_compacter_fwd", _adapter_fwd, mutates_args=())
 
 
 @adapter_fwd.register_fake
@@ -104,9 +106,8 @@ def _kernels_bwd(dy, x, z, rd, ld, rgd, ru, lu, rgu, activation, scale, has_resi
                                                         has_residual)
 
 
-register_adapter_autograd(adapter_fwd, _kernels_bwd)
-
-
 # ---- backend entry points (signatures of compacter_kernels.reference) ---------------------------
 
-compacter_adapter, adapter = adapter_entry_points(adapter_fwd)
+# The backward calls the C++ ops directly either way: no Python op of its own to bypass.
+compacter_adapter, adapter = adapter_entry_points(
+    register_adapter_autograd(adapter_fwd, _adapter_fwd, _kernels_bwd, _kernels_bwd))

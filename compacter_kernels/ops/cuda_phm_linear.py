@@ -52,13 +52,15 @@ def phm_linear_backward(dy: Tensor, x: Tensor, H: Tensor, has_bias: bool):
     return dx, dH, db
 
 
-@torch.library.custom_op("compacter_kernels::cuda_phm_linear_fwd", mutates_args=())
-def phm_linear_fwd(x: Tensor, rule: Tensor, left: Tensor, right: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+def _phm_linear_fwd(x: Tensor, rule: Tensor, left: Tensor, right: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
     """y (M, O) = x (M, I) @ H + bias; bias (if any) in x's dtype (under autocast the entry point
     adds it outside the op); the factors in any float dtype (H is summed in fp32)."""
     cuda_adapter._check_device(x)  # the backend's one device check (the CPU emulation of the tests lifts it)
     H = dense_h(rule, left, right, x.dtype)
     return torch.mm(x, H) if bias is None else torch.addmm(bias, x, H)
+
+
+phm_linear_fwd = torch.library.custom_op("compacter_kernels::cuda_phm_linear_fwd", _phm_linear_fwd, mutates_args=())
 
 
 @phm_linear_fwd.register_fake
@@ -73,9 +75,8 @@ def _kernels_bwd(dy, x, rule, left, right, has_bias):
         return phm_linear_backward(dy, x, dense_h(rule, left, right, x.dtype), has_bias)
 
 
-register_phm_linear_autograd(phm_linear_fwd, _kernels_bwd)
-
 # Backend entry point, signature of compacter_kernels.reference.phm_linear. Under autocast only x
 # is cast: H is summed in fp32 from the factors as they are and rounded once, so no factor (and
 # no factor gradient) is rounded.
-phm_linear = phm_linear_entry_point(phm_linear_fwd)
+phm_linear = phm_linear_entry_point(
+    register_phm_linear_autograd(phm_linear_fwd, _phm_linear_fwd, _kernels_bwd, _kernels_bwd))

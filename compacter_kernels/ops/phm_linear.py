@@ -72,9 +72,11 @@ def _matmul_h(x2: Tensor, rule, left, right, bias: Optional[Tensor], trans: bool
     return y
 
 
-@torch.library.custom_op("compacter_kernels::triton_phm_linear_fwd", mutates_args=())
-def phm_linear_fwd(x: Tensor, rule: Tensor, left: Tensor, right: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+def _phm_linear_fwd(x: Tensor, rule: Tensor, left: Tensor, right: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
     return _matmul_h(rows(x), rule, left, right, bias, trans=False)
+
+
+phm_linear_fwd = torch.library.custom_op("compacter_kernels::triton_phm_linear_fwd", _phm_linear_fwd, mutates_args=())
 
 
 @phm_linear_fwd.register_fake
@@ -82,8 +84,7 @@ def _(x, rule, left, right, bias):
     return x.new_empty((x.shape[0], rule.shape[0] * (left if right is None else right).shape[2]))
 
 
-@torch.library.custom_op("compacter_kernels::triton_phm_linear_bwd", mutates_args=())
-def phm_linear_bwd(dy: Tensor, x: Tensor, rule: Tensor, left: Tensor, right: Optional[Tensor],
+def _phm_linear_bwd(dy: Tensor, x: Tensor, rule: Tensor, left: Tensor, right: Optional[Tensor],
                    has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dH fp32 (I, O), db fp32 (O,), zeros when there is no bias)."""
     dy2 = rows(dy)
@@ -95,13 +96,15 @@ def phm_linear_bwd(dy: Tensor, x: Tensor, rule: Tensor, left: Tensor, right: Opt
     return dx, dH, db if has_bias else dH.new_zeros(dH.shape[1])
 
 
+phm_linear_bwd = torch.library.custom_op("compacter_kernels::triton_phm_linear_bwd", _phm_linear_bwd, mutates_args=())
+
+
 @phm_linear_bwd.register_fake
 def _(dy, x, rule, left, right, has_bias):
     return x.new_empty(x.shape), x.new_empty((x.shape[1], dy.shape[1]), dtype=torch.float32), \
         x.new_empty((dy.shape[1],), dtype=torch.float32)
 
 
-register_phm_linear_autograd(phm_linear_fwd, phm_linear_bwd)
-
 # Backend entry point, signature of compacter_kernels.reference.phm_linear.
-phm_linear = phm_linear_entry_point(phm_linear_fwd)
+phm_linear = phm_linear_entry_point(
+    register_phm_linear_autograd(phm_linear_fwd, _phm_linear_fwd, phm_linear_bwd, _phm_linear_bwd))
