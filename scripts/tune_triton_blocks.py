@@ -141,9 +141,10 @@ def main() -> int:
                 adapter._blocks = saved[0]
                 setattr(adapter, kernels[op], saved[1])
             mark = "*" if (BM, min(common.padded(d), BD), warps) == (current[0], current[1], current[3]) else " "
-            results.append((BM, min(common.padded(d), BD), warps, t, ok, spills))
-            print(f"{mark} {BM:4d} {BD:4d} {warps:5d} {t:9.4f} {floor_ms / t:6.0%} {regs if regs is not None else '-':>5} "
-                  f"{spills if spills is not None else '-':>6}{'' if ok else '  WRONG: outputs differ'}")
+            results.append((BM, min(common.padded(d), BD), warps, t, ok, spills))  # spills None: not known
+            regs, spills = ("-" if v is None else v for v in (regs, spills))
+            print(f"{mark} {BM:4d} {BD:4d} {warps:5d} {t:9.4f} {floor_ms / t:6.0%} {regs:>5} {spills:>6}"
+                  f"{'' if ok else '  WRONG: outputs differ'}")
         good = [r for r in results if r[4] and not r[5]]
         if good:
             BM, BD, warps, t, _, _ = min(good, key=lambda r: r[3])

@@ -141,9 +141,9 @@ def _eager_or_op(op, impl: Callable, setup_context: Callable, grads_of: Callable
 
 
 def register_adapter_autograd(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kernels_bwd_impl: Callable):
-    """Autograd of a backend's fused adapter op (the ``fwd_op`` of `adapter_entry_points`, the
-    custom op of the Python function ``fwd_impl``) over the factors; returns the forward to
-    call (`_eager_or_op`). ``kernels_bwd(dy, x, z, *down, *up, activation, scale, has_residual)``
+    """Autograd of a backend's fused adapter op ``fwd_op`` (the custom op of the Python function
+    ``fwd_impl``, taking what `adapter_entry_points` passes) over the factors; returns the
+    forward to call (`_eager_or_op`). ``kernels_bwd(dy, x, z, *down, *up, activation, scale, has_residual)``
     gives (dx, dH_down, dH_up, db_down, db_up), the last four in fp32; ``kernels_bwd_impl`` is
     the same without the op dispatch (eager). dH goes to the factors here and each bias gradient
     comes back in its bias's dtype."""
@@ -160,7 +160,7 @@ def register_adapter_autograd(fwd_op, fwd_impl: Callable, kernels_bwd: Callable,
         def backward(ctx, dy, _dz):
             x, z, rd, ld, rgd, ru, lu, rgu = ctx.saved_tensors
             dx, dHd, dHu, dbd, dbu = kernels(dy, x, z, rd, ld, rgd, ru, lu, rgu, ctx.activation, ctx.scale,
-                                             ctx.has_residual)
+                                            ctx.has_residual)
             g_rd, g_ld, g_rgd = factor_grads(dHd, rd, ld, rgd)
             g_ru, g_lu, g_rgu = factor_grads(dHu, ru, lu, rgu)
             dres = dy if ctx.has_residual else None
@@ -197,10 +197,11 @@ def register_phm_linear_autograd(fwd_op, fwd_impl: Callable, kernels_bwd: Callab
 
 
 def phm_linear_entry_point(forward: Callable) -> Callable:
-    """``phm_linear`` with the reference's signature on a backend's ``forward(x2d, rule, left, right,
-    bias)`` (what `register_phm_linear_autograd` returns). Under autocast, as eager: the matmul in the autocast dtype, the bias added after,
-    promoting (an fp32 bias gives an fp32 y). Only x is cast: H is summed in fp32 from the
-    factors as they are and rounded once, and the factor gradients are computed in fp32."""
+    """``phm_linear`` with the reference's signature on a backend's ``forward(x2d, rule, left,
+    right, bias)`` (what `register_phm_linear_autograd` returns). Under autocast, as eager: the
+    matmul in the autocast dtype, the bias added after, promoting (an fp32 bias gives an fp32
+    y). Only x is cast: H is summed in fp32 from the factors as they are and rounded once, and
+    the factor gradients are computed in fp32."""
 
     def run(x, rule, left, right, bias):
         y = forward(x.reshape(-1, x.shape[-1]), rule, left, right, bias)
