@@ -17,7 +17,7 @@ import torch
 import compacter_kernels as ck
 import emulation
 from compacter_kernels import reference as ref
-from utils import CUDA_EMULATED, assert_matches_reference, dense_inputs, double_leaves, phm_factors
+from utils import CUDA_EMULATED, check_op, dense_inputs, phm_factors
 
 pytestmark = pytest.mark.skipif(not CUDA_EMULATED, reason="runs in the emulated run: COMPACTER_KERNELS_EMULATE_CUDA=1 "
                                                           "without a GPU (scripts/test.sh does it)")
@@ -105,17 +105,8 @@ KNOB = "COMPACTER_KERNELS_CUDA_RESIDENT_KIB"
 def _dense_adapter_checked(d, k, dtype, rows=19):
     """ck.adapter on the cuda backend against the reference, output and every gradient;
     returns (forward resident, backward resident) of the launches it made."""
-    inp = dense_inputs(lead=(rows,), d=d, k=k, dtype=dtype)
-    y = ck.adapter(*inp, backend="cuda")
-    memo = {}
-    y64, y_lp = ref.adapter(*double_leaves(inp, memo)), ref.adapter(*inp)
-    assert_matches_reference(y, y64, y_lp, dtype, f"d={d} output")
-    dy = torch.randn_like(y)
-    leaves = [t for t in inp if t is not None]
-    for i, (a, b, c) in enumerate(zip(torch.autograd.grad(y, leaves, dy),
-                                      torch.autograd.grad(y64, double_leaves(leaves, memo), dy.double()),
-                                      torch.autograd.grad(y_lp, leaves, dy))):
-        assert_matches_reference(a, b, c, dtype, f"d={d} grad #{i}")
+    check_op(lambda *a: ck.adapter(*a, backend="cuda"), ref.adapter, dense_inputs(lead=(rows,), d=d, k=k, dtype=dtype),
+             dtype, f"d={d}")
     fwd_resident, _, bwd_resident, _ = torch.ops.compacter_kernels_emulation.last_layouts()
     return bool(fwd_resident), bool(bwd_resident)
 

@@ -10,8 +10,8 @@ import torch
 import compacter_kernels as ck
 from compacter_kernels import reference as ref
 from compacter_kernels.ops import _triton_common
-from utils import (ON_GPU, assert_matches_reference, compacter_inputs, dense_inputs, double_leaves,
-                   phm_factors, why_backend_cannot_run)
+from utils import (ON_GPU, assert_matches_reference, check_op, compacter_inputs, dense_inputs, phm_factors,
+                   why_backend_cannot_run)
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 KERNEL_BACKENDS = ["triton", "cuda"]
@@ -43,26 +43,6 @@ def h_build(request, monkeypatch, backend):
 def _skip_unsupported(dtype, backend):
     if dtype == torch.bfloat16 and not ON_GPU and backend == "triton":
         pytest.skip("bf16 tl.dot is silently wrong in the Triton interpreter: bf16 is tested on a GPU")
-
-
-def check_op(fn_kernel, fn_ref, args, dtype, what, **kw):
-    """Output and every gradient of fn_kernel(args) against fn_ref in fp64 and in dtype."""
-    out = fn_kernel(*args, **kw)
-    memo = {}
-    a64 = double_leaves(args, memo)
-    out64 = fn_ref(*a64, **kw)
-    out_lp = fn_ref(*args, **kw)
-    assert out.shape == out64.shape, what
-    assert_matches_reference(out, out64, out_lp, dtype, f"{what} output")
-    leaves = list({id(t): t for t in args if t is not None and t.requires_grad}.values())
-    if not leaves or out.numel() == 0:
-        return
-    dy = torch.randn_like(out)
-    g = torch.autograd.grad(out, leaves, dy)
-    g64 = torch.autograd.grad(out64, double_leaves(leaves, memo), dy.double())
-    g_lp = torch.autograd.grad(out_lp, leaves, dy)
-    for i, (a, b, c) in enumerate(zip(g, g64, g_lp)):
-        assert_matches_reference(a, b, c, dtype, f"{what} grad #{i} {tuple(a.shape)}")
 
 
 def _kernel(op, backend):

@@ -46,7 +46,7 @@ M, D, K, N, RANK = 48, 64, 16, 4, 1  # M != d, so x and a (d, k) weight differ i
 def _expected(op: str, e: int) -> dict[str, timing.SavedBytes]:
     """Bytes each provider saves, counted from what its forward saves.
 
-    Fused (both backends: ops/_common.py, register_adapter_autograd): x, z (M, k) and the weight
+    Fused (both backends: ops/_common.py, register_adapter_op): x, z (M, k) and the weight
     factors (biases are not needed for backward); z is the only new tensor.
     Reference (reference.py): mm saves x and H_down, gelu saves z, mm saves g and H_up; for
     Compacter, phm_weight also saves B = left @ right (n, I/n, O/n) for the Kronecker product and

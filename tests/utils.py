@@ -160,6 +160,25 @@ def assert_matches_reference(actual, expected64, expected_lowp, dtype, what):
     assert err <= 2 * ref_err + atol * max(1.0, scale), f"{what}: error {err:.3g} vs PyTorch's {ref_err:.3g}"
 
 
+def check_op(fn_kernel, fn_ref, args, dtype, what, **kw):
+    """Output and every gradient of fn_kernel(args) against fn_ref in fp64 and in dtype."""
+    out = fn_kernel(*args, **kw)
+    memo = {}
+    a64 = double_leaves(args, memo)
+    out64 = fn_ref(*a64, **kw)
+    out_lp = fn_ref(*args, **kw)
+    assert out.shape == out64.shape, what
+    assert_matches_reference(out, out64, out_lp, dtype, f"{what} output")
+    leaves = list({id(t): t for t in args if t is not None and t.requires_grad}.values())
+    if not leaves or out.numel() == 0:
+        return
+    dy = torch.randn_like(out)
+    g = torch.autograd.grad(out, leaves, dy)
+    g64 = torch.autograd.grad(out64, double_leaves(leaves, memo), dy.double())
+    g_lp = torch.autograd.grad(out_lp, leaves, dy)
+    for i, (a, b, c) in enumerate(zip(g, g64, g_lp)):
+        assert_matches_reference(a, b, c, dtype, f"{what} grad #{i} {tuple(a.shape)}")
+
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -76,7 +76,7 @@ def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
 def adapter_entry_points(forward: Callable):
     """(compacter_adapter, adapter) with the reference's signatures, on a backend's forward
     ``forward(x2d, residual2d, *down, bias_down, *up, bias_up, activation, scale, out_dtype)``
-    (what `register_adapter_autograd` returns; down and up are (rule, left, right) triples, rule
+    (what `register_adapter_op` returns; down and up are (rule, left, right) triples, rule
     None meaning a dense matrix).
 
     Under autocast they behave as the eager reference: matmuls in the autocast dtype and
@@ -140,10 +140,10 @@ def _eager_or_op(op, impl: Callable, setup_context: Callable, grads_of: Callable
     return call
 
 
-def register_adapter_autograd(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kernels_bwd_impl: Callable):
-    """Autograd of a backend's fused adapter op ``fwd_op`` (the custom op of the Python function
-    ``fwd_impl``, taking what `adapter_entry_points` passes) over the factors; returns the
-    forward to call (`_eager_or_op`). ``kernels_bwd(dy, x, z, *down, *up, activation, scale, has_residual)``
+def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kernels_bwd_impl: Callable):
+    """Fake impl and autograd of a backend's fused adapter op ``fwd_op`` (the custom op of the
+    Python function ``fwd_impl``, taking what `adapter_entry_points` passes) over the factors;
+    returns the forward to call (`_eager_or_op`). ``kernels_bwd(dy, x, z, *down, *up, activation, scale, has_residual)``
     gives (dx, dH_down, dH_up, db_down, db_up), the last four in fp32; ``kernels_bwd_impl`` is
     the same without the op dispatch (eager). dH goes to the factors here and each bias gradient
     comes back in its bias's dtype."""
@@ -155,6 +155,12 @@ def register_adapter_autograd(fwd_op, fwd_impl: Callable, kernels_bwd: Callable,
         ctx.has_residual = residual is not None
         ctx.activation, ctx.scale = activation, scale
         ctx.mark_non_differentiable(output[1])
+
+    @fwd_op.register_fake
+    def _(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
+          activation, scale, out_dtype):
+        K = out_features(rule_down, left_down, right_down)
+        return x.new_empty(x.shape, dtype=out_dtype), x.new_empty((x.shape[0], K))
 
     def backward_with(kernels):
         def backward(ctx, dy, _dz):
@@ -173,9 +179,9 @@ def register_adapter_autograd(fwd_op, fwd_impl: Callable, kernels_bwd: Callable,
     return _eager_or_op(fwd_op, fwd_impl, setup_context, backward_with(kernels_bwd_impl))
 
 
-def register_phm_linear_autograd(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kernels_bwd_impl: Callable):
-    """Autograd of a backend's ``fwd_op(x2d, rule, left, right, bias)`` (the custom op of
-    ``fwd_impl``); returns the forward to call (`_eager_or_op`). ``kernels_bwd(dy, x, rule, left,
+def register_phm_linear_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kernels_bwd_impl: Callable):
+    """Fake impl and autograd of a backend's ``fwd_op(x2d, rule, left, right, bias)`` (the custom
+    op of ``fwd_impl``); returns the forward to call (`_eager_or_op`). ``kernels_bwd(dy, x, rule, left,
     right, has_bias)`` gives (dx, dH fp32, db fp32), ``kernels_bwd_impl`` the same without the op
     dispatch; dH goes to the factors here."""
 
@@ -183,6 +189,10 @@ def register_phm_linear_autograd(fwd_op, fwd_impl: Callable, kernels_bwd: Callab
         x, rule, left, right, bias = inputs
         ctx.save_for_backward(x, rule, left, right)
         ctx.has_bias = bias is not None
+
+    @fwd_op.register_fake
+    def _(x, rule, left, right, bias):
+        return x.new_empty((x.shape[0], out_features(rule, left, right)))
 
     def backward_with(kernels):
         def backward(ctx, dy):
@@ -198,7 +208,7 @@ def register_phm_linear_autograd(fwd_op, fwd_impl: Callable, kernels_bwd: Callab
 
 def phm_linear_entry_point(forward: Callable) -> Callable:
     """``phm_linear`` with the reference's signature on a backend's ``forward(x2d, rule, left,
-    right, bias)`` (what `register_phm_linear_autograd` returns). Under autocast, as eager: the
+    right, bias)`` (what `register_phm_linear_op` returns). Under autocast, as eager: the
     matmul in the autocast dtype, the bias added after, promoting (an fp32 bias gives an fp32
     y). Only x is cast: H is summed in fp32 from the factors as they are and rounded once, and
     the factor gradients are computed in fp32."""

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import ACT_CODE, adapter_entry_points, out_features, register_adapter_autograd, rows
+from ._common import ACT_CODE, adapter_entry_points, out_features, register_adapter_op, rows
 from ._triton_common import act_bwd, act_fwd, empty, h_args, h_tile, interpreting, padded, rows_tn
 
 
@@ -181,13 +181,6 @@ def _adapter_fwd(
 adapter_fwd = torch.library.custom_op("compacter_kernels::triton_adapter_fwd", _adapter_fwd, mutates_args=())
 
 
-@adapter_fwd.register_fake
-def _(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
-      activation, scale, out_dtype):
-    K = out_features(rule_down, left_down, right_down)
-    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty((x.shape[0], K))
-
-
 def _adapter_bwd(
     dy: Tensor, x: Tensor, z: Tensor,
     rule_down: Optional[Tensor], left_down: Tensor, right_down: Optional[Tensor],
@@ -234,4 +227,4 @@ def _(dy, x, z, rule_down, left_down, right_down, rule_up, left_up, right_up, ac
 # ---- backend entry points (signatures of compacter_kernels.reference) -------------------------
 
 compacter_adapter, adapter = adapter_entry_points(
-    register_adapter_autograd(adapter_fwd, _adapter_fwd, adapter_bwd, _adapter_bwd))
+    register_adapter_op(adapter_fwd, _adapter_fwd, adapter_bwd, _adapter_bwd))

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import ACT_CODE, adapter_entry_points, dense_h, out_features, register_adapter_autograd, rows
+from ._common import ACT_CODE, adapter_entry_points, dense_h, register_adapter_op, rows
 
 if not hasattr(torch.ops.compacter_kernels, "cuda_adapter_fwd"):
     raise ImportError("compacter_kernels.ops.cuda_adapter needs the CUDA extension's ops: it is imported by "
@@ -91,13 +91,6 @@ def _adapter_fwd(
 adapter_fwd = torch.library.custom_op("compacter_kernels::cuda_compacter_fwd", _adapter_fwd, mutates_args=())
 
 
-@adapter_fwd.register_fake
-def _(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
-      activation, scale, out_dtype):
-    K = out_features(rule_down, left_down, right_down)
-    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty((x.shape[0], K))
-
-
 def _kernels_bwd(dy, x, z, rd, ld, rgd, ru, lu, rgu, activation, scale, has_residual):
     # H is rebuilt rather than saved: d*k elements, one small launch per projection.
     h_down = dense_h(rd, ld, rgd, x.dtype)
@@ -110,4 +103,4 @@ def _kernels_bwd(dy, x, z, rd, ld, rgd, ru, lu, rgu, activation, scale, has_resi
 
 # The backward calls the C++ ops directly either way: no Python op of its own to bypass.
 compacter_adapter, adapter = adapter_entry_points(
-    register_adapter_autograd(adapter_fwd, _adapter_fwd, _kernels_bwd, _kernels_bwd))
+    register_adapter_op(adapter_fwd, _adapter_fwd, _kernels_bwd, _kernels_bwd))

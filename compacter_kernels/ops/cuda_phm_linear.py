@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import cuda_adapter
-from ._common import dense_h, no_autocast, out_features, phm_linear_entry_point, register_phm_linear_autograd
+from ._common import dense_h, no_autocast, phm_linear_entry_point, register_phm_linear_op
 
 
 def _mm_wide(a: Tensor, b: Tensor) -> Tensor:
@@ -63,11 +63,6 @@ def _phm_linear_fwd(x: Tensor, rule: Tensor, left: Tensor, right: Optional[Tenso
 phm_linear_fwd = torch.library.custom_op("compacter_kernels::cuda_phm_linear_fwd", _phm_linear_fwd, mutates_args=())
 
 
-@phm_linear_fwd.register_fake
-def _(x, rule, left, right, bias):
-    return x.new_empty((x.shape[0], out_features(rule, left, right)))
-
-
 def _kernels_bwd(dy, x, rule, left, right, has_bias):
     # H is rebuilt rather than saved. The op's own dtypes even when .backward() runs inside an
     # autocast region (it would round the fp32 products to the autocast dtype).
@@ -79,4 +74,4 @@ def _kernels_bwd(dy, x, rule, left, right, has_bias):
 # is cast: H is summed in fp32 from the factors as they are and rounded once, so no factor (and
 # no factor gradient) is rounded.
 phm_linear = phm_linear_entry_point(
-    register_phm_linear_autograd(phm_linear_fwd, _phm_linear_fwd, _kernels_bwd, _kernels_bwd))
+    register_phm_linear_op(phm_linear_fwd, _phm_linear_fwd, _kernels_bwd, _kernels_bwd))

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import phm_linear_entry_point, register_phm_linear_autograd, rows
+from ._common import phm_linear_entry_point, register_phm_linear_op, rows
 from ._triton_common import empty, h_args, h_tile, interpreting, padded, rows_tn
 
 
@@ -79,11 +79,6 @@ def _phm_linear_fwd(x: Tensor, rule: Tensor, left: Tensor, right: Optional[Tenso
 phm_linear_fwd = torch.library.custom_op("compacter_kernels::triton_phm_linear_fwd", _phm_linear_fwd, mutates_args=())
 
 
-@phm_linear_fwd.register_fake
-def _(x, rule, left, right, bias):
-    return x.new_empty((x.shape[0], rule.shape[0] * (left if right is None else right).shape[2]))
-
-
 def _phm_linear_bwd(dy: Tensor, x: Tensor, rule: Tensor, left: Tensor, right: Optional[Tensor],
                    has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dH fp32 (I, O), db fp32 (O,), zeros when there is no bias)."""
@@ -107,4 +102,4 @@ def _(dy, x, rule, left, right, has_bias):
 
 # Backend entry point, signature of compacter_kernels.reference.phm_linear.
 phm_linear = phm_linear_entry_point(
-    register_phm_linear_autograd(phm_linear_fwd, _phm_linear_fwd, phm_linear_bwd, _phm_linear_bwd))
+    register_phm_linear_op(phm_linear_fwd, _phm_linear_fwd, phm_linear_bwd, _phm_linear_bwd))
