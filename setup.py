@@ -8,7 +8,8 @@ Environment switches:
     COMPACTER_KERNELS_SKIP_CUDA_BUILD=1   pure-Python install (Triton / PyTorch backends only)
     COMPACTER_KERNELS_FORCE_CUDA_BUILD=1  build the extension or fail (no silent fallback)
     TORCH_CUDA_ARCH_LIST                  default: "8.0;9.0+PTX" (+ the local GPUs' archs if visible)
-    MAX_JOBS, NVCC_THREADS                parallel compile jobs / nvcc threads per job (default 2)
+    MAX_JOBS                              parallel compile jobs (torch's default: every core)
+    NVCC_THREADS                          nvcc threads per compile job (default 2)
 """
 import importlib.util
 import os
@@ -130,6 +131,7 @@ setup(
     install_requires=["torch"],  # unpinned: never replaces the torch the extension was built against
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy"],
+        "bench": ["numpy", "matplotlib"],  # compacter-bench's plots (and torch's NumPy interop)
         "integrations": ["transformers>=4.57", "adapters>=1.3.0"],
     },
     entry_points={"console_scripts": ["compacter-bench = compacter_kernels.bench:main"]},

@@ -12,6 +12,10 @@ from . import nn, reference  # noqa: E402
 from .backends import BACKENDS, available_backends  # noqa: E402
 from .functional import adapter, compacter_adapter, phm_linear, phm_weight  # noqa: E402
 
+# Resolved at import, not on the first call: that call may sit inside a torch.compile'd region,
+# where Dynamo cannot import the backends' modules (fullgraph=True fails in a fresh process).
+available_backends()
+
 __all__ = [
     "BACKENDS",
     "adapter",

@@ -5,6 +5,7 @@ Each error names the argument, what was seen and what was expected.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Sequence
 
@@ -29,30 +30,63 @@ def _shape(name: str, t: Optional[Tensor], expected: Sequence[int], meaning: str
         raise ValueError(f"{name} must have shape {tuple(expected)} ({meaning}), got {tuple(t.shape)}")
 
 
-def check_common(x: Tensor, named: dict, *, activation: Optional[str] = None, scale=1.0) -> None:
-    """x is a floating tensor; every other tensor shares its dtype and device."""
-    _tensor("x", x)
+def check_tensors(named: dict, optional: Sequence[str] = ()) -> None:
+    """The first tensor of ``named`` is floating; every other one (None only where ``optional``)
+    shares its dtype (any floating dtype under autocast) and device."""
+    (first, x), *rest = named.items()
+    _tensor(first, x)
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x must be a floating tensor ({', '.join(map(str, FLOAT_DTYPES))}), got {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (the features), got a 0-d tensor")
+        raise TypeError(f"{first} must be a floating tensor ({', '.join(map(str, FLOAT_DTYPES))}), got {x.dtype}")
     # Under autocast, mixed dtypes are the norm (fp32 parameters, low-precision activations):
     # the backends cast as autocast would.
     autocast = autocast_dtype(x) is not None
-    for name, t in named.items():
-        _tensor(name, t, optional=True)
+    for name, t in rest:
+        _tensor(name, t, optional=name in optional)
         if t is None:
             continue
         if autocast and t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
         if t.dtype != x.dtype and not autocast:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}: cast them to one dtype")
+            raise TypeError(f"{name} has dtype {t.dtype} but {first} has {x.dtype}: cast them to one dtype")
         if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: move them to one device")
-    if activation is not None and activation not in ACTIVATIONS:
+            raise ValueError(f"{name} is on {t.device} but {first} is on {x.device}: move them to one device")
+
+
+def check_x(x) -> None:
+    _tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (the features), got a 0-d tensor")
+
+
+def check_activation(activation) -> None:
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def check_scale(scale) -> float:
+    """scale as the float the kernels take: a finite real number."""
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+    try:
+        value = float(scale)
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be a finite real number (a float), got {scale!r}")
+    return value
+
+
+def _width(x: Tensor, expected: int, what: str) -> None:
+    """The user's mistake is x when the weights agree among themselves: say so."""
+    if x.shape[-1] != expected:
+        raise ValueError(f"x has {x.shape[-1]} features, {what} expects {expected}")
+
+
+def _phm_in_features(rule, left) -> Optional[int]:
+    """in_features of a projection's factors, or None when they are malformed (check_phm says how)."""
+    if isinstance(rule, Tensor) and isinstance(left, Tensor) and rule.dim() == 3 and left.dim() == 3:
+        return rule.shape[0] * left.shape[1]
+    return None
 
 
 def check_phm(suffix: str, rule, left, right, bias, in_features: int, out_features: Optional[int] = None) -> int:
@@ -93,19 +127,31 @@ def check_phm(suffix: str, rule, left, right, bias, in_features: int, out_featur
     return n * q
 
 
+def check_phm_weight(rule, left, right) -> None:
+    check_tensors({"rule": rule, "left": left, "right": right}, optional=("right",))
+    in_features = _phm_in_features(rule, left)
+    check_phm("", rule, left, right, None, 0 if in_features is None else in_features)
+
+
 def check_phm_linear(x, rule, left, right, bias) -> None:
-    check_common(x, {"rule": rule, "left": left, "right": right, "bias": bias})
+    check_x(x)
+    check_tensors({"x": x, "rule": rule, "left": left, "right": right, "bias": bias}, optional=("right", "bias"))
+    in_features = _phm_in_features(rule, left)
+    if in_features is not None:
+        _width(x, in_features, f"the projection (rule {tuple(rule.shape)}, left {tuple(left.shape)})")
     check_phm("", rule, left, right, bias, x.shape[-1])
 
 
-def check_adapter(x, w_down, b_down, w_up, b_up, activation, scale, residual) -> None:
-    check_common(
-        x,
-        {"w_down": w_down, "b_down": b_down, "w_up": w_up, "b_up": b_up, "residual": residual},
-        activation=activation,
-        scale=scale,
-    )
+def check_adapter(x, w_down, b_down, w_up, b_up, activation, scale, residual) -> float:
+    """Checks ck.adapter's arguments; returns scale as a float."""
+    check_x(x)
+    check_tensors({"x": x, "w_down": w_down, "b_down": b_down, "w_up": w_up, "b_up": b_up, "residual": residual},
+                  optional=("b_down", "b_up", "residual"))
+    check_activation(activation)
+    scale = check_scale(scale)
     d = x.shape[-1]
+    if w_down.dim() == 2 and w_up.dim() == 2 and w_down.shape[0] == w_up.shape[1]:
+        _width(x, w_down.shape[0], f"the adapter (w_down {tuple(w_down.shape)}, w_up {tuple(w_up.shape)})")
     if w_down.dim() != 2 or w_down.shape[0] != d:
         raise ValueError(f"w_down must have shape ({d}, bottleneck) (d_model, k), got {tuple(w_down.shape)}")
     k = w_down.shape[1]
@@ -113,21 +159,30 @@ def check_adapter(x, w_down, b_down, w_up, b_up, activation, scale, residual) ->
     _shape("b_down", b_down, (k,), "bottleneck")
     _shape("b_up", b_up, (d,), "d_model")
     _shape("residual", residual, tuple(x.shape), "the shape of x")
+    return scale
 
 
 def check_compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up,
-                            bias_up, activation, scale, residual) -> None:
-    check_common(
-        x,
+                            bias_up, activation, scale, residual) -> float:
+    """Checks ck.compacter_adapter's arguments; returns scale as a float."""
+    check_x(x)
+    check_tensors(
         {
-            "rule_down": rule_down, "left_down": left_down, "right_down": right_down, "bias_down": bias_down,
-            "rule_up": rule_up, "left_up": left_up, "right_up": right_up, "bias_up": bias_up,
-            "residual": residual,
+            "x": x, "rule_down": rule_down, "left_down": left_down, "right_down": right_down,
+            "bias_down": bias_down, "rule_up": rule_up, "left_up": left_up, "right_up": right_up,
+            "bias_up": bias_up, "residual": residual,
         },
-        activation=activation,
-        scale=scale,
+        optional=("right_down", "bias_down", "right_up", "bias_up", "residual"),
     )
+    check_activation(activation)
+    scale = check_scale(scale)
+    d_in = _phm_in_features(rule_down, left_down)
+    up = left_up if right_up is None else right_up
+    if d_in is not None and isinstance(up, Tensor) and up.dim() == 3 and isinstance(rule_up, Tensor) \
+            and rule_up.dim() == 3 and rule_up.shape[0] * up.shape[2] == d_in:
+        _width(x, d_in, "the adapter (from left_down and the up projection)")
     d = x.shape[-1]
     k = check_phm("_down", rule_down, left_down, right_down, bias_down, d)
     check_phm("_up", rule_up, left_up, right_up, bias_up, k, out_features=d)
     _shape("residual", residual, tuple(x.shape), "the shape of x")
+    return scale

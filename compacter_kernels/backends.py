@@ -8,6 +8,7 @@ unless a backend is named. A backend that is named and cannot run raises an erro
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -62,7 +63,14 @@ def _triton_status() -> BackendStatus:
     IMPLEMENTATIONS["triton"].update(compacter_adapter=triton_adapter.compacter_adapter,
                                      adapter=triton_adapter.adapter,
                                      phm_linear=triton_phm_linear.phm_linear)
-    return BackendStatus(True, f"triton {triton.__version__}" + (" (interpreter)" if triton_interpret() else ""))
+    if triton_interpret():
+        return BackendStatus(True, f"triton {triton.__version__} in its CPU interpreter (TRITON_INTERPRET=1: "
+                                   "for tests, not speed)")
+    if not torch.cuda.is_available():
+        return BackendStatus(False, f"triton {triton.__version__} is installed, but no GPU is visible: its kernels "
+                                    "run on CUDA tensors only (for tests, TRITON_INTERPRET=1 set before importing "
+                                    "compacter_kernels runs them on the CPU)")
+    return BackendStatus(True, f"triton {triton.__version__}")
 
 
 def _cuda_status() -> BackendStatus:
@@ -101,8 +109,27 @@ def _unsupported(backend: str, x: torch.Tensor) -> Optional[str]:
     return f"the {backend} backend needs CUDA tensors, got a tensor on {x.device}{hint}"
 
 
+_warned_no_extension = False
+
+
+def warn_if_extension_missing() -> None:
+    """Once per process, on the first call with CUDA tensors: a CUDA install without its CUDA
+    kernels (pip hides the build's own warning) says so, with the command that builds them."""
+    global _warned_no_extension
+    if _warned_no_extension:
+        return
+    _warned_no_extension = True
+    status = available_backends()["cuda"]
+    if not status and torch.version.cuda is not None:
+        warnings.warn(f"compacter_kernels: the cuda backend is unavailable: {status.reason}. The triton and "
+                      "reference backends still run (`python -m compacter_kernels` shows every backend).",
+                      stacklevel=4)
+
+
 def select(op: str, backend: str, x: torch.Tensor) -> Callable:
     """The implementation of ``op`` that ``backend`` (or "auto") runs for input ``x``."""
+    if x.device.type == "cuda" and not _warned_no_extension and not torch.compiler.is_compiling():
+        warn_if_extension_missing()
     if backend == "auto":
         if x.device.type == "cuda":
             status = available_backends()

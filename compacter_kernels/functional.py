@@ -9,9 +9,14 @@ from typing import Optional
 
 from torch import Tensor
 
-from . import _validation
+from . import _validation, reference
 from .backends import select
-from .reference import phm_weight  # noqa: F401  (exported as ck.phm_weight)
+
+
+def phm_weight(rule: Tensor, left: Tensor, right: Optional[Tensor] = None) -> Tensor:
+    """H = sum_i kron(rule[i], left[i] @ right[i]) (I, O); right None: left is the full B (n, I/n, O/n)."""
+    _validation.check_phm_weight(rule, left, right)
+    return reference.phm_weight(rule, left, right)
 
 
 def phm_linear(
@@ -45,11 +50,11 @@ def compacter_adapter(
     backend: str = "auto",
 ) -> Tensor:
     """y = r + scale * (act(x @ H_down + bias_down) @ H_up + bias_up), r = residual or x."""
-    _validation.check_compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule_up, left_up,
-                                        right_up, bias_up, activation, scale, residual)
+    scale = _validation.check_compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule_up,
+                                                left_up, right_up, bias_up, activation, scale, residual)
     impl = select("compacter_adapter", backend, x)
     return impl(x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
-                activation=activation, scale=float(scale), residual=residual)
+                activation=activation, scale=scale, residual=residual)
 
 
 def adapter(
@@ -65,6 +70,6 @@ def adapter(
     backend: str = "auto",
 ) -> Tensor:
     """Dense (Houlsby) adapter: r + scale * (act(x @ w_down + b_down) @ w_up + b_up)."""
-    _validation.check_adapter(x, w_down, b_down, w_up, b_up, activation, scale, residual)
+    scale = _validation.check_adapter(x, w_down, b_down, w_up, b_up, activation, scale, residual)
     impl = select("adapter", backend, x)
-    return impl(x, w_down, b_down, w_up, b_up, activation=activation, scale=float(scale), residual=residual)
+    return impl(x, w_down, b_down, w_up, b_up, activation=activation, scale=scale, residual=residual)

@@ -11,20 +11,31 @@ it is counted once in ``parameters()`` and ``state_dict()``, wherever it is used
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .reference import ACTIVATIONS, factorized_rule, glorot_uniform_
+from ._validation import check_activation, check_scale
+from .reference import factorized_rule, glorot_uniform_
 
 PHM_INIT_RANGE = 1e-4  # std of the rule's normal init in the paper's code (phm_init_range)
 HOULSBY_INIT_STD = 1e-2  # near-identity init of Houlsby et al.
 
 
+def _check_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
 def _check_divisible(name: str, value: int, n: int) -> None:
-    if value < 1 or value % n:
+    _check_int(name, value)
+    if value % n:
         raise ValueError(f"{name}={value} must be a positive multiple of phm_dim={n}")
 
 
@@ -37,8 +48,7 @@ class PHMRule(nn.Module):
 
     def __init__(self, phm_dim: int = 4, factorized: bool = False, init_range: float = PHM_INIT_RANGE):
         super().__init__()
-        if phm_dim < 1:
-            raise ValueError(f"phm_dim must be >= 1, got {phm_dim}")
+        _check_int("phm_dim", phm_dim)
         self.phm_dim = phm_dim
         self.factorized = factorized
         n = phm_dim
@@ -75,10 +85,10 @@ class PHMLinear(nn.Module):
     ):
         super().__init__()
         n = phm_dim
+        _check_int("phm_dim", n)
         _check_divisible("in_features", in_features, n)
         _check_divisible("out_features", out_features, n)
-        if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
+        _check_int("rank", rank)
         if rule is not None and not isinstance(rule, PHMRule):
             raise TypeError(f"rule must be a compacter_kernels.nn.PHMRule or None, got {type(rule).__name__}")
         if rule is not None and rule.phm_dim != n:
@@ -129,18 +139,18 @@ class PHMLinear(nn.Module):
 
 
 def _bottleneck(d_model: int, reduction_factor: Optional[float], bottleneck: Optional[int]) -> int:
+    _check_int("d_model", d_model)
     if bottleneck is None:
-        if not reduction_factor or reduction_factor <= 0:
-            raise ValueError(f"reduction_factor must be > 0, got {reduction_factor}")
+        if isinstance(reduction_factor, bool) or not isinstance(reduction_factor, numbers.Real):
+            raise TypeError(f"reduction_factor must be a real number, got {type(reduction_factor).__name__}")
+        if not math.isfinite(reduction_factor) or reduction_factor <= 0:
+            raise ValueError(f"reduction_factor must be a finite number > 0, got {reduction_factor}")
         bottleneck = int(d_model // reduction_factor)
-    if bottleneck < 1:
-        raise ValueError(f"the bottleneck must be >= 1, got {bottleneck} (d_model={d_model})")
+        if bottleneck < 1:
+            raise ValueError(f"d_model={d_model} // reduction_factor={reduction_factor} gives a bottleneck of "
+                             f"{bottleneck}: it must be >= 1")
+    _check_int("bottleneck", bottleneck)
     return bottleneck
-
-
-def _check_activation(activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 class CompacterAdapter(nn.Module):
@@ -165,8 +175,12 @@ class CompacterAdapter(nn.Module):
         scale: float = 1.0,
     ):
         super().__init__()
-        _check_activation(activation)
+        check_activation(activation)
+        check_scale(scale)
         k = _bottleneck(d_model, reduction_factor, bottleneck)
+        _check_int("phm_dim", phm_dim)
+        _check_divisible("d_model", d_model, phm_dim)
+        _check_divisible("the bottleneck", k, phm_dim)
         if rule is None:
             rule = self.phm_rule = PHMRule(phm_dim)
         self.d_model, self.bottleneck, self.activation, self.scale = d_model, k, activation, scale
@@ -196,9 +210,10 @@ class HoulsbyAdapter(nn.Module):
     def __init__(self, d_model: int, bottleneck: int, activation: str = "gelu", backend: str = "auto",
                  scale: float = 1.0):
         super().__init__()
-        _check_activation(activation)
-        if d_model < 1 or bottleneck < 1:
-            raise ValueError(f"d_model and bottleneck must be >= 1, got {d_model} and {bottleneck}")
+        check_activation(activation)
+        check_scale(scale)
+        _check_int("d_model", d_model)
+        _check_int("bottleneck", bottleneck)
         self.d_model, self.bottleneck, self.activation, self.scale = d_model, bottleneck, activation, scale
         self.backend = backend
         self.w_down = nn.Parameter(torch.empty(d_model, bottleneck))

@@ -14,10 +14,12 @@ import argparse
 import time
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
 import compacter_kernels as ck
 from compacter_kernels import backends
+
+NEEDS = ('needs transformers (and, for --via adapterhub, adapters): pip install "compacter-kernels[integrations]" '
+         'from a checkout of compacter-kernels')
 
 
 def resolved_backend(x: torch.Tensor) -> str:
@@ -26,7 +28,9 @@ def resolved_backend(x: torch.Tensor) -> str:
     return next(name for name, impls in backends.IMPLEMENTATIONS.items() if impls.get("compacter_adapter") is impl)
 
 
-def build(via: str, config: BertConfig, reduction_factor: int) -> BertForSequenceClassification:
+def build(via: str, config, reduction_factor: int):
+    from transformers import BertForSequenceClassification
+
     model = BertForSequenceClassification(config)
     if via == "transformers":
         from compacter_kernels.integrations.transformers import add_adapters
@@ -52,13 +56,19 @@ def positive_int(text: str) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--via", choices=("transformers", "adapterhub"), default="transformers")
-    parser.add_argument("--steps", type=positive_int, default=100)
-    parser.add_argument("--batch", type=positive_int, default=32)
-    parser.add_argument("--seq", type=positive_int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-2)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=f"This example {NEEDS}.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--via", choices=("transformers", "adapterhub"), default="transformers",
+                        help="add_adapters on a plain transformers model, or AdapterHub + fuse_adapters")
+    parser.add_argument("--steps", type=positive_int, default=100, help="training steps")
+    parser.add_argument("--batch", type=positive_int, default=32, help="sequences per step")
+    parser.add_argument("--seq", type=positive_int, default=16, help="tokens per sequence")
+    parser.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate")
     args = parser.parse_args()
+    try:
+        from transformers import BertConfig
+    except ImportError:
+        parser.exit(2, f"{parser.prog}: this example {NEEDS}\n")
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -94,11 +104,15 @@ def main() -> None:
         if step % 25 == 0 or step == 1:
             recent = losses[-25:]
             print(f"step {step:4d}  loss {sum(recent) / len(recent):.4f}  step time {1e3 * times[-1]:.1f} ms")
-    window = min(25, len(losses))
-    first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
+    # Two windows that do not overlap: 25 steps each, or the first and the last half of a short run.
+    window = min(25, len(losses) // 2)
     median = sorted(times[5:])[len(times[5:]) // 2] if len(times) > 5 else times[-1]
-    print(f"mean loss, first {window} steps {first:.4f} -> last {window} steps {last:.4f}; "
-          f"median step {1e3 * median:.1f} ms")
+    if window:
+        first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
+        print(f"mean loss, first {window} steps {first:.4f} -> last {window} steps {last:.4f}; "
+              f"median step {1e3 * median:.1f} ms")
+    else:
+        print(f"loss {losses[0]:.4f} (one step); step {1e3 * median:.1f} ms")
 
 
 if __name__ == "__main__":

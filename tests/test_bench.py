@@ -140,14 +140,27 @@ def _plot_rows():
 
 def test_plot_png(tmp_path):
     pytest.importorskip("matplotlib")
-    (path,) = report.plot(_plot_rows(), tmp_path, "x")
+    (path,) = report.plot(_plot_rows(), tmp_path, "x", "test device")
     assert path.name == "x-t5-base-d768-k24-bfloat16.png" and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_table_marks_noisy_timings_and_gives_the_floor_no_speed_up(capsys):
+    rows = [{**r, "p20_ms": r["median_ms"], "p80_ms": r["median_ms"] * (3 if r["provider"] == "reference" else 1),
+             "reason": "", "gbps": 1.0, "floor_fraction": 0.5, "speedup_vs_reference": 7.0,
+             "speedup_vs_compile": 8.0, "peak_mib": None, "saved_mib": None, "saved_total_mib": None}
+            for r in _plot_rows() if r["status"] == "ok"]
+    report.print_table(rows, dict(device="cpu", torch="t", triton="t", copy_bandwidth_gbps=1.0, peak_memory="-"))
+    out = capsys.readouterr().out
+    floor_lines = [line for line in out.splitlines() if " floor " in line]
+    assert floor_lines and all("7.00" not in line and "8.00" not in line for line in floor_lines), out
+    assert "WARNING: 2 timings spread more than 1.5x from p20 to p80" in out, out
 
 
 def test_plot_without_matplotlib_says_so_once(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    assert report.plot(_plot_rows(), tmp_path, "x") == []
-    assert capsys.readouterr().out == "plot skipped: matplotlib is not installed (pip install matplotlib)\n"
+    assert report.plot(_plot_rows(), tmp_path, "x", "test device") == []
+    assert capsys.readouterr().out == ('plot skipped: matplotlib is not installed '
+                                       '(pip install --no-build-isolation ".[bench]")\n')
 
 
 def test_plot_json_redraws_a_saved_run(tmp_path, capsys):

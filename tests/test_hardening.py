@@ -196,6 +196,49 @@ def test_ddp_gloo_gradients_equal_the_single_process_run(backend, tmp_path):
         torch.testing.assert_close(ddp_grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def _fsdp_worker(rank, backend, init_file, out_file):
+    if CUDA_EMULATED:
+        emulation.enable()
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)  # the same initial weights on every rank and in the single-process run
+        model = _Stack(backend)
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for block in model.blocks:  # adapters sharded one by one, then the rest (the shared rule)
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        loss = model(_batch()[rank * ROWS_PER_RANK:(rank + 1) * ROWS_PER_RANK])
+        loss.backward()
+        dist.all_reduce(mean := loss.detach().clone())
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}  # every rank joins the gather
+        if rank == 0:
+            torch.save({"loss": mean / WORLD, "grads": grads}, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", _usable_backends())
+def test_fsdp2_gloo_loss_and_gradients_equal_the_single_process_run(backend, tmp_path):
+    """FSDP2 (fully_shard) over gloo in two CPU processes, a shared rule across the adapters:
+    the loss and every gradient of the single-process run."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    out_file = tmp_path / "fsdp.pt"
+    mp.spawn(_fsdp_worker, args=(backend, str(tmp_path / "init"), str(out_file)), nprocs=WORLD, join=True)
+    sharded = torch.load(out_file)
+    torch.manual_seed(0)
+    model = _Stack(backend)
+    loss = model(_batch())
+    loss.backward()
+    torch.testing.assert_close(sharded["loss"], loss.detach(), atol=1e-6, rtol=1e-5)
+    assert set(sharded["grads"]) == {n for n, _ in model.named_parameters()} and "phm_rule.phm_rule" in sharded["grads"]
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(sharded["grads"][name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 # ---- GPU only: CUDA graphs, and offsets beyond int32 ---------------------------------------------
 
 GPU_BACKENDS = [b for b in ("triton", "cuda") if b in _usable_backends()] if DEVICE == "cuda" else []

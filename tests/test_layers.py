@@ -86,7 +86,7 @@ def test_bottleneck_from_reduction_factor_and_bad_sizes():
     assert CompacterAdapter(768).bottleneck == 24  # T5-base with the paper's reduction 32
     assert CompacterAdapter(768, reduction_factor=16, phm_dim=8).bottleneck == 48
     assert CompacterAdapter(768, bottleneck=96).bottleneck == 96
-    with pytest.raises(ValueError, match="out_features=24 must be a positive multiple of phm_dim=16"):
+    with pytest.raises(ValueError, match="the bottleneck=24 must be a positive multiple of phm_dim=16"):
         CompacterAdapter(768, phm_dim=16)
     with pytest.raises(ValueError, match="in_features=30 must be a positive multiple of phm_dim=4"):
         PHMLinear(30, 8)

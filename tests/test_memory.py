@@ -46,8 +46,9 @@ M, D, K, N, RANK = 48, 64, 16, 4, 1  # M != d, so x and a (d, k) weight differ i
 def _expected(op: str, e: int) -> dict[str, timing.SavedBytes]:
     """Bytes each provider saves, counted from what its forward saves.
 
-    Fused (both backends: ops/_common.py, register_adapter_op): x, z (M, k) and the weight
-    factors (biases are not needed for backward); z is the only new tensor.
+    Fused (both backends: ops/_common.py, register_adapter_op): x, z (M, k), the weight
+    factors and the biases (kept for a second derivative only: parameters, no copies); z is the
+    only new tensor.
     Reference (reference.py): mm saves x and H_down, gelu saves z, mm saves g and H_up; for
     Compacter, phm_weight also saves B = left @ right (n, I/n, O/n) for the Kronecker product and
     the rule and factors themselves. Adds and the scale save nothing.
@@ -60,7 +61,7 @@ def _expected(op: str, e: int) -> dict[str, timing.SavedBytes]:
         ref_new = 2 * M * K + 2 * D * K + 2 * D * K // N
     fused_new = M * K
     return {"reference": timing.SavedBytes(ref_new * e, (ref_new + M * D + params) * e),
-            "fused": timing.SavedBytes(fused_new * e, (fused_new + M * D + params) * e)}
+            "fused": timing.SavedBytes(fused_new * e, (fused_new + M * D + params + K + D) * e)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

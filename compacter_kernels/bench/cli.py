@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-static", action="store_true",
                    help="torch.compile once per shape (dynamic=False) instead of once per sweep over M")
     p.add_argument("--threads", type=_positive_int,
-                   help="CPU threads for torch (default: torch's); 1 is steadier on a loaded machine")
+                   help="CPU threads for torch (default: 1 on a CPU, steadier timings; torch's with a GPU)")
     p.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
     p.add_argument("--plot-json", type=Path, metavar="JSON",
                    help="time nothing: draw the PNGs of a results JSON this command wrote, next to it")
@@ -198,10 +198,11 @@ def _sweep(args, todo, skip, timed, device, bw_gbps, progress, rows: list[dict])
 
 def _plot_json(path: Path, parser: argparse.ArgumentParser) -> int:
     try:
-        rows = json.loads(path.read_text())["rows"]
+        saved = json.loads(path.read_text())
+        rows, device = saved["rows"], saved.get("metadata", {}).get("device", "unknown device")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         parser.error(f"--plot-json {path}: not a results JSON of this command ({type(exc).__name__}: {exc})")
-    paths = report.plot(rows, path.parent, path.stem)
+    paths = report.plot(rows, path.parent, path.stem, device)
     print("wrote " + (", ".join(map(str, paths)) or "nothing"))
     return 0 if paths else 1
 
@@ -222,8 +223,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.preset = args.preset or ("full" if gpu else "quick")
     args.dtype = args.dtype or [torch.bfloat16 if gpu else torch.float32]
     shapes = _shapes(args, parser)  # before any output: bad values exit here with code 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads or not gpu:  # one thread by default on a CPU: steadier timings
+        torch.set_num_threads(args.threads or 1)
     if gpu:
         print(f"GPU: {torch.cuda.get_device_name(device)}")
     else:
@@ -255,7 +256,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stem = f"compacter-bench-{_stamp()}"
     paths = report.write_files(rows, meta, args.out, stem, checks)
     if not args.no_plot:
-        paths += report.plot(rows, args.out, stem)
+        paths += report.plot(rows, args.out, stem, meta["device"])
     print("wrote " + ", ".join(map(str, paths)))
     if interrupted:
         return 130

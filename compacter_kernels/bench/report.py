@@ -125,7 +125,8 @@ def print_table(rows: list[dict], meta: dict) -> None:
         cells = [r["op"], r["mode"], r["model"] or "-", r["dtype"], r["d"], r["k"], r["M"], r["provider"],
                  _f(r["median_ms"], ".4f"), f"{_f(r['p20_ms'], '.4f')}-{_f(r['p80_ms'], '.4f')}",
                  _f(r["gbps"], ".1f"), _pct(r["floor_fraction"]),
-                 _f(r["speedup_vs_reference"], ".2f"), _f(r["speedup_vs_compile"], ".2f"),
+                 *(("-", "-") if r["provider"] == "floor" else  # a bound, not a provider to compare
+                   (_f(r["speedup_vs_reference"], ".2f"), _f(r["speedup_vs_compile"], ".2f"))),
                  _f(r["peak_mib"], ".1f"), _f(r["saved_mib"], ".3f"), _f(r["saved_total_mib"], ".3f")]
         print("  ".join(str(c).rjust(w) for c, (_, w) in zip(cells, cols)))
     # Skipped and failed rows: one line per (provider, status, reason), not one per case.
@@ -135,6 +136,16 @@ def print_table(rows: list[dict], meta: dict) -> None:
             groups[(r["provider"], r["status"], r["reason"])] += 1
     for (provider, status, reason), count in groups.items():
         print(f"{status}: {provider} ({count} rows): {reason}")
+    noisy = [r for r in rows if r["status"] == "ok" and r["provider"] != "floor" and r["p20_ms"]
+             and r["p80_ms"] / r["p20_ms"] > NOISY_SPREAD]
+    if noisy:
+        print(f"WARNING: {len(noisy)} timings spread more than {NOISY_SPREAD}x from p20 to p80 (e.g. {noisy[0]['op']} "
+              f"{noisy[0]['mode']} M={noisy[0]['M']} {noisy[0]['provider']}): the machine was busy; compare "
+              "ratios from one run, or rerun with --threads 1 on a quiet machine")
+
+
+# p80 / p20 past which a timing is reported as noisy.
+NOISY_SPREAD = 1.5
 
 
 # The kernels' performance targets (the Triton and CUDA issues), judged on bf16 rows of the
@@ -211,15 +222,16 @@ def write_files(rows: list[dict], meta: dict, out_dir: Path, stem: str, checks: 
     return paths
 
 
-def plot(rows: list[dict], out_dir: Path, stem: str) -> list[Path]:
+def plot(rows: list[dict], out_dir: Path, stem: str, device: str) -> list[Path]:
     """Time vs M per provider (log-log), the floor dashed; one PNG per shape and dtype,
-    ops as rows and modes as columns. Needs matplotlib (optional)."""
+    ops as rows and modes as columns, one legend; the title names the device. Needs
+    matplotlib (the [bench] extra)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("plot skipped: matplotlib is not installed (pip install matplotlib)")
+        print('plot skipped: matplotlib is not installed (pip install --no-build-isolation ".[bench]")')
         return []
     ok = [r for r in rows if r["status"] == "ok"]
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -243,9 +255,12 @@ def plot(rows: list[dict], out_dir: Path, stem: str) -> list[Path]:
                     ax.plot([r["M"] for r in pts], [r["median_ms"] for r in pts], label=provider, **style)
                 ax.set(xscale="log", yscale="log", title=f"{op} {mode}", xlabel="rows M", ylabel="time (ms)")
                 ax.grid(True, which="both", alpha=0.3)
-        axes[0][0].legend(fontsize="small")
-        fig.suptitle(f"{model or 'custom'}: d={d} k={k} n={n} rank={rank} {dtype}")
-        fig.tight_layout()
+        legend = {}  # one legend for the grid: every provider that any panel drew
+        for ax in axes.flat:
+            legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+        fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=len(legend), fontsize="small")
+        fig.suptitle(f"{model or 'custom'}: d={d} k={k} n={n} rank={rank} {dtype} on {device}")
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
         path = out_dir / f"{stem}-{model or 'custom'}-d{d}-k{k}-{dtype}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
+from .. import reference
 from .._phm_grad import phm_weight_backward
 from ..reference import ACTIVATIONS
 
@@ -16,9 +18,17 @@ ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
 
 
 def rows(t: Tensor) -> Tensor:
-    """2-D (M, features) view with unit feature stride (copies only when it must)."""
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
+    """2-D (M, features) view with unit feature stride (copies only when it must): the layout
+    of every activation (x, residual, dy) the kernels take; any row stride, 0 included."""
+    d = t.shape[-1]
+    t = t.reshape(t.numel() // d if d else math.prod(t.shape[:-1]), d)
+    return t if t.stride(-1) == 1 or d <= 1 else t.contiguous()
+
+
+def dense(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The layout of every parameter the kernels take (rules, factors, weights, biases): packed
+    (strided, expanded or offset views are copied; a packed tensor is passed as it is)."""
+    return None if t is None else t.contiguous()
 
 
 def out_features(rule: Optional[Tensor], left: Tensor, right: Optional[Tensor]) -> int:
@@ -66,6 +76,65 @@ def dense_h(rule: Optional[Tensor], left: Tensor, right: Optional[Tensor], dtype
         return reference.phm_weight(rule, left, right).to(dtype)
 
 
+def _h_math(rule: Optional[Tensor], left: Tensor, right: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    if rule is None:
+        return left.to(dtype)
+    ct = torch.promote_types(dtype, torch.float32)
+    return reference.phm_weight(rule.to(ct), left.to(ct), None if right is None else right.to(ct)).to(dtype)
+
+
+def adapter_math(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
+                 activation, scale, out_dtype):
+    """(y, z) of a backend's fused adapter op (the arguments `adapter_entry_points` passes) in
+    differentiable torch ops, with the kernels' dtypes (H summed in fp32 and rounded once to x's
+    dtype, z in x's dtype). What autograd differentiates where the kernels' backward cannot
+    serve: a second derivative (create_graph=True), torch.func transforms, empty widths."""
+    with no_autocast(x):
+        z = x @ _h_math(rule_down, left_down, right_down, x.dtype)
+        if bias_down is not None:
+            z = z + bias_down
+        z = z.to(x.dtype)
+        u = reference.activation_fn(activation)(z) @ _h_math(rule_up, left_up, right_up, x.dtype)
+        if bias_up is not None:
+            u = u + bias_up
+        y = (x if residual is None else residual) + scale * u.to(x.dtype)
+        return y.to(out_dtype), z
+
+
+def phm_linear_math(x, rule, left, right, bias):
+    """A backend's phm_linear op in differentiable torch ops (see `adapter_math`)."""
+    with no_autocast(x):
+        y = x @ _h_math(rule, left, right, x.dtype)
+        return y if bias is None else (y + bias).to(x.dtype)
+
+
+def _functorch_active() -> bool:
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def create_graph_grads(ctx, math_fn: Callable, tensors, consts, grad_out: Tensor):
+    """The input gradients of ``math_fn(*tensors, *consts)`` (its first output) for ``grad_out``,
+    as a graph autograd can differentiate again: the backward under create_graph=True
+    (gradient penalties, Hessian-vector products), which the kernels' own backward cannot give.
+    A tensor passed twice (the shared rule) gets its whole gradient once."""
+    firsts = {}
+    for i, t in enumerate(tensors):
+        if t is not None and ctx.needs_input_grad[i]:
+            firsts.setdefault(id(t), i)
+    wanted = sorted(firsts.values())
+    grads = [None] * len(ctx.needs_input_grad)
+    if not wanted:
+        return tuple(grads)
+    with torch.enable_grad():
+        out = math_fn(*tensors, *consts)
+        y = out[0] if isinstance(out, tuple) else out
+        found = torch.autograd.grad(y, [tensors[i] for i in wanted], grad_out, create_graph=True,
+                                    allow_unused=True, materialize_grads=True)
+    for i, g in zip(wanted, found):
+        grads[i] = g
+    return tuple(grads)
+
+
 def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     dev = x.device.type
     if dev not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(dev):
@@ -94,10 +163,11 @@ def adapter_entry_points(forward: Callable):
             r = x if residual is None else residual
             out_dtype = torch.promote_types(r.dtype, amp if bias_up is None else bias_up.dtype)
             x, residual = x.to(amp), r
-        r2 = None if residual is None else residual.reshape(-1, shape[-1])
-        y, _ = forward(x.reshape(-1, shape[-1]), r2, *down, bias_down, *up, bias_up, activation, float(scale),
-                       out_dtype)
-        return y.reshape(shape)
+        args = (rows(x), None if residual is None else rows(residual), *map(dense, down), dense(bias_down),
+                *map(dense, up), dense(bias_up), activation, float(scale), out_dtype)
+        # Empty feature widths (d = 0, or a dense bottleneck k = 0): no kernel to launch.
+        op = adapter_math if shape[-1] == 0 or out_features(*down) == 0 else forward
+        return op(*args)[0].reshape(shape)
 
     def compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
                           *, activation="gelu", scale=1.0, residual=None):
@@ -110,13 +180,15 @@ def adapter_entry_points(forward: Callable):
     return compacter_adapter, adapter
 
 
-def _eager_or_op(op, impl: Callable, setup_context: Callable, grads_of: Callable) -> Callable:
+def _eager_or_op(op, impl: Callable, setup_context: Callable, grads_of: Callable, math_fn: Callable) -> Callable:
     """What the entry points call for a custom op with autograd. Plain tensors in eager mode go
     through an autograd.Function on the op's own Python function: the same forward and backward
     without torch.library's Python dispatch, which costs more host time than the kernels take at
     small sizes (benchmarks/NOTES.md). Everything else goes through the op itself, with its fake
     impl: torch.compile (the op is opaque to the compiler), meta tensors, tensor subclasses such
-    as FakeTensor, and active dispatch modes (FakeTensorMode, FlopCounterMode, ...)."""
+    as FakeTensor, and active dispatch modes (FakeTensorMode, FlopCounterMode, ...). Under
+    torch.func transforms (grad, vmap, jacrev, ...) the op's ``math_fn`` runs instead: the same
+    function in torch ops, which functorch can transform (the kernels cannot be)."""
 
     class Eager(torch.autograd.Function):
         # forward(ctx, ...) with the context set inside: with a separate setup_context,
@@ -132,6 +204,8 @@ def _eager_or_op(op, impl: Callable, setup_context: Callable, grads_of: Callable
             return grads_of(ctx, *grads)
 
     def call(x, *args):
+        if not torch.compiler.is_compiling() and _functorch_active():
+            return math_fn(x, *args)
         if (torch.compiler.is_compiling() or type(x) is not torch.Tensor or x.device.type == "meta"
                 or torch._C._len_torch_dispatch_stack() > 0):
             return op(x, *args)
@@ -144,16 +218,19 @@ def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kerne
     """Fake impl and autograd of a backend's fused adapter op ``fwd_op`` (the custom op of the
     Python function ``fwd_impl``, taking what `adapter_entry_points` passes) over the factors;
     returns the forward to call (`_eager_or_op`). ``kernels_bwd(dy, x, z, *down, *up, activation, scale, has_residual)``
-    gives (dx, dH_down, dH_up, db_down, db_up), the last four in fp32; ``kernels_bwd_impl`` is
-    the same without the op dispatch (eager). dH goes to the factors here and each bias gradient
-    comes back in its bias's dtype."""
+    gives (dx, d residual or None, dH_down, dH_up, db_down, db_up), the last four in fp32, and
+    d residual a tensor of its own (autograd may keep it as residual.grad); ``kernels_bwd_impl``
+    is the same without the op dispatch (eager). dH goes to the factors here and each bias
+    gradient comes back in its bias's dtype. Under create_graph=True the backward is
+    `adapter_math`'s, so that it can be differentiated again."""
 
     def setup_context(ctx, inputs, output):
-        x, residual, rd, ld, rgd, bd, ru, lu, rgu, bu, activation, scale, _ = inputs
-        ctx.save_for_backward(x, output[1], rd, ld, rgd, ru, lu, rgu)
+        x, residual, rd, ld, rgd, bd, ru, lu, rgu, bu, activation, scale, out_dtype = inputs
+        # Residual and biases are kept only for a second derivative (references, no copies).
+        ctx.save_for_backward(x, output[1], rd, ld, rgd, ru, lu, rgu, residual, bd, bu)
         ctx.bias_dtypes = (None if bd is None else bd.dtype, None if bu is None else bu.dtype)
         ctx.has_residual = residual is not None
-        ctx.activation, ctx.scale = activation, scale
+        ctx.consts = (activation, scale, out_dtype)
         ctx.mark_non_differentiable(output[1])
 
     @fwd_op.register_fake
@@ -164,30 +241,34 @@ def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kerne
 
     def backward_with(kernels):
         def backward(ctx, dy, _dz):
-            x, z, rd, ld, rgd, ru, lu, rgu = ctx.saved_tensors
-            dx, dHd, dHu, dbd, dbu = kernels(dy, x, z, rd, ld, rgd, ru, lu, rgu, ctx.activation, ctx.scale,
-                                            ctx.has_residual)
+            x, z, rd, ld, rgd, ru, lu, rgu, residual, bd, bu = ctx.saved_tensors
+            if torch.is_grad_enabled():  # create_graph=True
+                return create_graph_grads(ctx, adapter_math, (x, residual, rd, ld, rgd, bd, ru, lu, rgu, bu),
+                                          ctx.consts, dy) + (None,) * 3
+            activation, scale, _ = ctx.consts
+            dx, dres, dHd, dHu, dbd, dbu = kernels(dy, x, z, rd, ld, rgd, ru, lu, rgu, activation, scale,
+                                                   ctx.has_residual)
             g_rd, g_ld, g_rgd = factor_grads(dHd, rd, ld, rgd)
             g_ru, g_lu, g_rgu = factor_grads(dHu, ru, lu, rgu)
-            dres = dy if ctx.has_residual else None
             dbd = None if ctx.bias_dtypes[0] is None else dbd.to(ctx.bias_dtypes[0])
             dbu = None if ctx.bias_dtypes[1] is None else dbu.to(ctx.bias_dtypes[1])
+            dres = dres if ctx.has_residual else None
             return dx, dres, g_rd, g_ld, g_rgd, dbd, g_ru, g_lu, g_rgu, dbu, None, None, None
         return backward
 
     fwd_op.register_autograd(backward_with(kernels_bwd), setup_context=setup_context)
-    return _eager_or_op(fwd_op, fwd_impl, setup_context, backward_with(kernels_bwd_impl))
+    return _eager_or_op(fwd_op, fwd_impl, setup_context, backward_with(kernels_bwd_impl), adapter_math)
 
 
 def register_phm_linear_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kernels_bwd_impl: Callable):
     """Fake impl and autograd of a backend's ``fwd_op(x2d, rule, left, right, bias)`` (the custom
     op of ``fwd_impl``); returns the forward to call (`_eager_or_op`). ``kernels_bwd(dy, x, rule, left,
     right, has_bias)`` gives (dx, dH fp32, db fp32), ``kernels_bwd_impl`` the same without the op
-    dispatch; dH goes to the factors here."""
+    dispatch; dH goes to the factors here. Under create_graph=True: `phm_linear_math`'s backward."""
 
     def setup_context(ctx, inputs, output):
         x, rule, left, right, bias = inputs
-        ctx.save_for_backward(x, rule, left, right)
+        ctx.save_for_backward(x, rule, left, right, bias)
         ctx.has_bias = bias is not None
 
     @fwd_op.register_fake
@@ -196,14 +277,16 @@ def register_phm_linear_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, ke
 
     def backward_with(kernels):
         def backward(ctx, dy):
-            x, rule, left, right = ctx.saved_tensors
+            x, rule, left, right, bias = ctx.saved_tensors
+            if torch.is_grad_enabled():  # create_graph=True
+                return create_graph_grads(ctx, phm_linear_math, (x, rule, left, right, bias), (), dy)
             dx, dH, db = kernels(dy, x, rule, left, right, ctx.has_bias)
             g_rule, g_left, g_right = factor_grads(dH, rule, left, right)
             return dx, g_rule, g_left, g_right, db.to(x.dtype) if ctx.has_bias else None
         return backward
 
     fwd_op.register_autograd(backward_with(kernels_bwd), setup_context=setup_context)
-    return _eager_or_op(fwd_op, fwd_impl, setup_context, backward_with(kernels_bwd_impl))
+    return _eager_or_op(fwd_op, fwd_impl, setup_context, backward_with(kernels_bwd_impl), phm_linear_math)
 
 
 def phm_linear_entry_point(forward: Callable) -> Callable:
@@ -214,7 +297,8 @@ def phm_linear_entry_point(forward: Callable) -> Callable:
     the factor gradients are computed in fp32."""
 
     def run(x, rule, left, right, bias):
-        y = forward(x.reshape(-1, x.shape[-1]), rule, left, right, bias)
+        args = (rows(x), dense(rule), dense(left), dense(right), dense(bias))
+        y = (phm_linear_math if x.shape[-1] == 0 else forward)(*args)  # in_features 0: nothing to launch
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def phm_linear(x, rule, left, right=None, bias=None):

@@ -3,8 +3,10 @@ reduction, block-size table, and output allocation."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -28,6 +30,11 @@ def empty(shape, *, dtype, device) -> torch.Tensor:
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Held around every launch in Triton's CPU interpreter, which patches module-level state while a
+# kernel runs (two threads at once fail there); compiled launches need no lock.
+LAUNCH_LOCK = threading.Lock() if interpreting() else contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=None)
@@ -196,7 +203,8 @@ def rows_tn(a: torch.Tensor, b: torch.Tensor, colsum: bool):
     splits = triton.cdiv(M, rows_per_split)
     part = empty((splits, IA, IB), dtype=torch.float32, device=a.device)
     csum = empty((splits, IB), dtype=torch.float32, device=a.device) if colsum else part
-    _rows_tn_kernel[(triton.cdiv(IA, BA), triton.cdiv(IB, BB), splits)](
-        a, b, part, csum, M, IA, IB, a.stride(0), b.stride(0), rows_per_split,
-        COLSUM=colsum, BA=BA, BB=BB, BM=BM, IEEE=a.dtype == torch.float32, num_warps=4)
+    with LAUNCH_LOCK:
+        _rows_tn_kernel[(triton.cdiv(IA, BA), triton.cdiv(IB, BB), splits)](
+            a, b, part, csum, M, IA, IB, a.stride(0), b.stride(0), rows_per_split,
+            COLSUM=colsum, BA=BA, BB=BB, BM=BM, IEEE=a.dtype == torch.float32, num_warps=4)
     return part.sum(0), (csum.sum(0) if colsum else None)

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import ACT_CODE, adapter_entry_points, out_features, register_adapter_op, rows
-from ._triton_common import act_bwd, act_fwd, empty, h_args, h_tile, interpreting, padded, rows_tn
+from ._triton_common import LAUNCH_LOCK, act_bwd, act_fwd, empty, h_args, h_tile, interpreting, padded, rows_tn
 
 
 def _blocks(d: int, k: int, dtype: torch.dtype, backward: bool = False) -> tuple[int, int, int, int]:
@@ -105,7 +105,7 @@ def _adapter_fwd_kernel(
 
 @triton.jit
 def _adapter_bwd_kernel(
-    dy_ptr, z_ptr, dx_ptr, g_ptr, dz_ptr,
+    dy_ptr, z_ptr, dx_ptr, dres_ptr, g_ptr, dz_ptr,
     rd_ptr, ld_ptr, rgd_ptr, ru_ptr, lu_ptr, rgu_ptr,
     M, D, K, sdy, scale,
     MODE_D: tl.constexpr, N_D: tl.constexpr, R_D: tl.constexpr,
@@ -126,6 +126,8 @@ def _adapter_bwd_kernel(
         offs_d = d0 + tl.arange(0, BD)
         mask_d = offs_d < D
         dyt = tl.load(dy_ptr + offs_m[:, None] * sdy + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        if HAS_RES:  # d residual = dy, a tensor of its own (autograd may keep it as residual.grad)
+            tl.store(dres_ptr + offs_m[:, None] * D + offs_d[None, :], dyt, mask=mask_m[:, None] & mask_d[None, :])
         ht = h_tile(ru_ptr, lu_ptr, rgu_ptr, offs_k[None, :], offs_d[:, None], mask_d[:, None] & mask_k[None, :],
                     K // N_U, D // N_U, D, MODE_U, N_U, R_U)
         dg += _dot(dyt.to(dtype), ht.to(dtype), IEEE)
@@ -169,12 +171,13 @@ def _adapter_fwd(
     BM, BD, KP, warps = _blocks(D, K, x.dtype)
     rd, ld, rgd, mode_d, n_d, r_d = h_args(rule_down, left_down, right_down, KP, x.dtype)
     ru, lu, rgu, mode_u, n_u, r_u = h_args(rule_up, left_up, right_up, KP, x.dtype)
-    _adapter_fwd_kernel[(triton.cdiv(M, BM),)](
-        x2, r2, y, z, rd, ld, rgd, bias_down if bias_down is not None else x2, ru, lu, rgu,
-        bias_up if bias_up is not None else x2, M, D, K, x2.stride(0), r2.stride(0), scale,
-        MODE_D=mode_d, N_D=n_d, R_D=r_d, MODE_U=mode_u, N_U=n_u, R_U=r_u,
-        HAS_BD=bias_down is not None, HAS_BU=bias_up is not None, HAS_RES=residual is not None,
-        ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP, IEEE=x.dtype == torch.float32, num_warps=warps)
+    with LAUNCH_LOCK:
+        _adapter_fwd_kernel[(triton.cdiv(M, BM),)](
+            x2, r2, y, z, rd, ld, rgd, bias_down if bias_down is not None else x2, ru, lu, rgu,
+            bias_up if bias_up is not None else x2, M, D, K, x2.stride(0), r2.stride(0), scale,
+            MODE_D=mode_d, N_D=n_d, R_D=r_d, MODE_U=mode_u, N_U=n_u, R_U=r_u,
+            HAS_BD=bias_down is not None, HAS_BU=bias_up is not None, HAS_RES=residual is not None,
+            ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP, IEEE=x.dtype == torch.float32, num_warps=warps)
     return y, z
 
 
@@ -186,31 +189,34 @@ def _adapter_bwd(
     rule_down: Optional[Tensor], left_down: Tensor, right_down: Optional[Tensor],
     rule_up: Optional[Tensor], left_up: Tensor, right_up: Optional[Tensor],
     activation: str, scale: float, has_residual: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dH_down (d, k) fp32, dH_up (k, d) fp32, db_down fp32, db_up fp32).
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, d residual, dH_down (d, k) fp32, dH_up (k, d) fp32, db_down fp32, db_up fp32).
 
-    dx excludes the residual's dy when has_residual (then d residual = dy, done by the caller).
+    With has_residual, dx excludes the residual's dy and d residual is a copy of dy, written by
+    the kernel as it reads dy; without, d residual is an empty placeholder.
     """
     M, D = x.shape
     K = z.shape[1]
     dx = empty((M, D), dtype=x.dtype, device=x.device)
+    dres = empty((M, D) if has_residual else (0,), dtype=dy.dtype, device=x.device)
     if M == 0:
         zero = lambda *s: torch.zeros(s, dtype=torch.float32, device=x.device)  # noqa: E731
-        return dx, zero(D, K), zero(K, D), zero(K), zero(D)
+        return dx, dres, zero(D, K), zero(K, D), zero(K), zero(D)
     dy2 = rows(dy)
     g = empty((M, K), dtype=x.dtype, device=x.device)
     dz = empty((M, K), dtype=x.dtype, device=x.device)
     BM, BD, KP, warps = _blocks(D, K, x.dtype, backward=True)
     rd, ld, rgd, mode_d, n_d, r_d = h_args(rule_down, left_down, right_down, KP, x.dtype)
     ru, lu, rgu, mode_u, n_u, r_u = h_args(rule_up, left_up, right_up, KP, x.dtype)
-    _adapter_bwd_kernel[(triton.cdiv(M, BM),)](
-        dy2, z, dx, g, dz, rd, ld, rgd, ru, lu, rgu, M, D, K, dy2.stride(0), scale,
-        MODE_D=mode_d, N_D=n_d, R_D=r_d, MODE_U=mode_u, N_U=n_u, R_U=r_u,
-        HAS_RES=has_residual, ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP,
-        IEEE=x.dtype == torch.float32, num_warps=warps)
+    with LAUNCH_LOCK:
+        _adapter_bwd_kernel[(triton.cdiv(M, BM),)](
+            dy2, z, dx, dres if has_residual else dx, g, dz, rd, ld, rgd, ru, lu, rgu, M, D, K, dy2.stride(0), scale,
+            MODE_D=mode_d, N_D=n_d, R_D=r_d, MODE_U=mode_u, N_U=n_u, R_U=r_u,
+            HAS_RES=has_residual, ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP,
+            IEEE=x.dtype == torch.float32, num_warps=warps)
     dH_down, db_down = rows_tn(rows(x), dz, colsum=True)
     dH_up, db_up = rows_tn(g, dy2, colsum=True)
-    return dx, dH_down, dH_up * scale, db_down, db_up * scale
+    return dx, dres, dH_down, dH_up * scale, db_down, db_up * scale
 
 
 adapter_bwd = torch.library.custom_op("compacter_kernels::triton_adapter_bwd", _adapter_bwd, mutates_args=())
@@ -221,7 +227,7 @@ def _(dy, x, z, rule_down, left_down, right_down, rule_up, left_up, right_up, ac
     M, D = x.shape
     K = z.shape[1]
     f32 = lambda *s: x.new_empty(s, dtype=torch.float32)  # noqa: E731
-    return x.new_empty((M, D)), f32(D, K), f32(K, D), f32(K), f32(D)
+    return x.new_empty((M, D)), dy.new_empty((M, D) if has_residual else (0,)), f32(D, K), f32(K, D), f32(K), f32(D)
 
 
 # ---- backend entry points (signatures of compacter_kernels.reference) -------------------------

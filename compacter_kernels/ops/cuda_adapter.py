@@ -95,8 +95,10 @@ def _kernels_bwd(dy, x, z, rd, ld, rgd, ru, lu, rgu, activation, scale, has_resi
     # H is rebuilt rather than saved: d*k elements, one small launch per projection.
     h_down = dense_h(rd, ld, rgd, x.dtype)
     h_up = dense_h(ru, lu, rgu, x.dtype)
-    return torch.ops.compacter_kernels.cuda_adapter_bwd(dy, x, z, h_down, h_up, ACT_CODE[activation], scale,
-                                                        has_residual)
+    dx, dHd, dHu, dbd, dbu = torch.ops.compacter_kernels.cuda_adapter_bwd(dy, x, z, h_down, h_up,
+                                                                         ACT_CODE[activation], scale, has_residual)
+    # d residual = dy, a tensor of its own (autograd may keep it as residual.grad).
+    return dx, dy.clone() if has_residual else None, dHd, dHu, dbd, dbu
 
 
 # ---- backend entry points (signatures of compacter_kernels.reference) ---------------------------

@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import phm_linear_entry_point, register_phm_linear_op, rows
-from ._triton_common import empty, h_args, h_tile, interpreting, padded, rows_tn
+from ._triton_common import LAUNCH_LOCK, empty, h_args, h_tile, interpreting, padded, rows_tn
 
 
 @triton.jit
@@ -65,10 +65,11 @@ def _matmul_h(x2: Tensor, rule, left, right, bias: Optional[Tensor], trans: bool
     BN = min(padded(NOUT), 32 if interpreting() else 128)
     BK = min(padded(KRED), 32 if interpreting() else 64)
     rp, lp, rgp, mode, N, R = h_args(rule, left, right, BN, x2.dtype)
-    _phm_matmul_kernel[(triton.cdiv(M, BM), triton.cdiv(NOUT, BN))](
-        x2, y, rp, lp, rgp, bias if bias is not None else x2, M, KRED, NOUT, x2.stride(0), HI // n, HO // n, HO,
-        TRANS=trans, MODE=mode, N=N, R=R, HAS_BIAS=bias is not None, BM=BM, BN=BN, BK=BK,
-        IEEE=x2.dtype == torch.float32, num_warps=4)
+    with LAUNCH_LOCK:
+        _phm_matmul_kernel[(triton.cdiv(M, BM), triton.cdiv(NOUT, BN))](
+            x2, y, rp, lp, rgp, bias if bias is not None else x2, M, KRED, NOUT, x2.stride(0), HI // n, HO // n, HO,
+            TRANS=trans, MODE=mode, N=N, R=R, HAS_BIAS=bias is not None, BM=BM, BN=BN, BK=BK,
+            IEEE=x2.dtype == torch.float32, num_warps=4)
     return y
 
 

@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <mutex>
 #include <stdexcept>
 #include <thread>
 #include <type_traits>
@@ -109,8 +110,13 @@ alignas(128) unsigned char smem[kEmulatedSmemLimit];
 
 // Runs body() as a grid of blocks of `threads` threads each, with `smem_bytes` of shared
 // memory poisoned with 0xFF bytes (NaN in fp32, fp16 and bf16) before every block.
+// One grid at a time, as on one stream: the grid, the block's barrier and shared memory are
+// globals here, so two host threads launching at once would share them.
+inline std::mutex emulated_launch_mutex;
+
 inline void emulate_launch(EmulatedDim3 grid, unsigned threads, int64_t smem_bytes, const std::function<void()>& body) {
   if (smem_bytes > kEmulatedSmemLimit) emulation_violation("shared memory over the H100's 227 KiB per block");
+  const std::lock_guard<std::mutex> one_grid_at_a_time(emulated_launch_mutex);
   gridDim = grid;
   blockDim = {threads, 1, 1};
   for (unsigned bz = 0; bz < grid.z; ++bz)
