@@ -194,3 +194,37 @@ def test_meta_fake_dispatch_modes_and_compile_take_the_op():
     x = torch.randn(6)
     y = torch.compile(f, backend="aot_eager", fullgraph=True)(x, 2.0)
     assert calls and set(calls) == {"op"} and torch.equal(y, x * 2)  # traced through the op
+
+
+# ---- what a new user sees: the install's state, said where they look -----------------------------
+
+def test_missing_extension_warns_once_on_a_cuda_machine(monkeypatch):
+    from compacter_kernels import backends
+
+    monkeypatch.setattr(backends, "_warned_no_extension", False)
+    monkeypatch.setitem(backends._STATUS, "cuda", backends.BackendStatus(False, "not built (reinstall with `X`)"))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    with pytest.warns(UserWarning, match=r"cuda backend is unavailable: not built \(reinstall with `X`\)"):
+        backends.warn_if_extension_missing()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backends.warn_if_extension_missing()  # once per process
+
+
+def test_python_m_compacter_kernels_reports_every_backend():
+    import subprocess
+    import sys
+
+    from utils import checkout_env
+
+    env = checkout_env(drop=("TRITON_INTERPRET",))
+    out = subprocess.run([sys.executable, "-m", "compacter_kernels"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    for word in ("compacter_kernels 0.", "torch ", "GPU", "reference ", "triton ", "cuda ", "backend='auto'"):
+        assert word in out.stdout, out.stdout
+    if not torch.cuda.is_available():  # triton cannot run kernels here: said so, with the way for tests
+        line = next(line for line in out.stdout.splitlines() if line.startswith("  triton "))
+        assert "UNAVAILABLE" in line and "no GPU is visible" in line and "TRITON_INTERPRET=1" in line, line

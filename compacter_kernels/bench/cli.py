@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shlex
 import sys
 from datetime import datetime, timezone
@@ -225,6 +226,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     shapes = _shapes(args, parser)  # before any output: bad values exit here with code 2
     if args.threads or not gpu:  # one thread by default on a CPU: steadier timings
         torch.set_num_threads(args.threads or 1)
+    if not gpu:  # torch.compile's C++ toolchain look-up would print this inside the progress bar
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     if gpu:
         print(f"GPU: {torch.cuda.get_device_name(device)}")
     else:

@@ -230,6 +230,7 @@ def plot(rows: list[dict], out_dir: Path, stem: str, device: str) -> list[Path]:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print('plot skipped: matplotlib is not installed (pip install --no-build-isolation ".[bench]")')
         return []
@@ -255,11 +256,12 @@ def plot(rows: list[dict], out_dir: Path, stem: str, device: str) -> list[Path]:
                     ax.plot([r["M"] for r in pts], [r["median_ms"] for r in pts], label=provider, **style)
                 ax.set(xscale="log", yscale="log", title=f"{op} {mode}", xlabel="rows M", ylabel="time (ms)")
                 ax.grid(True, which="both", alpha=0.3)
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded 2x10^1, 3x10^1...
         legend = {}  # one legend for the grid: every provider that any panel drew
         for ax in axes.flat:
             legend.update(zip(*reversed(ax.get_legend_handles_labels())))
         fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=len(legend), fontsize="small")
-        fig.suptitle(f"{model or 'custom'}: d={d} k={k} n={n} rank={rank} {dtype} on {device}")
+        fig.suptitle(f"{model or 'custom'}: d={d} k={k} n={n} rank={rank} {dtype}\non {device}", fontsize="medium")
         fig.tight_layout(rect=(0, 0.06, 1, 1))
         path = out_dir / f"{stem}-{model or 'custom'}-d{d}-k{k}-{dtype}.png"
         fig.savefig(path, dpi=110)
