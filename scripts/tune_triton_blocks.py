@@ -70,10 +70,11 @@ def make_call(op: str, inputs: dict, dtype: torch.dtype):
 
     if op == "fwd":
         return (lambda: xs[next(order)].detach()), fwd, (lambda: fwd(xs[0].detach()))
-    zs = [fwd(x.detach())[1] for x in xs]
+    saved = [fwd(x.detach())[1:] for x in xs]  # (z, H_down, H_up) per input
 
     def bwd(i):
-        return adapter.adapter_bwd(dys[i], xs[i].detach(), zs[i], rule, ld, rd, rule, lu, ru, "gelu", 1.0, False)
+        return adapter.adapter_bwd(dys[i], xs[i].detach(), *saved[i], rule, ld, rd, bd, rule, lu, ru, bu, "gelu",
+                                   1.0, False, True)
 
     return (lambda: next(order)), bwd, (lambda: bwd(0))
 

@@ -43,12 +43,13 @@ def test_nothing_is_saved_without_grad():
 M, D, K, N, RANK = 48, 64, 16, 4, 1  # M != d, so x and a (d, k) weight differ in size
 
 
-def _expected(op: str, e: int) -> dict[str, timing.SavedBytes]:
+def _expected(op: str, e: int, backend: str) -> dict[str, timing.SavedBytes]:
     """Bytes each provider saves, counted from what its forward saves.
 
     Fused (both backends: ops/_common.py, register_adapter_op): x, z (M, k), the weight
-    factors and the biases (kept for a second derivative only: parameters, no copies); z is the
-    only new tensor.
+    factors and the biases (kept for a second derivative only: parameters, no copies); the new
+    tensors are z and the H's (d*k each) where the backend builds them once per call and
+    keeps them (cuda always for Compacter; triton past the in-kernel budget, not at this size).
     Reference (reference.py): mm saves x and H_down, gelu saves z, mm saves g and H_up; for
     Compacter, phm_weight also saves B = left @ right (n, I/n, O/n) for the Kronecker product and
     the rule and factors themselves. Adds and the scale save nothing.
@@ -59,7 +60,7 @@ def _expected(op: str, e: int) -> dict[str, timing.SavedBytes]:
     else:
         params = N ** 3 + 2 * (D + K) * RANK  # the shared rule once, W_left and W_right of both projections
         ref_new = 2 * M * K + 2 * D * K + 2 * D * K // N
-    fused_new = M * K
+    fused_new = M * K + (2 * D * K if op == "compacter" and backend == "cuda" else 0)
     return {"reference": timing.SavedBytes(ref_new * e, (ref_new + M * D + params) * e),
             "fused": timing.SavedBytes(fused_new * e, (fused_new + M * D + params + K + D) * e)}
 
@@ -75,7 +76,7 @@ def test_fused_saves_no_more_than_the_reference(backend, op, dtype):
     inputs = cases.make_inputs(case, DEVICE, copies=1)
     args = (inputs["xs"][0], *inputs["params"])
     saved = {p: timing.saved_activation_bytes(cases.provider_fn(op, p, "gelu"), *args) for p in ("reference", backend)}
-    expected = _expected(op, torch.finfo(dtype).bits // 8)
+    expected = _expected(op, torch.finfo(dtype).bits // 8, backend)
     assert saved["reference"] == expected["reference"]
     assert saved[backend] == expected["fused"]
     assert saved[backend].new <= saved["reference"].new and saved[backend].total <= saved["reference"].total

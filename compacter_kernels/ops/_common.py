@@ -214,46 +214,55 @@ def _eager_or_op(op, impl: Callable, setup_context: Callable, grads_of: Callable
     return call
 
 
-def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kernels_bwd_impl: Callable):
+def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kernels_bwd_impl: Callable,
+                        h_shapes: Callable):
     """Fake impl and autograd of a backend's fused adapter op ``fwd_op`` (the custom op of the
     Python function ``fwd_impl``, taking what `adapter_entry_points` passes) over the factors;
-    returns the forward to call (`_eager_or_op`). ``kernels_bwd(dy, x, z, *down, *up, activation, scale, has_residual)``
-    gives (dx, d residual or None, dH_down, dH_up, db_down, db_up), the last four in fp32, and
-    d residual a tensor of its own (autograd may keep it as residual.grad); ``kernels_bwd_impl``
-    is the same without the op dispatch (eager). dH goes to the factors here and each bias
-    gradient comes back in its bias's dtype. Under create_graph=True the backward is
-    `adapter_math`'s, so that it can be differentiated again."""
+    returns the forward to call (`_eager_or_op`). The forward gives (y, z, H_down, H_up): the H's
+    it built are kept for backward (empty tensors where there are none), their shapes
+    ``h_shapes(*down, *up)`` for the fake impl.
+
+    ``kernels_bwd(dy, x, z, H_down, H_up, *down, bias_down, *up, bias_up, activation, scale, has_residual, shared_rule)``
+    gives (dx, d residual, then each parameter's gradient in its dtype in the order of the
+    arguments), where an absent parameter's gradient may be any placeholder, d residual a tensor
+    of its own (autograd may keep it as residual.grad), and with shared_rule (one rule tensor for
+    both projections) d rule_down is the rule's whole gradient. ``kernels_bwd_impl`` is the same
+    without the op dispatch (eager). Under create_graph=True the backward is `adapter_math`'s, so
+    that it can be differentiated again. No gradient is made for z (not differentiable)."""
 
     def setup_context(ctx, inputs, output):
         x, residual, rd, ld, rgd, bd, ru, lu, rgu, bu, activation, scale, out_dtype = inputs
-        # Residual and biases are kept only for a second derivative (references, no copies).
-        ctx.save_for_backward(x, output[1], rd, ld, rgd, ru, lu, rgu, residual, bd, bu)
-        ctx.bias_dtypes = (None if bd is None else bd.dtype, None if bu is None else bu.dtype)
+        # Residual and biases are kept for the dtypes and a second derivative (references, no copies).
+        ctx.save_for_backward(x, output[1], output[2], output[3], rd, ld, rgd, bd, ru, lu, rgu, bu, residual)
         ctx.has_residual = residual is not None
+        ctx.shared_rule = rd is not None and rd is ru
         ctx.consts = (activation, scale, out_dtype)
-        ctx.mark_non_differentiable(output[1])
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # no zeros for z's gradient
 
     @fwd_op.register_fake
     def _(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
           activation, scale, out_dtype):
         K = out_features(rule_down, left_down, right_down)
-        return x.new_empty(x.shape, dtype=out_dtype), x.new_empty((x.shape[0], K))
+        hd, hu = h_shapes(rule_down, left_down, right_down, rule_up, left_up, right_up)
+        return x.new_empty(x.shape, dtype=out_dtype), x.new_empty((x.shape[0], K)), x.new_empty(hd), x.new_empty(hu)
 
     def backward_with(kernels):
-        def backward(ctx, dy, _dz):
-            x, z, rd, ld, rgd, ru, lu, rgu, residual, bd, bu = ctx.saved_tensors
+        def backward(ctx, dy, *_not_differentiable):
+            x, z, hd, hu, *params, residual = ctx.saved_tensors
+            if dy is None:  # y not used: nothing flows back
+                return (None,) * 13
             if torch.is_grad_enabled():  # create_graph=True
+                rd, ld, rgd, bd, ru, lu, rgu, bu = params
                 return create_graph_grads(ctx, adapter_math, (x, residual, rd, ld, rgd, bd, ru, lu, rgu, bu),
                                           ctx.consts, dy) + (None,) * 3
             activation, scale, _ = ctx.consts
-            dx, dres, dHd, dHu, dbd, dbu = kernels(dy, x, z, rd, ld, rgd, ru, lu, rgu, activation, scale,
-                                                   ctx.has_residual)
-            g_rd, g_ld, g_rgd = factor_grads(dHd, rd, ld, rgd)
-            g_ru, g_lu, g_rgu = factor_grads(dHu, ru, lu, rgu)
-            dbd = None if ctx.bias_dtypes[0] is None else dbd.to(ctx.bias_dtypes[0])
-            dbu = None if ctx.bias_dtypes[1] is None else dbu.to(ctx.bias_dtypes[1])
-            dres = dres if ctx.has_residual else None
-            return dx, dres, g_rd, g_ld, g_rgd, dbd, g_ru, g_lu, g_rgu, dbu, None, None, None
+            dx, dres, *grads = kernels(dy, x, z, hd, hu, *params, activation, scale, ctx.has_residual,
+                                       ctx.shared_rule)
+            grads = [None if t is None else g for t, g in zip(params, grads)]
+            if ctx.shared_rule:
+                grads[4] = None  # the whole gradient went to rule_down
+            return (dx, dres if ctx.has_residual else None, *grads, None, None, None)
         return backward
 
     fwd_op.register_autograd(backward_with(kernels_bwd), setup_context=setup_context)
@@ -262,14 +271,13 @@ def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kerne
 
 def register_phm_linear_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kernels_bwd_impl: Callable):
     """Fake impl and autograd of a backend's ``fwd_op(x2d, rule, left, right, bias)`` (the custom
-    op of ``fwd_impl``); returns the forward to call (`_eager_or_op`). ``kernels_bwd(dy, x, rule, left,
-    right, has_bias)`` gives (dx, dH fp32, db fp32), ``kernels_bwd_impl`` the same without the op
-    dispatch; dH goes to the factors here. Under create_graph=True: `phm_linear_math`'s backward."""
+    op of ``fwd_impl``); returns the forward to call (`_eager_or_op`). ``kernels_bwd(dy, x, rule,
+    left, right, bias)`` gives (dx, d rule, d left, d right, d bias), each in its parameter's dtype
+    (any placeholder for an absent one); ``kernels_bwd_impl`` is the same without the op dispatch.
+    Under create_graph=True: `phm_linear_math`'s backward."""
 
     def setup_context(ctx, inputs, output):
-        x, rule, left, right, bias = inputs
-        ctx.save_for_backward(x, rule, left, right, bias)
-        ctx.has_bias = bias is not None
+        ctx.save_for_backward(*inputs)
 
     @fwd_op.register_fake
     def _(x, rule, left, right, bias):
@@ -277,12 +285,11 @@ def register_phm_linear_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, ke
 
     def backward_with(kernels):
         def backward(ctx, dy):
-            x, rule, left, right, bias = ctx.saved_tensors
+            tensors = ctx.saved_tensors
             if torch.is_grad_enabled():  # create_graph=True
-                return create_graph_grads(ctx, phm_linear_math, (x, rule, left, right, bias), (), dy)
-            dx, dH, db = kernels(dy, x, rule, left, right, ctx.has_bias)
-            g_rule, g_left, g_right = factor_grads(dH, rule, left, right)
-            return dx, g_rule, g_left, g_right, db.to(x.dtype) if ctx.has_bias else None
+                return create_graph_grads(ctx, phm_linear_math, tensors, (), dy)
+            grads = kernels(dy, *tensors)
+            return tuple(None if t is None else g for t, g in zip(tensors, grads))
         return backward
 
     fwd_op.register_autograd(backward_with(kernels_bwd), setup_context=setup_context)

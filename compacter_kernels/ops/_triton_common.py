@@ -4,16 +4,16 @@ reduction, block-size table, and output allocation."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import threading
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import dense_h
 
 # How an H is given: dense (I, O) matrix; full PHM weight B; factorised S @ T.
 MODE_DENSE, MODE_PHM, MODE_PHM_FACTORED = 0, 1, 2
@@ -133,78 +133,400 @@ def h_tile(rule_ptr, left_ptr, right_ptr, ri, ci, mask, P, Q, O,
 INKERNEL_H_BUDGET = 256
 
 
-def h_args(rule, left, right, tile_cols: int, dtype: torch.dtype):
-    """(rule_ptr, left_ptr, right_ptr, MODE, N, R) of one projection; rule None = dense.
+def prebuilds_h(rule, left, right, tile_cols: int) -> bool:
+    """Whether a PHM projection's H is built once per call (by build_h) rather than tile by tile
+    inside every program: past INKERNEL_H_BUDGET (``tile_cols`` is the width of the H tiles a
+    program builds per row block). Shapes only, so the fake impls decide alike."""
+    if rule is None:
+        return False
+    r = 1 if right is None else left.shape[2]
+    return rule.shape[0] * (r + 1) * tile_cols > INKERNEL_H_BUDGET
 
-    ``tile_cols`` is the width of the H tiles a program builds per row block (the cost model).
+
+def h_args(rule, left, right, H: Optional[torch.Tensor], dtype: torch.dtype):
+    """(rule_ptr, left_ptr, right_ptr, MODE, N, R) of one projection; rule None = dense; H its
+    prebuilt matrix (build_h) or None to build its tiles inside the kernels.
+
     ``dtype`` is x's, the dtype of the tl.dot operands. The factors may be in another (fp32
     under autocast): the kernels read them as they are and build H tiles in fp32, rounded once
     to ``dtype`` before tl.dot; a dense or prebuilt H is passed in ``dtype``, rounded once.
     """
-    n, r = (0, 0) if rule is None else (rule.shape[0], 1 if right is None else left.shape[2])
-    if rule is None or n * (r + 1) * tile_cols > INKERNEL_H_BUDGET:
-        # In the compute dtype: the kernels round their tiles to it before tl.dot anyway, and every
-        # program re-reads H (a dense matrix in another dtype is cast once here, not per program).
-        H = dense_h(rule, left, right, dtype)
+    if rule is None:  # a dense matrix in another dtype (autocast) is cast once here, not per program
+        H = left.to(dtype).contiguous()
+    if H is not None:
         return H, H, H, MODE_DENSE, 1, 1
-    rule, left = rule.contiguous(), left.contiguous()
+    n = rule.shape[0]
     if right is None:
         return rule, left, left, MODE_PHM, n, 1
-    return rule, left, right.contiguous(), MODE_PHM_FACTORED, n, r
+    return rule, left, right, MODE_PHM_FACTORED, n, left.shape[2]
 
-
-# ---- A^T @ B over rows, split over M with per-program partial sums -------------------------------
 
 @triton.jit
-def _rows_tn_kernel(a_ptr, b_ptr, out_ptr, colsum_ptr, M, IA, IB, sa, sb, rows_per_split,
-                    COLSUM: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, BM: tl.constexpr,
-                    IEEE: tl.constexpr):
-    """out[s] = A[rows of split s]^T @ B[rows of split s]  (IA, IB), fp32; and column sums of B."""
-    pid_a, pid_b, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _build_h_tile(rule_ptr, left_ptr, right_ptr, h_ptr, tile, I, O, BR: tl.constexpr, BC: tl.constexpr,
+                  MODE: tl.constexpr, N: tl.constexpr, R: tl.constexpr):
+    tiles_c = tl.cdiv(O, BC)
+    ri = (tile // tiles_c) * BR + tl.arange(0, BR)[:, None]
+    ci = (tile % tiles_c) * BC + tl.arange(0, BC)[None, :]
+    mask = (ri < I) & (ci < O)
+    h = h_tile(rule_ptr, left_ptr, right_ptr, ri, ci, mask, I // N, O // N, O, MODE, N, R)
+    tl.store(h_ptr + ri * O + ci, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _build_h_kernel(r1, l1, rg1, h1, I1, O1, tiles1, r2, l2, rg2, h2, I2, O2,
+                    MODE1: tl.constexpr, N1: tl.constexpr, R1: tl.constexpr,
+                    MODE2: tl.constexpr, N2: tl.constexpr, R2: tl.constexpr, TWO: tl.constexpr,
+                    BR: tl.constexpr, BC: tl.constexpr):
+    """H = sum_i kron(A_i, B_i) of one or two projections, summed in fp32 and rounded once to
+    the output's dtype; one (BR, BC) tile per program, the first projection's tiles first."""
+    pid = tl.program_id(0)
+    if pid < tiles1:
+        _build_h_tile(r1, l1, rg1, h1, pid, I1, O1, BR, BC, MODE1, N1, R1)
+    elif TWO:
+        _build_h_tile(r2, l2, rg2, h2, pid - tiles1, I2, O2, BR, BC, MODE2, N2, R2)
+
+
+def build_h(projections, dtype: torch.dtype) -> list:
+    """The H (I, O) in ``dtype`` of each (rule, left, right) of ``projections`` (one or two), in
+    one launch."""
+    BR, BC = 32, 32
+    args, consts, hs, tiles = [], {}, [], []
+    for j, (rule, left, right) in enumerate(projections, start=1):
+        n = rule.shape[0]
+        I, O = n * left.shape[1], n * (left if right is None else right).shape[2]
+        H = torch.empty((I, O), dtype=dtype, device=left.device)
+        hs.append(H)
+        tiles.append(triton.cdiv(I, BR) * triton.cdiv(O, BC))
+        mode = MODE_PHM if right is None else MODE_PHM_FACTORED
+        args.append((rule, left, left if right is None else right, H, I, O))
+        consts.update({f"MODE{j}": mode, f"N{j}": n, f"R{j}": 1 if right is None else left.shape[2]})
+    if len(projections) == 1:
+        args.append(args[0])
+        consts.update(MODE2=consts["MODE1"], N2=consts["N1"], R2=consts["R1"])
+    with LAUNCH_LOCK:
+        _build_h_kernel[(sum(tiles),)](*args[0], tiles[0], *args[1], TWO=len(projections) == 2, BR=BR, BC=BC,
+                                       **consts, num_warps=4)
+    return hs
+
+
+# ---- the backward's reductions over rows: A^T @ B split over M, then the factors' gradients ------
+#
+# Two launches finish every parameter gradient, with no torch op between them:
+#   reduce_rows:   up to two products A^T @ B (and column sums) per split of the rows, fp32 partials;
+#   factor_grads:  the fixed-order sum of the splits and the map dH -> (d rule, d left, d right) of
+#                  H = sum_i kron(A_i, B_i), B_i = S_i T_i, both projections of an adapter, the shared
+#                  rule's two contributions summed, and the bias sums; each gradient stored in its
+#                  parameter's dtype.
+# Deterministic: every sum runs in a fixed order, no atomics.
+
+# The most bytes the partial sums may cost, as a fraction of the least traffic of the backward.
+PARTIALS_BUDGET = 0.02
+
+
+@triton.jit
+def _tn_tile(a_ptr, b_ptr, out_ptr, csa_ptr, csb_ptr, m_lo, m_hi, IA, IB, sa, sb, pid_a, pid_b, scale,
+             COLSUM_A: tl.constexpr, COLSUM_B: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr,
+             BM: tl.constexpr, IEEE: tl.constexpr):
+    """out = scale * A[m_lo:m_hi]^T @ B[m_lo:m_hi], one (BA, BB) tile, fp32; scaled column sums
+    of A (stored by the tiles with pid_b 0) and of B (pid_a 0). A is cast to B's dtype (the fp32
+    dy of an autocast forward against the low-precision g)."""
     offs_a = pid_a * BA + tl.arange(0, BA)
     offs_b = pid_b * BB + tl.arange(0, BB)
+    mask_a, mask_b = offs_a < IA, offs_b < IB
     acc = tl.zeros((BA, BB), tl.float32)
-    csum = tl.zeros((BB,), tl.float32)
-    m_start = split * rows_per_split
-    for m0 in range(m_start, tl.minimum(m_start + rows_per_split, M), BM):
+    csa = tl.zeros((BA,), tl.float32)
+    csb = tl.zeros((BB,), tl.float32)
+    for m0 in range(m_lo, m_hi, BM):
         offs_m = (m0 + tl.arange(0, BM)).to(tl.int64)
-        mask_m = offs_m < tl.minimum(m_start + rows_per_split, M)
-        at = tl.load(a_ptr + offs_m[:, None] * sa + offs_a[None, :],
-                     mask=mask_m[:, None] & (offs_a[None, :] < IA), other=0.0)
-        bt = tl.load(b_ptr + offs_m[:, None] * sb + offs_b[None, :],
-                     mask=mask_m[:, None] & (offs_b[None, :] < IB), other=0.0)
-        bt_ = bt.to(at.dtype)  # B may be wider than A (the fp32 dy of an autocast forward)
+        mask_m = offs_m < m_hi
+        at = tl.load(a_ptr + offs_m[:, None] * sa + offs_a[None, :], mask=mask_m[:, None] & mask_a[None, :], other=0.0)
+        bt = tl.load(b_ptr + offs_m[:, None] * sb + offs_b[None, :], mask=mask_m[:, None] & mask_b[None, :], other=0.0)
         if IEEE:
-            acc += tl.dot(tl.trans(at), bt_, input_precision="ieee")
+            acc += tl.dot(tl.trans(at.to(bt.dtype)), bt, input_precision="ieee")
         else:
-            acc += tl.dot(tl.trans(at), bt_)
-        if COLSUM:
-            csum += tl.sum(bt.to(tl.float32), axis=0)
-    out = out_ptr + split.to(tl.int64) * IA * IB + offs_a[:, None] * IB + offs_b[None, :]
-    tl.store(out, acc, mask=(offs_a[:, None] < IA) & (offs_b[None, :] < IB))
-    if COLSUM:
+            acc += tl.dot(tl.trans(at.to(bt.dtype)), bt)
+        if COLSUM_A:
+            csa += tl.sum(at.to(tl.float32), axis=0)
+        if COLSUM_B:
+            csb += tl.sum(bt.to(tl.float32), axis=0)
+    tl.store(out_ptr + offs_a[:, None] * IB + offs_b[None, :], acc * scale, mask=mask_a[:, None] & mask_b[None, :])
+    if COLSUM_A:
+        if pid_b == 0:
+            tl.store(csa_ptr + offs_a, csa * scale, mask=mask_a)
+    if COLSUM_B:
         if pid_a == 0:
-            tl.store(colsum_ptr + split * IB + offs_b, csum, mask=offs_b < IB)
+            tl.store(csb_ptr + offs_b, csb * scale, mask=mask_b)
 
 
-def rows_tn(a: torch.Tensor, b: torch.Tensor, colsum: bool):
-    """(A^T @ B in fp32, column sums of B in fp32 or None) for 2-D a (M, IA), b (M, IB).
+@triton.jit
+def _reduce_rows_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, part_ptr, csum_ptr, M, IA, IB, sa1, sb1, sa2, sb2,
+                        rows_per_split, scale1, scale2, CS,
+                        TWO: tl.constexpr, COLSUM_B1: tl.constexpr, COLSUM_A2: tl.constexpr,
+                        BA: tl.constexpr, BB: tl.constexpr, BM: tl.constexpr, IEEE: tl.constexpr):
+    """Per split of the rows: part[split, 0] = scale1 * A1^T B1 and, with TWO, part[split, 1] =
+    scale2 * A2^T B2, each (IA, IB); csum[split] = [scale1 * colsum B1 (IB), scale2 * colsum A2 (IA)]."""
+    pid, split = tl.program_id(0), tl.program_id(1)
+    tiles_b = tl.cdiv(IB, BB)
+    tiles = tl.cdiv(IA, BA) * tiles_b
+    m_lo = split * rows_per_split
+    m_hi = tl.minimum(m_lo + rows_per_split, M)
+    out = part_ptr + split.to(tl.int64) * (2 if TWO else 1) * IA * IB
+    cs = csum_ptr + split * CS
+    if pid < tiles:
+        _tn_tile(a1_ptr, b1_ptr, out, cs, cs, m_lo, m_hi, IA, IB, sa1, sb1, pid // tiles_b, pid % tiles_b, scale1,
+                 False, COLSUM_B1, BA, BB, BM, IEEE)
+    elif TWO:
+        q = pid - tiles
+        _tn_tile(a2_ptr, b2_ptr, out + IA * IB, cs + IB, cs, m_lo, m_hi, IA, IB, sa2, sb2, q // tiles_b,
+                 q % tiles_b, scale2, COLSUM_A2, False, BA, BB, BM, IEEE)
 
-    Deterministic: each program reduces its own slice of rows; the slices are summed after.
-    """
-    M, IA = a.shape
-    IB = b.shape[1]
+
+@dataclasses.dataclass(frozen=True)
+class Partials:
+    """What reduce_rows left for factor_grads: part (splits, products, IA, IB), csum (splits, CS)."""
+    part: torch.Tensor
+    csum: torch.Tensor
+
+
+def reduce_rows(a1, b1, a2=None, b2=None, *, scale1=1.0, scale2=1.0, colsum_b1=False, colsum_a2=False,
+                floor_bytes: int, reads: int) -> Partials:
+    """scale1 * a1^T @ b1 and scale2 * a2^T @ b2 (both (IA, IB), from 2-D (M, IA) / (M, IB)
+    inputs of any row stride) as per-split fp32 partials, in one launch. The rows are split for
+    parallelism, but never so finely that the partials (written once, read ``reads`` times by
+    factor_grads) cost more than PARTIALS_BUDGET of ``floor_bytes``."""
+    M, IA = a1.shape
+    IB = b1.shape[1]
+    two = a2 is not None
     BB = min(padded(IB), 128)
     BA = min(padded(IA), 64 if BB > 64 else 128)
     BM = 32 if interpreting() else 64
-    tiles = triton.cdiv(IA, BA) * triton.cdiv(IB, BB)
-    splits = max(1, min(triton.cdiv(M, BM), triton.cdiv(num_programs_target(device_index(a)), tiles)))
+    tiles = triton.cdiv(IA, BA) * triton.cdiv(IB, BB) * (2 if two else 1)
+    per_split = (2 if two else 1) * IA * IB * 4 * (1 + reads)
+    splits = max(1, min(triton.cdiv(M, BM), triton.cdiv(num_programs_target(device_index(a1)), tiles),
+                        int(PARTIALS_BUDGET * floor_bytes) // per_split))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), BM) * BM
-    splits = triton.cdiv(M, rows_per_split)
-    part = empty((splits, IA, IB), dtype=torch.float32, device=a.device)
-    csum = empty((splits, IB), dtype=torch.float32, device=a.device) if colsum else part
+    splits = max(1, triton.cdiv(M, rows_per_split))
+    CS = IB + (IA if two else 0)
+    part = empty((splits, 2 if two else 1, IA, IB), dtype=torch.float32, device=a1.device)
+    csum = empty((splits, CS), dtype=torch.float32, device=a1.device)
+    if not two:
+        a2, b2 = a1, b1
     with LAUNCH_LOCK:
-        _rows_tn_kernel[(triton.cdiv(IA, BA), triton.cdiv(IB, BB), splits)](
-            a, b, part, csum, M, IA, IB, a.stride(0), b.stride(0), rows_per_split,
-            COLSUM=colsum, BA=BA, BB=BB, BM=BM, IEEE=a.dtype == torch.float32, num_warps=4)
-    return part.sum(0), (csum.sum(0) if colsum else None)
+        _reduce_rows_kernel[(tiles, splits)](
+            a1, b1, a2, b2, part, csum, M, IA, IB, a1.stride(0), b1.stride(0), a2.stride(0), b2.stride(0),
+            rows_per_split, scale1, scale2, CS, TWO=two, COLSUM_B1=colsum_b1, COLSUM_A2=colsum_a2 and two,
+            BA=BA, BB=BB, BM=BM, IEEE=b1.dtype == torch.float32, num_warps=4)
+    return Partials(part, csum)
+
+
+@triton.jit
+def _proj_grads(part_ptr, s_row, s_col, split_stride, S, rule_ptr, left_ptr, right_ptr, dleft_ptr, dright_ptr,
+                i, p_lo, p_hi, P, Q,
+                N: tl.constexpr, NP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, HAS_RULE: tl.constexpr,
+                FACTORED: tl.constexpr, BP: tl.constexpr, QP: tl.constexpr):
+    """Gradients of slice i of one projection from the split partials of its dH (element
+    H[row, col] of split s at part_ptr + s * split_stride + row * s_row + col * s_col), for the
+    rows p_lo..p_hi of B_i. Stores d left[i] (d B_i, or d S_i = d B_i T_i^T) and d right[i]
+    (d T_i = S_i^T d B_i, which needs every row: p_lo..p_hi must be all of them); returns
+    d rule[i] (NP, NP) in fp32. Without a rule (a dense matrix: N = 1, rule = 1) d left is dH.
+
+        dB_i[p, q]    = sum_{a,c} A[i, a, c] * dH[a*P + p, c*Q + q]
+        dA[i, a, c]   = sum_{p,q} dH[a*P + p, c*Q + q] * B_i[p, q]
+    """
+    offs_q = tl.arange(0, QP)
+    mask_q = offs_q < Q
+    ra = tl.arange(0, NP)[:, None]
+    rc = tl.arange(0, NP)[None, :]
+    offs_r = tl.arange(0, RP)
+    dA = tl.zeros((NP, NP), tl.float32)
+    dT = tl.zeros((RP, QP), tl.float32)
+    for p0 in range(p_lo, p_hi, BP):
+        offs_p = p0 + tl.arange(0, BP)
+        mask_p = offs_p < p_hi
+        mask = mask_p[:, None] & mask_q[None, :]
+        Bt = tl.zeros((BP, QP), tl.float32)
+        if HAS_RULE:
+            if FACTORED:
+                for r in tl.static_range(R):
+                    s_r = tl.load(left_ptr + (i * P + offs_p) * R + r, mask=mask_p, other=0.0).to(tl.float32)
+                    t_r = tl.load(right_ptr + (i * R + r) * Q + offs_q, mask=mask_q, other=0.0).to(tl.float32)
+                    Bt += s_r[:, None] * t_r[None, :]
+            else:
+                Bt = tl.load(left_ptr + (i * P + offs_p[:, None]) * Q + offs_q[None, :], mask=mask,
+                             other=0.0).to(tl.float32)
+        dB = tl.zeros((BP, QP), tl.float32)
+        for a in tl.static_range(N):
+            for c in tl.static_range(N):
+                h = part_ptr + (a * P + offs_p[:, None]).to(tl.int64) * s_row + (c * Q + offs_q[None, :]) * s_col
+                t = tl.zeros((BP, QP), tl.float32)
+                for s in range(0, S):
+                    t += tl.load(h + s * split_stride, mask=mask, other=0.0)
+                if HAS_RULE:
+                    dB += tl.load(rule_ptr + (i * N + a) * N + c).to(tl.float32) * t
+                    dA += tl.where((ra == a) & (rc == c), tl.sum(tl.sum(t * Bt, axis=1), axis=0), 0.0)
+                else:
+                    dB += t
+        if FACTORED:
+            for r in tl.static_range(R):
+                t_r = tl.load(right_ptr + (i * R + r) * Q + offs_q, mask=mask_q, other=0.0).to(tl.float32)
+                tl.store(dleft_ptr + (i * P + offs_p) * R + r,
+                         tl.sum(dB * t_r[None, :], axis=1).to(dleft_ptr.dtype.element_ty), mask=mask_p)
+                s_r = tl.load(left_ptr + (i * P + offs_p) * R + r, mask=mask_p, other=0.0).to(tl.float32)
+                dT += tl.where(offs_r[:, None] == r, tl.sum(s_r[:, None] * dB, axis=0)[None, :], 0.0)
+        else:
+            tl.store(dleft_ptr + (i * P + offs_p[:, None]) * Q + offs_q[None, :],
+                     dB.to(dleft_ptr.dtype.element_ty), mask=mask)
+    if FACTORED:
+        tl.store(dright_ptr + (i * R + offs_r[:, None]) * Q + offs_q[None, :], dT.to(dright_ptr.dtype.element_ty),
+                 mask=(offs_r[:, None] < R) & mask_q[None, :])
+    return dA
+
+
+@triton.jit
+def _bias_sum(csum_ptr, CS, S, offset, n, scale, out_ptr, BLOCK: tl.constexpr):
+    for j0 in range(0, n, BLOCK):
+        offs = j0 + tl.arange(0, BLOCK)
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for s in range(0, S):
+            acc += tl.load(csum_ptr + s * CS + offset + offs, mask=offs < n, other=0.0)
+        tl.store(out_ptr + offs, (acc * scale).to(out_ptr.dtype.element_ty), mask=offs < n)
+
+
+@triton.jit
+def _factor_grads_kernel(
+    part_ptr, csum_ptr, S, split_stride, CS,
+    # projection 1: its partials at part_ptr (row, col strides), its factors and their gradients
+    s_row1, s_col1, rule1, left1, right1, drule1, dleft1, dright1, P1, Q1, rows1,
+    # projection 2 (with TWO): at part_ptr + off2
+    off2, s_row2, s_col2, rule2, left2, right2, drule2, dleft2, dright2, P2, Q2, rows2,
+    db1_ptr, n_b1, db2_ptr, off_b2, n_b2,
+    N1: tl.constexpr, R1: tl.constexpr, RP1: tl.constexpr, RULE1: tl.constexpr, FACT1: tl.constexpr,
+    BP1: tl.constexpr, QP1: tl.constexpr,
+    N2: tl.constexpr, R2: tl.constexpr, RP2: tl.constexpr, RULE2: tl.constexpr, FACT2: tl.constexpr,
+    BP2: tl.constexpr, QP2: tl.constexpr,
+    TWO: tl.constexpr, SHARED: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, NP: tl.constexpr,
+):
+    """Program (i, chunk): slice i of each projection (rows chunk*rows..(chunk+1)*rows of B_i; a
+    projection with a rule takes all its rows in chunk 0, as d rule and d right sum over them);
+    program (0, 0) also sums the biases. SHARED: both projections share one rule, whose gradient
+    (both contributions) goes to drule1."""
+    i, chunk = tl.program_id(0), tl.program_id(1)
+    ra = tl.arange(0, NP)[:, None]
+    rc = tl.arange(0, NP)[None, :]
+    dA1 = tl.zeros((NP, NP), tl.float32)
+    if i < N1:
+        p_lo = chunk * rows1
+        if p_lo < P1:
+            dA1 = _proj_grads(part_ptr, s_row1, s_col1, split_stride, S, rule1, left1, right1, dleft1, dright1, i,
+                              p_lo, tl.minimum(p_lo + rows1, P1), P1, Q1, N1, NP, R1, RP1, RULE1, FACT1, BP1, QP1)
+    if TWO:
+        dA2 = tl.zeros((NP, NP), tl.float32)
+        if i < N2:
+            p_lo = chunk * rows2
+            if p_lo < P2:
+                dA2 = _proj_grads(part_ptr + off2, s_row2, s_col2, split_stride, S, rule2, left2, right2, dleft2,
+                                  dright2, i, p_lo, tl.minimum(p_lo + rows2, P2), P2, Q2, N2, NP, R2, RP2, RULE2,
+                                  FACT2, BP2, QP2)
+        if RULE2:
+            if SHARED:
+                dA1 += dA2
+            elif chunk == 0:
+                if i < N2:
+                    tl.store(drule2 + (i * N2 + ra) * N2 + rc, dA2.to(drule2.dtype.element_ty),
+                             mask=(ra < N2) & (rc < N2))
+    if RULE1:
+        if chunk == 0:
+            if i < N1:
+                tl.store(drule1 + (i * N1 + ra) * N1 + rc, dA1.to(drule1.dtype.element_ty),
+                         mask=(ra < N1) & (rc < N1))
+    if i == 0:
+        if chunk == 0:
+            if HAS_B1:
+                _bias_sum(csum_ptr, CS, S, 0, n_b1, 1.0, db1_ptr, 256)
+            if HAS_B2:
+                _bias_sum(csum_ptr, CS, S, off_b2, n_b2, 1.0, db2_ptr, 256)
+
+
+class Projection(NamedTuple):
+    """One projection's factors as factor_grads takes them: (rule, left, right) with rule None for
+    a dense (I, O) matrix (left); its dH's partials at ``offset`` in the partial buffer, element
+    H[row, col] at row * s_row + col * s_col."""
+    rule: Optional[torch.Tensor]
+    left: torch.Tensor
+    right: Optional[torch.Tensor]
+    offset: int
+    s_row: int
+    s_col: int
+
+
+def _projection_args(pr: Optional[Projection], placeholder: torch.Tensor):
+    """(runtime args, constexprs, outputs) of one projection of _factor_grads_kernel."""
+    if pr is None:
+        z = placeholder
+        return (0, 0, 0, z, z, z, z, z, z, 1, 1, 1), dict(N=1, R=1, RP=1, RULE=False, FACT=False, BP=1, QP=1), ()
+    rule, left, right = pr.rule, pr.left, pr.right
+    dleft = torch.empty_like(left)
+    if rule is None:  # dense: dW = dH, as the slice of a rule-less N = 1 projection, split into row chunks
+        P, Q = left.shape
+        N, R, fact = 1, 1, False
+        drule = dright = placeholder
+        QP = triton.next_power_of_2(Q)
+        BP = max(1, min(triton.next_power_of_2(P), 4096 // QP))
+        rows = BP
+        outs = (None, dleft, None)
+    else:
+        N, P = left.shape[0], left.shape[1]
+        fact = right is not None
+        R = left.shape[2] if fact else 1
+        Q = right.shape[2] if fact else left.shape[2]
+        drule = torch.empty_like(rule)
+        dright = torch.empty_like(right) if fact else placeholder
+        QP = triton.next_power_of_2(Q)
+        BP = max(1, min(triton.next_power_of_2(P), 4096 // QP))
+        rows = P
+        outs = (drule, dleft, dright if fact else None)
+    args = (pr.offset, pr.s_row, pr.s_col, placeholder if rule is None else rule, left,
+            placeholder if right is None else right, drule, dleft, dright, P, Q, rows)
+    const = dict(N=N, R=R, RP=triton.next_power_of_2(R), RULE=rule is not None, FACT=fact, BP=BP, QP=QP)
+    return args, const, outs
+
+
+def factor_grads(partials: Partials, first: Projection, second: Optional[Projection] = None, *,
+                 biases=(None, None), shared_rule: bool = False):
+    """Every parameter gradient from reduce_rows' partials, in one launch: for each projection
+    (d rule, d left, d right), None where a factor is absent; then (d bias1, d bias2) for the
+    biases given as (like-tensor, offset into csum, length) or None. With shared_rule the rule's
+    whole gradient is the first projection's d rule (the second's is None). Each gradient has
+    its parameter's dtype and layout (contiguous)."""
+    part, csum = partials.part, partials.csum
+    S, CS = part.shape[0], csum.shape[1]
+    placeholder = part
+    a1, c1, o1 = _projection_args(first, placeholder)
+    a2, c2, o2 = _projection_args(second, placeholder)
+    outs_b = []
+    bias_args = []
+    for b in biases:
+        if b is None:
+            outs_b.append(None)
+            bias_args += [placeholder, 0]
+        else:
+            like, off, n = b
+            outs_b.append(torch.empty_like(like))
+            bias_args += [outs_b[-1], n]
+    db1, n_b1, db2, n_b2 = bias_args
+    off_b2 = biases[1][1] if biases[1] is not None else 0
+    assert first.offset == 0, "the first projection's partials start the buffer"
+    n_i = max(c1["N"], c2["N"])
+    chunks = max(triton.cdiv(a1[9], a1[11]), triton.cdiv(a2[9], a2[11]))  # P / rows per program
+    NP = triton.next_power_of_2(n_i)
+    with LAUNCH_LOCK:
+        _factor_grads_kernel[(n_i, chunks)](
+            part, csum, S, part[0].numel(), CS, *a1[1:], *a2, db1, n_b1, db2, off_b2, n_b2,
+            N1=c1["N"], R1=c1["R"], RP1=c1["RP"], RULE1=c1["RULE"], FACT1=c1["FACT"], BP1=c1["BP"], QP1=c1["QP"],
+            N2=c2["N"], R2=c2["R"], RP2=c2["RP"], RULE2=c2["RULE"], FACT2=c2["FACT"], BP2=c2["BP"], QP2=c2["QP"],
+            TWO=second is not None, SHARED=shared_rule, HAS_B1=outs_b[0] is not None,
+            HAS_B2=outs_b[1] is not None, NP=NP, num_warps=4)
+    o2 = o2 if second is not None else (None, None, None)
+    if shared_rule:
+        o2 = (None, *o2[1:])
+    return o1, o2, tuple(outs_b)

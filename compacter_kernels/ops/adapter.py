@@ -10,12 +10,14 @@ never written to memory):
 z is saved for backward (M*k elements, k << d). Backward, with du = scale * dy:
 
     kernel 1, per row block:  dg = du @ H_up^T;  dz = dg * act'(z);  dx = [dy +] dz @ H_down^T
-                              (also writes g = act(z) and dz, M*k each)
-    split-M reductions:       dH_down = x^T @ dz,  db_down = sum_rows dz
-                              dH_up   = g^T @ du,  db_up   = sum_rows du
-    then dH -> (d rule, d W_left, d W_right) with the chain rule of H = sum_i kron(A_i, S_i T_i)
-    (`phm_weight_backward`, tiny tensors). Every reduction is a fixed-order sum of per-program
-    partials, so gradients are bit-identical run to run.
+                              (also writes g = act(z) and dz, M*k each, and d residual = dy)
+    kernel 2, reduce_rows:    dH_down = x^T @ dz,  db_down = sum_rows dz      (both split over M, one launch)
+                              dH_up^T = du^T @ g,  db_up   = sum_rows du
+    kernel 3, factor_grads:   the fixed-order sum of the splits, then dH -> (d rule, d W_left, d W_right)
+                              of H = sum_i kron(A_i, S_i T_i) for both projections (the shared rule's
+                              two parts summed) and the bias sums, each in its parameter's dtype.
+    No torch op computes anything between them. Every reduction is a fixed-order sum of
+    per-program partials, so gradients are bit-identical run to run.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import ACT_CODE, adapter_entry_points, out_features, register_adapter_op, rows
-from ._triton_common import LAUNCH_LOCK, act_bwd, act_fwd, empty, h_args, h_tile, interpreting, padded, rows_tn
+from ._triton_common import (LAUNCH_LOCK, Projection, act_bwd, act_fwd, build_h, empty, factor_grads, h_args,
+                             h_tile, interpreting, padded, prebuilds_h, reduce_rows)
 
 
 def _blocks(d: int, k: int, dtype: torch.dtype, backward: bool = False) -> tuple[int, int, int, int]:
@@ -150,27 +153,50 @@ def _adapter_bwd_kernel(
 
 # ---- torch.library ops: opaque to torch.compile, with fake and autograd registrations ---------
 
+def _saved_h(down, up, K: int, dtype: torch.dtype, saved=(None, None)) -> tuple:
+    """(H_down, H_up): each projection's prebuilt H (the saved one, or built now, both in one
+    launch) where `prebuilds_h`, else None (its tiles are built inside the kernels)."""
+    KP = padded(K)
+    need = [prebuilds_h(*p, KP) and h is None for p, h in zip((down, up), saved)]
+    built = iter(build_h([p for p, n in zip((down, up), need) if n], dtype) if any(need) else ())
+    return tuple(next(built) if n else h for n, h in zip(need, saved))
+
+
+def h_shapes(rule_down, left_down, right_down, rule_up, left_up, right_up) -> tuple:
+    """The shapes of the H's the forward keeps for backward ((0,): none, built in the kernels)."""
+    K = out_features(rule_down, left_down, right_down)
+    D = left_down.shape[0] * left_down.shape[1] if rule_down is not None else left_down.shape[0]
+    KP = padded(K)
+    return ((D, K) if prebuilds_h(rule_down, left_down, right_down, KP) else (0,),
+            (K, D) if prebuilds_h(rule_up, left_up, right_up, KP) else (0,))
+
+
 def _adapter_fwd(
     x: Tensor, residual: Optional[Tensor],
     rule_down: Optional[Tensor], left_down: Tensor, right_down: Optional[Tensor], bias_down: Optional[Tensor],
     rule_up: Optional[Tensor], left_up: Tensor, right_up: Optional[Tensor], bias_up: Optional[Tensor],
     activation: str, scale: float, out_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor]:
-    """(y in out_dtype, z) for 2-D x (M, d). rule_* None means the projection is dense (left_* is
-    the matrix). Under autocast the parameters may be in another dtype than x's (fp32: H built in
-    fp32, rounded once to x's dtype; biases added in fp32) and out_dtype may be wider than x's
-    (y = fp32 residual + ...)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y in out_dtype, z, H_down, H_up) for 2-D x (M, d): one launch, two where a projection's
+    H is prebuilt (`prebuilds_h`), which is then returned to be kept for backward (else an empty
+    placeholder). rule_* None means the projection is dense (left_* is the matrix). Under
+    autocast the parameters may be in another dtype than x's (fp32: H built in fp32, rounded
+    once to x's dtype; biases added in fp32) and out_dtype may be wider than x's (y = fp32
+    residual + ...)."""
     M, D = x.shape
     K = bias_down.shape[0] if bias_down is not None else out_features(rule_down, left_down, right_down)
     y = empty((M, D), dtype=out_dtype, device=x.device)
     z = empty((M, K), dtype=x.dtype, device=x.device)
+    down, up = (rule_down, left_down, right_down), (rule_up, left_up, right_up)
+    hd, hu = _saved_h(down, up, K, x.dtype)
+    saved = tuple(x.new_empty(0) if h is None else h for h in (hd, hu))  # outputs may not alias: one each
     if M == 0:
-        return y, z
+        return y, z, *saved
     x2 = rows(x)
     r2 = rows(residual) if residual is not None else x2
     BM, BD, KP, warps = _blocks(D, K, x.dtype)
-    rd, ld, rgd, mode_d, n_d, r_d = h_args(rule_down, left_down, right_down, KP, x.dtype)
-    ru, lu, rgu, mode_u, n_u, r_u = h_args(rule_up, left_up, right_up, KP, x.dtype)
+    rd, ld, rgd, mode_d, n_d, r_d = h_args(*down, hd, x.dtype)
+    ru, lu, rgu, mode_u, n_u, r_u = h_args(*up, hu, x.dtype)
     with LAUNCH_LOCK:
         _adapter_fwd_kernel[(triton.cdiv(M, BM),)](
             x2, r2, y, z, rd, ld, rgd, bias_down if bias_down is not None else x2, ru, lu, rgu,
@@ -178,59 +204,78 @@ def _adapter_fwd(
             MODE_D=mode_d, N_D=n_d, R_D=r_d, MODE_U=mode_u, N_U=n_u, R_U=r_u,
             HAS_BD=bias_down is not None, HAS_BU=bias_up is not None, HAS_RES=residual is not None,
             ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP, IEEE=x.dtype == torch.float32, num_warps=warps)
-    return y, z
+    return y, z, *saved
 
 
 adapter_fwd = torch.library.custom_op("compacter_kernels::triton_adapter_fwd", _adapter_fwd, mutates_args=())
 
 
 def _adapter_bwd(
-    dy: Tensor, x: Tensor, z: Tensor,
-    rule_down: Optional[Tensor], left_down: Tensor, right_down: Optional[Tensor],
-    rule_up: Optional[Tensor], left_up: Tensor, right_up: Optional[Tensor],
-    activation: str, scale: float, has_residual: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, d residual, dH_down (d, k) fp32, dH_up (k, d) fp32, db_down fp32, db_up fp32).
+    dy: Tensor, x: Tensor, z: Tensor, h_down: Tensor, h_up: Tensor,
+    rule_down: Optional[Tensor], left_down: Tensor, right_down: Optional[Tensor], bias_down: Optional[Tensor],
+    rule_up: Optional[Tensor], left_up: Tensor, right_up: Optional[Tensor], bias_up: Optional[Tensor],
+    activation: str, scale: float, has_residual: bool, shared_rule: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, d residual, d rule_down, d left_down, d right_down, d bias_down, d rule_up, d left_up,
+    d right_up, d bias_up), each parameter's gradient in its dtype, in three launches: the rows
+    kernel, reduce_rows and factor_grads. h_down / h_up are the H's the forward kept (empty where
+    it built them in its kernels). An absent parameter's gradient is an empty placeholder;
+    with shared_rule, d rule_down is the rule's whole gradient and d rule_up a placeholder.
 
     With has_residual, dx excludes the residual's dy and d residual is a copy of dy, written by
-    the kernel as it reads dy; without, d residual is an empty placeholder.
+    the kernel as it reads dy; without, d residual is a placeholder.
     """
     M, D = x.shape
     K = z.shape[1]
     dx = empty((M, D), dtype=x.dtype, device=x.device)
     dres = empty((M, D) if has_residual else (0,), dtype=dy.dtype, device=x.device)
+    params = (rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up)
     if M == 0:
-        zero = lambda *s: torch.zeros(s, dtype=torch.float32, device=x.device)  # noqa: E731
-        return dx, dres, zero(D, K), zero(K, D), zero(K), zero(D)
+        grads = [None if t is None else torch.zeros_like(t) for t in params]
+        if shared_rule:
+            grads[4] = None
+        return dx, dres, *(x.new_empty(0) if t is None else t for t in grads)  # outputs may not alias
     dy2 = rows(dy)
     g = empty((M, K), dtype=x.dtype, device=x.device)
     dz = empty((M, K), dtype=x.dtype, device=x.device)
     BM, BD, KP, warps = _blocks(D, K, x.dtype, backward=True)
-    rd, ld, rgd, mode_d, n_d, r_d = h_args(rule_down, left_down, right_down, KP, x.dtype)
-    ru, lu, rgu, mode_u, n_u, r_u = h_args(rule_up, left_up, right_up, KP, x.dtype)
+    down, up = (rule_down, left_down, right_down), (rule_up, left_up, right_up)
+    hd, hu = _saved_h(down, up, K, x.dtype, tuple(h if h.numel() else None for h in (h_down, h_up)))
+    rd, ld, rgd, mode_d, n_d, r_d = h_args(*down, hd, x.dtype)
+    ru, lu, rgu, mode_u, n_u, r_u = h_args(*up, hu, x.dtype)
     with LAUNCH_LOCK:
         _adapter_bwd_kernel[(triton.cdiv(M, BM),)](
             dy2, z, dx, dres if has_residual else dx, g, dz, rd, ld, rgd, ru, lu, rgu, M, D, K, dy2.stride(0), scale,
             MODE_D=mode_d, N_D=n_d, R_D=r_d, MODE_U=mode_u, N_U=n_u, R_U=r_u,
             HAS_RES=has_residual, ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP,
             IEEE=x.dtype == torch.float32, num_warps=warps)
-    dH_down, db_down = rows_tn(rows(x), dz, colsum=True)
-    dH_up, db_up = rows_tn(g, dy2, colsum=True)
-    return dx, dres, dH_down, dH_up * scale, db_down, db_up * scale
+    # dH_down = x^T dz and dH_up^T = scale * dy^T g, both (D, K); db_down = sum dz, db_up = scale * sum dy.
+    n = max(1 if rule_down is None else rule_down.shape[0], 1 if rule_up is None else rule_up.shape[0])
+    partials = reduce_rows(rows(x), dz, dy2, g, scale2=scale, colsum_b1=True, colsum_a2=True,
+                           floor_bytes=(3 * M * D + M * K) * x.element_size(), reads=n)
+    (g_rd, g_ld, g_rgd), (g_ru, g_lu, g_rgu), (g_bd, g_bu) = factor_grads(
+        partials, Projection(rule_down, left_down, right_down, 0, K, 1),
+        Projection(rule_up, left_up, right_up, D * K, 1, K),  # H_up[row, col] is (dy^T g)[col, row]
+        biases=(None if bias_down is None else (bias_down, 0, K), None if bias_up is None else (bias_up, K, D)),
+        shared_rule=shared_rule)
+    grads = (g_rd, g_ld, g_rgd, g_bd, g_ru, g_lu, g_rgu, g_bu)
+    return dx, dres, *(x.new_empty(0) if t is None else t for t in grads)  # outputs may not alias
 
 
 adapter_bwd = torch.library.custom_op("compacter_kernels::triton_adapter_bwd", _adapter_bwd, mutates_args=())
 
 
 @adapter_bwd.register_fake
-def _(dy, x, z, rule_down, left_down, right_down, rule_up, left_up, right_up, activation, scale, has_residual):
+def _(dy, x, z, h_down, h_up, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
+      activation, scale, has_residual, shared_rule):
     M, D = x.shape
-    K = z.shape[1]
-    f32 = lambda *s: x.new_empty(s, dtype=torch.float32)  # noqa: E731
-    return x.new_empty((M, D)), dy.new_empty((M, D) if has_residual else (0,)), f32(D, K), f32(K, D), f32(K), f32(D)
+    like = lambda t: x.new_empty(0) if t is None else torch.empty_like(t)  # noqa: E731
+    return (x.new_empty((M, D)), dy.new_empty((M, D) if has_residual else (0,)), like(rule_down), like(left_down),
+            like(right_down), like(bias_down), x.new_empty(0) if shared_rule else like(rule_up), like(left_up),
+            like(right_up), like(bias_up))
 
 
 # ---- backend entry points (signatures of compacter_kernels.reference) -------------------------
 
 compacter_adapter, adapter = adapter_entry_points(
-    register_adapter_op(adapter_fwd, _adapter_fwd, adapter_bwd, _adapter_bwd))
+    register_adapter_op(adapter_fwd, _adapter_fwd, adapter_bwd, _adapter_bwd, h_shapes))

@@ -5,9 +5,9 @@ registrations below need the C++ ops ``compacter_kernels::cuda_adapter_fwd`` / `
 (csrc/ops.cpp; kernels in csrc/adapter_*.cuh).
 
 The kernels take DENSE ``H_down`` (d, k) and ``H_up`` (k, d) in x's dtype. A Compacter
-projection's H is built once per call (forward, and again in backward) by the extension's
+projection's H is built once per call (forward; backward reuses it) by the extension's
 ``phm_weight`` op in fp32 from fp32 factors, then rounded once to x's dtype: the values the
-Triton backend's prebuilt-H mode feeds its matmuls. A dense (Houlsby) projection passes its
+Triton backend's prebuilt-H mode feeds its matmuls; they are kept for backward. A dense (Houlsby) projection passes its
 matrix (cast to x's dtype). Biases are read in x's dtype or in fp32 (autocast). Forward, per
 block of rows:
 
@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import ACT_CODE, adapter_entry_points, dense_h, register_adapter_op, rows
+from ._common import ACT_CODE, adapter_entry_points, dense_h, factor_grads, out_features, register_adapter_op, rows
 
 if not hasattr(torch.ops.compacter_kernels, "cuda_adapter_fwd"):
     raise ImportError("compacter_kernels.ops.cuda_adapter needs the CUDA extension's ops: it is imported by "
@@ -76,33 +76,48 @@ def _adapter_fwd(
     rule_down: Optional[Tensor], left_down: Tensor, right_down: Optional[Tensor], bias_down: Optional[Tensor],
     rule_up: Optional[Tensor], left_up: Tensor, right_up: Optional[Tensor], bias_up: Optional[Tensor],
     activation: str, scale: float, out_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor]:
-    """(y in out_dtype, z) for 2-D x (M, d); the arguments of ``triton_adapter_fwd``. rule_* None
-    means the projection is dense (left_* is the matrix). Under autocast x comes in the autocast
-    dtype while the parameters keep theirs (see `_run`), and out_dtype may be wider than x's."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y in out_dtype, z, H_down, H_up) for 2-D x (M, d); the arguments of ``triton_adapter_fwd``.
+    A PHM projection's H is kept for backward (d*k elements; a dense projection's matrix is its
+    weight, an empty placeholder here). rule_* None means the projection is dense (left_* is the matrix). Under autocast x
+    comes in the autocast dtype while the parameters keep theirs (see `_run`), and out_dtype may
+    be wider than x's."""
     _check_device(x)
     h_down = dense_h(rule_down, left_down, right_down, x.dtype)
     h_up = dense_h(rule_up, left_up, right_up, x.dtype)
-    return torch.ops.compacter_kernels.cuda_adapter_fwd(
+    y, z = torch.ops.compacter_kernels.cuda_adapter_fwd(
         rows(x), None if residual is None else rows(residual), h_down, _bias(bias_down, x.dtype), h_up,
         _bias(bias_up, x.dtype), ACT_CODE[activation], scale, out_dtype)
+    # A dense projection's matrix is its weight (an input: not an output of the op).
+    return y, z, *(x.new_empty(0) if rule is None else h for rule, h in ((rule_down, h_down), (rule_up, h_up)))
+
+
+def h_shapes(rule_down, left_down, right_down, rule_up, left_up, right_up) -> tuple:
+    K = out_features(rule_down, left_down, right_down)
+    D = left_down.shape[0] * left_down.shape[1] if rule_down is not None else left_down.shape[0]
+    return (D, K) if rule_down is not None else (0,), (K, D) if rule_up is not None else (0,)
 
 
 adapter_fwd = torch.library.custom_op("compacter_kernels::cuda_compacter_fwd", _adapter_fwd, mutates_args=())
 
 
-def _kernels_bwd(dy, x, z, rd, ld, rgd, ru, lu, rgu, activation, scale, has_residual):
-    # H is rebuilt rather than saved: d*k elements, one small launch per projection.
-    h_down = dense_h(rd, ld, rgd, x.dtype)
-    h_up = dense_h(ru, lu, rgu, x.dtype)
+def _kernels_bwd(dy, x, z, h_down, h_up, rd, ld, rgd, bd, ru, lu, rgu, bu, activation, scale, has_residual,
+                 shared_rule):
+    h_down = h_down if h_down.numel() else dense_h(rd, ld, rgd, x.dtype)  # the forward's, or the weight
+    h_up = h_up if h_up.numel() else dense_h(ru, lu, rgu, x.dtype)
     dx, dHd, dHu, dbd, dbu = torch.ops.compacter_kernels.cuda_adapter_bwd(dy, x, z, h_down, h_up,
                                                                          ACT_CODE[activation], scale, has_residual)
+    g_rd, g_ld, g_rgd = factor_grads(dHd, rd, ld, rgd)
+    g_ru, g_lu, g_rgu = factor_grads(dHu, ru, lu, rgu)
+    if shared_rule:
+        g_rd = g_rd + g_ru
     # d residual = dy, a tensor of its own (autograd may keep it as residual.grad).
-    return dx, dy.clone() if has_residual else None, dHd, dHu, dbd, dbu
+    return (dx, dy.clone() if has_residual else None, g_rd, g_ld, g_rgd, None if bd is None else dbd.to(bd.dtype),
+            g_ru, g_lu, g_rgu, None if bu is None else dbu.to(bu.dtype))
 
 
 # ---- backend entry points (signatures of compacter_kernels.reference) ---------------------------
 
 # The backward calls the C++ ops directly either way: no Python op of its own to bypass.
 compacter_adapter, adapter = adapter_entry_points(
-    register_adapter_op(adapter_fwd, _adapter_fwd, _kernels_bwd, _kernels_bwd))
+    register_adapter_op(adapter_fwd, _adapter_fwd, _kernels_bwd, _kernels_bwd, h_shapes))

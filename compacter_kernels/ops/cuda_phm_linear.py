@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import cuda_adapter
-from ._common import dense_h, no_autocast, phm_linear_entry_point, register_phm_linear_op
+from ._common import dense_h, factor_grads, no_autocast, phm_linear_entry_point, register_phm_linear_op
 
 
 def _mm_wide(a: Tensor, b: Tensor) -> Tensor:
@@ -63,11 +63,12 @@ def _phm_linear_fwd(x: Tensor, rule: Tensor, left: Tensor, right: Optional[Tenso
 phm_linear_fwd = torch.library.custom_op("compacter_kernels::cuda_phm_linear_fwd", _phm_linear_fwd, mutates_args=())
 
 
-def _kernels_bwd(dy, x, rule, left, right, has_bias):
+def _kernels_bwd(dy, x, rule, left, right, bias):
     # H is rebuilt rather than saved. The op's own dtypes even when .backward() runs inside an
     # autocast region (it would round the fp32 products to the autocast dtype).
     with no_autocast(dy):
-        return phm_linear_backward(dy, x, dense_h(rule, left, right, x.dtype), has_bias)
+        dx, dH, db = phm_linear_backward(dy, x, dense_h(rule, left, right, x.dtype), bias is not None)
+    return (dx, *factor_grads(dH, rule, left, right), None if bias is None else db.to(bias.dtype))
 
 
 # Backend entry point, signature of compacter_kernels.reference.phm_linear. Under autocast only x

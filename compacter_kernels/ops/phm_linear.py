@@ -1,8 +1,8 @@
 """PHM linear in Triton: y = x @ H + b with the tiles of H built in registers from the factors.
 
-Backward:  dx = dy @ H^T  (the same kernel, reading H transposed),
-           dH = x^T @ dy, db = sum_rows dy  (split-M partial sums, fixed-order reduction),
-           dH -> (d rule, d W_left, d W_right) by `phm_weight_backward`.
+Backward, three launches:  dx = dy @ H^T  (the same kernel, reading H transposed),
+           dH = x^T @ dy, db = sum_rows dy  (reduce_rows: split-M partial sums),
+           the fixed-order sum of the splits and dH -> (d rule, d W_left, d W_right) (factor_grads).
 
 The factors may be in another dtype than x (fp32 under autocast): H tiles are summed in fp32 and
 rounded once to x's dtype before tl.dot, and each factor's gradient comes back in its dtype.
@@ -18,7 +18,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import phm_linear_entry_point, register_phm_linear_op, rows
-from ._triton_common import LAUNCH_LOCK, empty, h_args, h_tile, interpreting, padded, rows_tn
+from ._triton_common import (LAUNCH_LOCK, Projection, build_h, empty, factor_grads, h_args, h_tile, interpreting,
+                             padded, prebuilds_h, reduce_rows)
 
 
 @triton.jit
@@ -64,7 +65,8 @@ def _matmul_h(x2: Tensor, rule, left, right, bias: Optional[Tensor], trans: bool
     BM = 16 if interpreting() else (32 if x2.dtype == torch.float32 else 64)
     BN = min(padded(NOUT), 32 if interpreting() else 128)
     BK = min(padded(KRED), 32 if interpreting() else 64)
-    rp, lp, rgp, mode, N, R = h_args(rule, left, right, BN, x2.dtype)
+    (H,) = build_h([(rule, left, right)], x2.dtype) if prebuilds_h(rule, left, right, BN) else (None,)
+    rp, lp, rgp, mode, N, R = h_args(rule, left, right, H, x2.dtype)
     with LAUNCH_LOCK:
         _phm_matmul_kernel[(triton.cdiv(M, BM), triton.cdiv(NOUT, BN))](
             x2, y, rp, lp, rgp, bias if bias is not None else x2, M, KRED, NOUT, x2.stride(0), HI // n, HO // n, HO,
@@ -81,24 +83,31 @@ phm_linear_fwd = torch.library.custom_op("compacter_kernels::triton_phm_linear_f
 
 
 def _phm_linear_bwd(dy: Tensor, x: Tensor, rule: Tensor, left: Tensor, right: Optional[Tensor],
-                   has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dH fp32 (I, O), db fp32 (O,), zeros when there is no bias)."""
+                   bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, d rule, d left, d right, d bias) in three launches (dx; reduce_rows; factor_grads),
+    each gradient in its parameter's dtype; an absent parameter's an empty placeholder."""
     dy2 = rows(dy)
     dx = _matmul_h(dy2, rule, left, right, None, trans=True)
-    if x.shape[0] == 0:
-        z = torch.zeros(x.shape[1], dy.shape[1], dtype=torch.float32, device=x.device)
-        return dx, z, z[0]
-    dH, db = rows_tn(rows(x), dy2, colsum=has_bias)
-    return dx, dH, db if has_bias else dH.new_zeros(dH.shape[1])
+    M, I = x.shape
+    O = dy2.shape[1]
+    if M == 0:
+        grads = [None if t is None else torch.zeros_like(t) for t in (rule, left, right, bias)]
+    else:
+        partials = reduce_rows(rows(x), dy2, colsum_b1=bias is not None,
+                               floor_bytes=(2 * M * I + M * O) * x.element_size(), reads=rule.shape[0])
+        (g_rule, g_left, g_right), _, (g_bias, _) = factor_grads(
+            partials, Projection(rule, left, right, 0, O, 1), biases=(None if bias is None else (bias, 0, O), None))
+        grads = [g_rule, g_left, g_right, g_bias]
+    return dx, *(x.new_empty(0) if g is None else g for g in grads)  # outputs may not alias: one each
 
 
 phm_linear_bwd = torch.library.custom_op("compacter_kernels::triton_phm_linear_bwd", _phm_linear_bwd, mutates_args=())
 
 
 @phm_linear_bwd.register_fake
-def _(dy, x, rule, left, right, has_bias):
-    return x.new_empty(x.shape), x.new_empty((x.shape[1], dy.shape[1]), dtype=torch.float32), \
-        x.new_empty((dy.shape[1],), dtype=torch.float32)
+def _(dy, x, rule, left, right, bias):
+    like = lambda t: x.new_empty(0) if t is None else torch.empty_like(t)  # noqa: E731
+    return x.new_empty(x.shape), like(rule), like(left), like(right), like(bias)
 
 
 # Backend entry point, signature of compacter_kernels.reference.phm_linear.

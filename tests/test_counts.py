@@ -1,0 +1,99 @@
+"""What one call runs, counted: Triton launches and aten compute ops per forward and per
+backward (tests/counters.py), for the triton backend, against the launch budget:
+
+    forward:  1 launch (H built in the kernel), 2 with a prebuilt H (build_h), no aten compute op;
+    backward: 3 launches (rows kernel, reduce_rows, factor_grads), no aten compute op: every
+              parameter gradient (the shared rule's two parts summed, biases, dense weights, the
+              scale) and no gradient made for z.
+"""
+
+import pytest
+import torch
+
+import compacter_kernels as ck
+from compacter_kernels.ops import _triton_common, adapter
+from counters import forward_backward_counts
+from utils import compacter_inputs, dense_inputs, phm_factors, why_backend_cannot_run
+
+pytestmark = pytest.mark.skipif(why_backend_cannot_run("triton") is not None,
+                                reason=str(why_backend_cannot_run("triton")))
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _compacter(d, k, rank=1, residual=False, shared=True, M=37):
+    inp = compacter_inputs(lead=(M,), d=d, k=k, n=4, rank=rank, dtype=torch.float32, device=DEVICE,
+                           shared_rule=shared)
+    r = torch.randn_like(inp.x, requires_grad=True) if residual else None
+    fn = lambda *a: ck.compacter_adapter(*a, residual=r, scale=0.5, backend="triton")  # noqa: E731
+    return fn, inp.args(), inp.tensors() + ([r] if residual else [])
+
+
+BUDGET_CASES = [  # (d, k, rank, forward launches, residual, shared rule)
+    (768, 24, 1, 1, False, True), (768, 24, 1, 1, True, False),  # H built in the kernels
+    (1024, 64, 1, 2, True, True), (64, 16, 4, 2, False, False),  # H prebuilt (k = 64; rank 4)
+]
+
+
+@pytest.mark.parametrize("d,k,rank,fwd_launches,residual,shared", BUDGET_CASES,
+                         ids=[f"d{c[0]}-k{c[1]}-r{c[2]}-res{int(c[4])}-shared{int(c[5])}" for c in BUDGET_CASES])
+def test_compacter_launch_budget(d, k, rank, fwd_launches, residual, shared):
+    prebuilt = _triton_common.prebuilds_h(torch.empty(4, 4, 4), torch.empty(4, d // 4, rank), torch.empty(1),
+                                          _triton_common.padded(k))
+    assert prebuilt == (fwd_launches == 2)
+    fwd, bwd = forward_backward_counts(*_compacter(d, k, rank, residual, shared))
+    assert not fwd.aten and not bwd.aten, (fwd.aten, bwd.aten)
+    assert sum(fwd.launches.values()) == fwd_launches, fwd.launches
+    assert dict(bwd.launches) == {"_adapter_bwd_kernel": 1, "_reduce_rows_kernel": 1, "_factor_grads_kernel": 1}
+
+
+def test_houlsby_and_phm_linear_launch_budget():
+    x, wd, bd, wu, bu = dense_inputs(lead=(37,), d=96, k=24, dtype=torch.float32, device=DEVICE)
+    fwd, bwd = forward_backward_counts(lambda *a: ck.adapter(*a, backend="triton"), (x, wd, bd, wu, bu),
+                                       [x, wd, bd, wu, bu])
+    assert (fwd.total, bwd.total) == (1, 3) and not fwd.aten and not bwd.aten, (fwd, bwd)
+    x = torch.randn(37, 64, device=DEVICE, requires_grad=True)
+    factors = phm_factors(4, 64, 32, 1, dtype=torch.float32, device=DEVICE, requires_grad=True)
+    bias = torch.randn(32, device=DEVICE, requires_grad=True)
+    fwd, bwd = forward_backward_counts(lambda *a: ck.phm_linear(*a, backend="triton"), (x, *factors, bias),
+                                       [x, *factors, bias])
+    assert (fwd.total, bwd.total) == (1, 3) and not fwd.aten and not bwd.aten, (fwd, bwd)
+
+
+def test_the_eager_reference_runs_13_kernels_forward_and_22_backward():
+    """The unfused path the kernels replace (the paper's code, AdapterHub): the counts the
+    package's case rests on."""
+    inp = compacter_inputs(lead=(37,), d=768, k=24, n=4, rank=1, dtype=torch.float32, device=DEVICE)
+    fwd, bwd = forward_backward_counts(lambda *a: ck.compacter_adapter(*a, backend="reference"), inp.args(),
+                                       inp.tensors())
+    assert (fwd.total, bwd.total) == (13, 22) and not fwd.launches, (fwd, bwd)
+
+
+def test_the_counter_sees_an_extra_launch_and_an_extra_torch_op(monkeypatch):
+    """Each count can fail: a reduction launched twice, or a torch op slipped into the backward."""
+    reduce_rows, factor_grads = adapter.reduce_rows, adapter.factor_grads
+
+    def twice(*args, **kwargs):
+        reduce_rows(*args, **kwargs)
+        return reduce_rows(*args, **kwargs)
+
+    monkeypatch.setattr(adapter, "reduce_rows", twice)
+    _, bwd = forward_backward_counts(*_compacter(64, 16))
+    assert bwd.launches["_reduce_rows_kernel"] == 2
+    monkeypatch.setattr(adapter, "reduce_rows", reduce_rows)
+
+    def with_a_torch_op(partials, *args, **kwargs):
+        partials.part.sum(0)
+        return factor_grads(partials, *args, **kwargs)
+
+    monkeypatch.setattr(adapter, "factor_grads", with_a_torch_op)
+    _, bwd = forward_backward_counts(*_compacter(64, 16))
+    assert dict(bwd.aten) == {"sum": 1}
+
+
+@pytest.mark.parametrize("d,k,rank", [(96, 24, 1), (64, 16, 4)])
+def test_gradients_are_bit_identical_run_to_run(d, k, rank):
+    fn, args, leaves = _compacter(d, k, rank, residual=True, M=200)
+    dy = torch.randn(200, d, device=DEVICE)
+    first = torch.autograd.grad(fn(*args), leaves, dy)
+    again = torch.autograd.grad(fn(*args), leaves, dy)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
