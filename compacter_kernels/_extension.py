@@ -113,5 +113,5 @@ def _register():
     # The fused adapter: fake impls of cuda_adapter_fwd/_bwd and the differentiable
     # cuda_compacter_fwd op on the factors (registered at import, which needs the C++ ops);
     # PHM linear: the differentiable cuda_phm_linear_fwd (phm_weight + cuBLAS).
-    from .ops import cuda_adapter, cuda_phm_linear  # noqa: F401
+    from .ops.cuda import adapter, phm_linear  # noqa: F401
     _registered = True

@@ -56,8 +56,8 @@ def _triton_status() -> BackendStatus:
     except ImportError as e:
         return BackendStatus(False, f"triton is not importable ({e}); install it with `pip install triton`")
     try:
-        from .ops import adapter as triton_adapter
-        from .ops import phm_linear as triton_phm_linear
+        from .ops.triton import adapter as triton_adapter
+        from .ops.triton import phm_linear as triton_phm_linear
     except Exception as e:  # a broken triton install must not break the package
         return BackendStatus(False, f"the Triton kernels failed to load: {e!r}")
     IMPLEMENTATIONS["triton"].update(compacter_adapter=triton_adapter.compacter_adapter,
@@ -79,7 +79,8 @@ def _cuda_status() -> BackendStatus:
     ok, reason = _extension.status()
     if not ok:
         return BackendStatus(False, reason)
-    from .ops import cuda_adapter, cuda_phm_linear  # their ops were registered by _extension once _C loaded
+    from .ops.cuda import adapter as cuda_adapter  # their ops were registered by _extension once _C loaded
+    from .ops.cuda import phm_linear as cuda_phm_linear
 
     IMPLEMENTATIONS["cuda"].update(compacter_adapter=cuda_adapter.compacter_adapter, adapter=cuda_adapter.adapter,
                                    phm_linear=cuda_phm_linear.phm_linear)

@@ -16,8 +16,8 @@ import tempfile
 
 import torch
 
-from compacter_kernels.ops import _triton_common as common
-from compacter_kernels.ops import adapter
+from compacter_kernels.ops.triton import common
+from compacter_kernels.ops.triton import adapter
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     raise SystemExit("unset TRITON_INTERPRET: ahead-of-time compilation needs the real compiler")

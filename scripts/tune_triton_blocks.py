@@ -1,6 +1,6 @@
 """Time the fused Triton adapter ops over candidate block sizes, on a GPU.
 
-`ops/adapter.py::_blocks` was read off the compiler (no spills), never timed. This times, per
+`ops/triton/adapter.py::_blocks` was read off the compiler (no spills), never timed. This times, per
 shape, the forward op and the backward op (kernel 1 and its reductions) of a bf16 Compacter
 adapter for each candidate (BM, BD, num_warps), with CUDA events after warm-up (the bench's
 timer: median), checks each candidate's outputs against the current table's, and prints time,
@@ -27,8 +27,8 @@ if SMOKE:
 import torch  # noqa: E402
 
 from compacter_kernels.bench import cases, counts, timing  # noqa: E402
-from compacter_kernels.ops import _triton_common as common  # noqa: E402
-from compacter_kernels.ops import adapter  # noqa: E402
+from compacter_kernels.ops.triton import common  # noqa: E402
+from compacter_kernels.ops.triton import adapter  # noqa: E402
 
 TARGET_SHAPES = "768x24,768x48,1024x32,1024x64,4096x128,4096x256"
 CANDIDATES = {  # (BM, BD, num_warps) tried per op

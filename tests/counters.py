@@ -50,7 +50,7 @@ class _Recorder(TorchDispatchMode):
 
 
 def _triton_impls() -> dict:
-    from compacter_kernels.ops import adapter, phm_linear
+    from compacter_kernels.ops.triton import adapter, phm_linear
 
     return {"compacter_kernels::triton_adapter_fwd": adapter._adapter_fwd,
             "compacter_kernels::triton_adapter_bwd": adapter._adapter_bwd,

@@ -65,7 +65,7 @@ def enable() -> None:
     unsupported = backends._unsupported
     backends._unsupported = lambda name, x: None if name == "cuda" and x.dtype in backends.KERNEL_DTYPES \
         else unsupported(name, x)
-    from compacter_kernels.ops import cuda_adapter
+    from compacter_kernels.ops.cuda import adapter as cuda_adapter
 
-    cuda_adapter._check_device = lambda x: None
+    cuda_adapter.check_device = lambda x: None
     assert torch._C._dispatch_has_kernel_for_dispatch_key("compacter_kernels::cuda_adapter_fwd", "CPU")

@@ -147,7 +147,7 @@ def _(x, s):
 
 def _routed(calls):
     """_eager_or_op around ck_test::scaled, recording which way each call went."""
-    from compacter_kernels.ops._common import _eager_or_op
+    from compacter_kernels.ops.autograd import _eager_or_op
 
     def impl(x, s):
         calls.append("function")

@@ -188,10 +188,11 @@ def test_e2e_tiny(tmp_path, capsys):
             "--out", str(tmp_path)]
     assert cli.main(argv) == 0
     out, _ = capsys.readouterr()
-    assert "loss first step" in out
+    assert "loss first step" in out and "ms of it" in out
     (path,) = tmp_path.glob("compacter-e2e-*.json")
     (row,) = json.loads(path.read_text())["rows"]
     assert row["backend"] == "reference" and row["status"] == "ok" and row["first_loss"] > 0
+    assert 0 < row["host_median_ms"]  # host time per step beside the step time
 
 
 def test_shape_overrides():

@@ -11,7 +11,7 @@ import torch
 
 import compacter_kernels as ck
 from compacter_kernels import reference as ref
-from compacter_kernels.ops import _triton_common
+from compacter_kernels.ops.triton import common as _triton_common
 from utils import (CUDA_EMULATED, ON_GPU, check_op, checkout_env, compacter_inputs, dense_inputs, double_leaves,
                    phm_factors, why_backend_cannot_run)
 

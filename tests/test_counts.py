@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import compacter_kernels as ck
-from compacter_kernels.ops import _triton_common, adapter
+from compacter_kernels.ops.triton import adapter
+from compacter_kernels.ops.triton import common as _triton_common
 from counters import forward_backward_counts
 from utils import compacter_inputs, dense_inputs, phm_factors, why_backend_cannot_run
 

@@ -283,7 +283,7 @@ def _meta_compacter_inputs(dtype, factorised=True, d=32, k=16, n=4, r=2, lead=(3
 def test_cuda_adapter_autograd_glue_on_meta(ext, dtype, factorised, with_residual):
     """Forward and backward of the cuda entry points on meta tensors: every op's fake impl and
     the autograd formula's shapes and dtypes (a gradient for every input, of its shape)."""
-    from compacter_kernels.ops import cuda_adapter
+    from compacter_kernels.ops.cuda import adapter as cuda_adapter
 
     def check_grads(y, leaves):
         grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
@@ -305,7 +305,7 @@ def test_cuda_adapter_autograd_glue_on_meta(ext, dtype, factorised, with_residua
 
 
 def test_cuda_adapter_rejects_cpu_tensors(ext):
-    from compacter_kernels.ops import cuda_adapter
+    from compacter_kernels.ops.cuda import adapter as cuda_adapter
 
     x, hd, hu = torch.randn(4, 8), torch.randn(8, 4), torch.randn(4, 8)
     with pytest.raises(NotImplementedError, match="cuda_adapter_fwd.*'CPU' backend"):
@@ -319,7 +319,7 @@ def test_cuda_adapter_rejects_cpu_tensors(ext):
                                        *factors(4, 4, 8, 1, torch.float32), None)
 
 
-# --- PHM linear on the cuda backend (phm_weight + cuBLAS, ops/cuda_phm_linear.py) -------------
+# --- PHM linear on the cuda backend (phm_weight + cuBLAS, ops/cuda/phm_linear.py) -------------
 # Registration, fake impl and autograd glue without a GPU; the backward math on CPU in float64;
 # the run against the reference is tests/test_kernels.py's (backend "cuda") and the GPU tests here.
 
@@ -337,7 +337,7 @@ def _phm_linear_inputs(dtype, device, factorised=True, bias=True, lead=(2, 5), n
 
 def test_cuda_phm_linear_registered(ext):
     from compacter_kernels.backends import IMPLEMENTATIONS, available_backends
-    from compacter_kernels.ops import cuda_phm_linear
+    from compacter_kernels.ops.cuda import phm_linear as cuda_phm_linear
 
     op = torch.ops.compacter_kernels.cuda_phm_linear_fwd.default
     assert [a.name for a in op._schema.arguments] == ["x", "rule", "left", "right", "bias"]
@@ -346,7 +346,7 @@ def test_cuda_phm_linear_registered(ext):
 
 
 def test_cuda_phm_linear_rejects_cpu_tensors(ext):
-    from compacter_kernels.ops import cuda_phm_linear
+    from compacter_kernels.ops.cuda import phm_linear as cuda_phm_linear
 
     args = _phm_linear_inputs(torch.float32, "cpu")
     with pytest.raises(ValueError, match="the cuda backend needs CUDA tensors, got a tensor on cpu"):
@@ -363,7 +363,7 @@ def test_cuda_phm_linear_fake_and_meta(ext, dtype, factorised, bias):
     fp32-output mm of dH included; the autograd engine itself needs a real GPU for CUDA tensors),
     and forward + autograd backward on meta tensors: a gradient of its input's shape and dtype
     for every input."""
-    from compacter_kernels.ops import cuda_phm_linear
+    from compacter_kernels.ops.cuda import phm_linear as cuda_phm_linear
 
     with FakeTensorMode():
         x, *params = _phm_linear_inputs(dtype, "cuda", factorised, bias)
@@ -386,8 +386,8 @@ def test_cuda_phm_linear_fake_and_meta(ext, dtype, factorised, bias):
 def test_cuda_phm_linear_backward_math(ext, factorised, M):
     """phm_linear_backward + factor_grads (the op's backward, plain torch) against autograd of
     the reference, in float64 on CPU."""
-    from compacter_kernels.ops._common import factor_grads
-    from compacter_kernels.ops.cuda_phm_linear import phm_linear_backward
+    from compacter_kernels.ops.autograd import factor_grads
+    from compacter_kernels.ops.cuda.phm_linear import phm_linear_backward
 
     x, rule, left, right, b = _phm_linear_inputs(torch.float64, "cpu", factorised, lead=(M,))
     y = compacter_kernels.reference.phm_linear(x, rule, left, right, b)
@@ -407,7 +407,7 @@ def test_cuda_phm_linear_backward_math(ext, factorised, M):
 def test_cuda_phm_linear_backward_keeps_dH_in_fp32(ext, dtype):
     """dH and db of low-precision x and dy come back in fp32, unrounded: equal to the fp64 product
     of the same (rounded) inputs up to fp32 accumulation."""
-    from compacter_kernels.ops.cuda_phm_linear import phm_linear_backward
+    from compacter_kernels.ops.cuda.phm_linear import phm_linear_backward
 
     x, dy, H = torch.randn(67, 32).to(dtype), torch.randn(67, 24).to(dtype), torch.randn(32, 24).to(dtype)
     dx, dH, db = phm_linear_backward(dy, x, H, has_bias=True)
@@ -421,9 +421,9 @@ def cuda_phm_linear_on_cpu(ext, monkeypatch):
     """The module with its device check lifted: the op then runs on CPU tensors (H from the
     reference's phm_weight, the matmuls on the CPU), so its whole autograd glue can be checked
     without a GPU."""
-    from compacter_kernels.ops import cuda_adapter, cuda_phm_linear
+    from compacter_kernels.ops.cuda import adapter as cuda_adapter, phm_linear as cuda_phm_linear
 
-    monkeypatch.setattr(cuda_adapter, "_check_device", lambda x: None)
+    monkeypatch.setattr(cuda_adapter, "check_device", lambda x: None)
     return cuda_phm_linear
 
 
@@ -463,7 +463,7 @@ def test_cuda_phm_linear_autocast_on_cpu(cuda_phm_linear_on_cpu):
 @pytest.mark.parametrize("M", [0, 1031])
 def test_cuda_phm_linear_backward_keeps_dH_in_fp32_on_gpu(ext, dtype, M):
     """The fp32-output cuBLAS matmul (torch.mm(..., out_dtype=torch.float32)) for dH."""
-    from compacter_kernels.ops.cuda_phm_linear import phm_linear_backward
+    from compacter_kernels.ops.cuda.phm_linear import phm_linear_backward
 
     x, dy, H = (torch.randn(*s, device="cuda").to(dtype) for s in ((M, 96), (M, 48), (96, 48)))
     dx, dH, db = phm_linear_backward(dy, x, H, has_bias=True)

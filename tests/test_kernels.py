@@ -9,7 +9,7 @@ import torch
 
 import compacter_kernels as ck
 from compacter_kernels import reference as ref
-from compacter_kernels.ops import _triton_common
+from compacter_kernels.ops.triton import common as _triton_common
 from utils import (ON_GPU, assert_matches_reference, check_op, compacter_inputs, dense_inputs, phm_factors,
                    why_backend_cannot_run)
 

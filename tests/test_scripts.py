@@ -19,3 +19,22 @@ def test_tune_triton_blocks_smoke():
     rows = re.findall(r"^([ *])\s+16\s+(16|32)\s+4\s+[\d.]+", out, re.M)
     assert len(rows) == 4 and sum(mark == "*" for mark, _ in rows) == 2, out  # 2 candidates per op, current marked
     assert "WRONG" not in out and out.count("best: BM=16") == 2, out
+
+
+def test_gpu_quick_dry_run_writes_at_most_8_files_with_every_stage(tmp_path):
+    """scripts/gpu_quick.sh --dry-run: every stage of the one-command GPU check, on tiny sizes on
+    this machine, within its deadline, and what a device command can bring back (8 files, at
+    most 2 folders down)."""
+    out = tmp_path / "out"
+    env = {**checkout_env(), "OUT": str(out), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_quick.sh"), "--dry-run"], capture_output=True,
+                          text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert 0 < len(files) <= 8 and all(len(p.relative_to(out).parts) <= 3 for p in files), files
+    summary = (out / "summary.txt").read_text()
+    for stage in ("build", "tests", "sanitize", "targets", "e2e"):
+        assert re.search(rf"^  {stage}: \d+ s / \d+ s, ok$", summary, re.M), summary
+    assert "commit: " in summary and "torch" in summary and "total: " in summary, summary
+    assert re.search(r"\d+ passed", (out / "tests.log").read_text())
+    assert {"targets.json", "e2e.json"} <= {p.name for p in files}

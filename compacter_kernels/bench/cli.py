@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
+import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -88,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
     p.add_argument("--plot-json", type=Path, metavar="JSON",
                    help="time nothing: draw the PNGs of a results JSON this command wrote, next to it")
+    p.add_argument("--host", action="store_true",
+                   help="host time per call with the kernel launches stubbed, ours beside the eager reference and a "
+                        "bare autograd.Function (any machine; a benchmark of dispatch, not of kernels)")
     g = p.add_argument_group("end to end (--e2e): training steps of a frozen encoder with Compacter adapters")
     g.add_argument("--e2e", action="store_true", help="run the end-to-end case instead of the op sweep")
     g.add_argument("--model", type=_one_of(tuple(e2e.MODELS)), default="bert-base",
@@ -219,6 +224,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = shlex.join(["compacter-bench", *argv])
     if args.plot_json:
         return _plot_json(args.plot_json, parser)
+    if args.host:  # a process of its own: the launches are stubbed, and without a GPU Triton's launch path
+        env = dict(os.environ)  # is its interpreter's, which is chosen at import
+        if not torch.cuda.is_available():
+            env["TRITON_INTERPRET"] = "1"
+        return subprocess.call([sys.executable, "-m", "compacter_kernels.bench.host", "--out", str(args.out)], env=env)
     gpu = torch.cuda.is_available()
     device = torch.device("cuda") if gpu else torch.device("cpu")
     args.preset = args.preset or ("full" if gpu else "quick")

@@ -10,6 +10,8 @@ synthetic token batches. The same weights and batch run with each backend, so th
 from __future__ import annotations
 
 import copy
+import statistics
+import time
 from typing import Optional
 
 import torch
@@ -105,10 +107,28 @@ def run(model_name: str, layers: int, batch: int, seq: int, steps: int, dtype: t
         # warmup_ms=0, rep_ms=0: a fixed number of steps, the same for every backend.
         t = timing.measure(lambda: None, step, device, warmup_ms=0, rep_ms=0, min_reps=steps, max_reps=steps)
         mem = timing.peak_memory_mib(lambda: None, step, device)
+        host = _host_ms(step, device, steps)
         rows.append({"backend": backend, "status": "ok", "reason": "", "step_median_ms": t.median_ms,
                      "step_p20_ms": t.p20_ms, "step_p80_ms": t.p80_ms, "steps": t.reps, "peak_mib": mem,
+                     "host_median_ms": host,
                      "first_loss": losses[0].item(), "last_loss": losses[-1].item(), "total_steps": len(losses)})
     return rows, _compare(rows, dtype)
+
+
+def _host_ms(step, device: torch.device, steps: int) -> float:
+    """Median host time of a step: from its start until its last launch has returned, with no
+    wait for the device. Beside the step time it tells whether a step is host-bound (host time
+    close to the step time) or device-bound (host time well below it). The same on a CPU."""
+    times = []
+    for _ in range(max(1, steps)):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return statistics.median(times)
 
 
 def _compare(rows: list[dict], dtype: torch.dtype) -> bool:
@@ -118,7 +138,8 @@ def _compare(rows: list[dict], dtype: torch.dtype) -> bool:
     for r in ran:
         mem = "not measured on CPU" if r["peak_mib"] is None else f"{r['peak_mib']:.0f} MiB"
         line = (f"{r['backend']:>10}: step {r['step_median_ms']:.2f} ms (p20-p80 {r['step_p20_ms']:.2f}-"
-                f"{r['step_p80_ms']:.2f}), peak memory {mem}, loss first step {r['first_loss']:.6f}, "
+                f"{r['step_p80_ms']:.2f}), host {r['host_median_ms']:.2f} ms of it, peak memory {mem}, "
+                f"loss first step {r['first_loss']:.6f}, "
                 f"after {r['total_steps']} steps {r['last_loss']:.6f}")
         if ref is not None and r is not ref:
             tol = LOSS_TOL.get(dtype, 1e-4) * max(1.0, abs(ref["first_loss"]))

@@ -1,3 +1,9 @@
-"""The kernel backends' ops, one file per op (Liger-Kernel layout): Triton kernels with their
-launchers and torch.library registrations (adapter.py, phm_linear.py), the CUDA extension's
-Python side (cuda_adapter.py, cuda_phm_linear.py), and the glue they share (_common.py)."""
+"""The kernel backends' ops: one folder per backend, one file per op (Liger-Kernel's layout).
+
+    autograd.py   what every backend shares: entry points, layout rule, autograd registrations,
+                  the ops' differentiable math; imports no backend
+    triton/       the Triton kernels, their launchers and torch.library ops (common.py: the pieces
+                  both ops use)
+    cuda/         the CUDA extension's Python side (imported by compacter_kernels._extension once
+                  compacter_kernels._C has loaded)
+"""

@@ -31,7 +31,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import ACT_CODE, adapter_entry_points, dense_h, factor_grads, out_features, register_adapter_op, rows
+from ... import reference
+from ..autograd import (ACT_CODE, adapter_entry_points, factor_grads, no_autocast, out_features,
+                        register_adapter_op, rows)
 
 if not hasattr(torch.ops.compacter_kernels, "cuda_adapter_fwd"):
     raise ImportError("compacter_kernels.ops.cuda_adapter needs the CUDA extension's ops: it is imported by "
@@ -39,7 +41,22 @@ if not hasattr(torch.ops.compacter_kernels, "cuda_adapter_fwd"):
                       "compacter_kernels.available_backends()['cuda'])")
 
 
-def _check_device(x: Tensor) -> None:
+def dense_h(rule: Optional[Tensor], left: Tensor, right: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """A projection's H (I, O) as a contiguous matrix in ``dtype``: summed in fp32 from the
+    factors (the CUDA extension's phm_weight op on CUDA tensors, loaded before this module is
+    imported; the reference elsewhere, as in the CPU emulation) and rounded once; a dense
+    projection's matrix as it is."""
+    if rule is None:
+        return left.to(dtype).contiguous()
+    rule, left = rule.float().contiguous(), left.float().contiguous()
+    right = None if right is None else right.float().contiguous()
+    if rule.is_cuda:
+        return torch.ops.compacter_kernels.phm_weight(rule, left, right).to(dtype)
+    with no_autocast(rule):
+        return reference.phm_weight(rule, left, right).to(dtype)
+
+
+def check_device(x: Tensor) -> None:
     # Without this, CPU tensors would fail inside phm_weight with the dispatcher's message.
     if x.device.type != "cuda":
         raise RuntimeError(f"the cuda backend needs CUDA tensors, got x on {x.device}")
@@ -82,7 +99,7 @@ def _adapter_fwd(
     weight, an empty placeholder here). rule_* None means the projection is dense (left_* is the matrix). Under autocast x
     comes in the autocast dtype while the parameters keep theirs (see `_run`), and out_dtype may
     be wider than x's."""
-    _check_device(x)
+    check_device(x)
     h_down = dense_h(rule_down, left_down, right_down, x.dtype)
     h_up = dense_h(rule_up, left_up, right_up, x.dtype)
     y, z = torch.ops.compacter_kernels.cuda_adapter_fwd(

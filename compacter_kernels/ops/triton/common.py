@@ -28,8 +28,12 @@ def empty(shape, *, dtype, device) -> torch.Tensor:
     return out.fill_(float("nan")) if POISON else out
 
 
+# Triton reads TRITON_INTERPRET when the kernels are decorated, at import: read once here too.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRETING
 
 
 # Held around every launch in Triton's CPU interpreter, which patches module-level state while a
@@ -49,9 +53,20 @@ def device_index(t: torch.Tensor) -> Optional[int]:
     return t.device.index if t.device.type == "cuda" else None
 
 
+# Host-side integer helpers: triton.cdiv / triton.next_power_of_2 are ConstexprFunction objects,
+# about 1.6 us a call, and a backward makes dozens of these calls.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pow2(n: int) -> int:
+    """The least power of two >= n (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def padded(n: int) -> int:
     """tl.dot needs every tile side >= 16, and tiles are powers of two."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, pow2(n))
 
 
 # ---- activations (z in fp32) -------------------------------------------------------------------
@@ -196,7 +211,7 @@ def build_h(projections, dtype: torch.dtype) -> list:
         I, O = n * left.shape[1], n * (left if right is None else right).shape[2]
         H = torch.empty((I, O), dtype=dtype, device=left.device)
         hs.append(H)
-        tiles.append(triton.cdiv(I, BR) * triton.cdiv(O, BC))
+        tiles.append(cdiv(I, BR) * cdiv(O, BC))
         mode = MODE_PHM if right is None else MODE_PHM_FACTORED
         args.append((rule, left, left if right is None else right, H, I, O))
         consts.update({f"MODE{j}": mode, f"N{j}": n, f"R{j}": 1 if right is None else left.shape[2]})
@@ -300,12 +315,12 @@ def reduce_rows(a1, b1, a2=None, b2=None, *, scale1=1.0, scale2=1.0, colsum_b1=F
     BB = min(padded(IB), 128)
     BA = min(padded(IA), 64 if BB > 64 else 128)
     BM = 32 if interpreting() else 64
-    tiles = triton.cdiv(IA, BA) * triton.cdiv(IB, BB) * (2 if two else 1)
+    tiles = cdiv(IA, BA) * cdiv(IB, BB) * (2 if two else 1)
     per_split = (2 if two else 1) * IA * IB * 4 * (1 + reads)
-    splits = max(1, min(triton.cdiv(M, BM), triton.cdiv(num_programs_target(device_index(a1)), tiles),
+    splits = max(1, min(cdiv(M, BM), cdiv(num_programs_target(device_index(a1)), tiles),
                         int(PARTIALS_BUDGET * floor_bytes) // per_split))
-    rows_per_split = triton.cdiv(triton.cdiv(M, splits), BM) * BM
-    splits = max(1, triton.cdiv(M, rows_per_split))
+    rows_per_split = cdiv(cdiv(M, splits), BM) * BM
+    splits = max(1, cdiv(M, rows_per_split))
     CS = IB + (IA if two else 0)
     part = empty((splits, 2 if two else 1, IA, IB), dtype=torch.float32, device=a1.device)
     csum = empty((splits, CS), dtype=torch.float32, device=a1.device)
@@ -470,8 +485,8 @@ def _projection_args(pr: Optional[Projection], placeholder: torch.Tensor):
         P, Q = left.shape
         N, R, fact = 1, 1, False
         drule = dright = placeholder
-        QP = triton.next_power_of_2(Q)
-        BP = max(1, min(triton.next_power_of_2(P), 4096 // QP))
+        QP = pow2(Q)
+        BP = max(1, min(pow2(P), 4096 // QP))
         rows = BP
         outs = (None, dleft, None)
     else:
@@ -481,13 +496,13 @@ def _projection_args(pr: Optional[Projection], placeholder: torch.Tensor):
         Q = right.shape[2] if fact else left.shape[2]
         drule = torch.empty_like(rule)
         dright = torch.empty_like(right) if fact else placeholder
-        QP = triton.next_power_of_2(Q)
-        BP = max(1, min(triton.next_power_of_2(P), 4096 // QP))
+        QP = pow2(Q)
+        BP = max(1, min(pow2(P), 4096 // QP))
         rows = P
         outs = (drule, dleft, dright if fact else None)
     args = (pr.offset, pr.s_row, pr.s_col, placeholder if rule is None else rule, left,
             placeholder if right is None else right, drule, dleft, dright, P, Q, rows)
-    const = dict(N=N, R=R, RP=triton.next_power_of_2(R), RULE=rule is not None, FACT=fact, BP=BP, QP=QP)
+    const = dict(N=N, R=R, RP=pow2(R), RULE=rule is not None, FACT=fact, BP=BP, QP=QP)
     return args, const, outs
 
 
@@ -517,8 +532,8 @@ def factor_grads(partials: Partials, first: Projection, second: Optional[Project
     off_b2 = biases[1][1] if biases[1] is not None else 0
     assert first.offset == 0, "the first projection's partials start the buffer"
     n_i = max(c1["N"], c2["N"])
-    chunks = max(triton.cdiv(a1[9], a1[11]), triton.cdiv(a2[9], a2[11]))  # P / rows per program
-    NP = triton.next_power_of_2(n_i)
+    chunks = max(cdiv(a1[9], a1[11]), cdiv(a2[9], a2[11]))  # P / rows per program
+    NP = pow2(n_i)
     with LAUNCH_LOCK:
         _factor_grads_kernel[(n_i, chunks)](
             part, csum, S, part[0].numel(), CS, *a1[1:], *a2, db1, n_b1, db2, off_b2, n_b2,

@@ -29,9 +29,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import ACT_CODE, adapter_entry_points, out_features, register_adapter_op, rows
-from ._triton_common import (LAUNCH_LOCK, Projection, act_bwd, act_fwd, build_h, empty, factor_grads, h_args,
-                             h_tile, interpreting, padded, prebuilds_h, reduce_rows)
+from ..autograd import ACT_CODE, adapter_entry_points, out_features, register_adapter_op, rows
+from .common import (LAUNCH_LOCK, Projection, act_bwd, act_fwd, build_h, cdiv, empty, factor_grads, h_args,
+                     h_tile, interpreting, padded, prebuilds_h, reduce_rows)
 
 
 def _blocks(d: int, k: int, dtype: torch.dtype, backward: bool = False) -> tuple[int, int, int, int]:
@@ -198,7 +198,7 @@ def _adapter_fwd(
     rd, ld, rgd, mode_d, n_d, r_d = h_args(*down, hd, x.dtype)
     ru, lu, rgu, mode_u, n_u, r_u = h_args(*up, hu, x.dtype)
     with LAUNCH_LOCK:
-        _adapter_fwd_kernel[(triton.cdiv(M, BM),)](
+        _adapter_fwd_kernel[(cdiv(M, BM),)](
             x2, r2, y, z, rd, ld, rgd, bias_down if bias_down is not None else x2, ru, lu, rgu,
             bias_up if bias_up is not None else x2, M, D, K, x2.stride(0), r2.stride(0), scale,
             MODE_D=mode_d, N_D=n_d, R_D=r_d, MODE_U=mode_u, N_U=n_u, R_U=r_u,
@@ -244,7 +244,7 @@ def _adapter_bwd(
     rd, ld, rgd, mode_d, n_d, r_d = h_args(*down, hd, x.dtype)
     ru, lu, rgu, mode_u, n_u, r_u = h_args(*up, hu, x.dtype)
     with LAUNCH_LOCK:
-        _adapter_bwd_kernel[(triton.cdiv(M, BM),)](
+        _adapter_bwd_kernel[(cdiv(M, BM),)](
             dy2, z, dx, dres if has_residual else dx, g, dz, rd, ld, rgd, ru, lu, rgu, M, D, K, dy2.stride(0), scale,
             MODE_D=mode_d, N_D=n_d, R_D=r_d, MODE_U=mode_u, N_U=n_u, R_U=r_u,
             HAS_RES=has_residual, ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP,

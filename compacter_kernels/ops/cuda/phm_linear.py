@@ -29,8 +29,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import cuda_adapter
-from ._common import dense_h, factor_grads, no_autocast, phm_linear_entry_point, register_phm_linear_op
+from ..autograd import factor_grads, no_autocast, phm_linear_entry_point, register_phm_linear_op
+from . import adapter as cuda_adapter
+from .adapter import dense_h
 
 
 def _mm_wide(a: Tensor, b: Tensor) -> Tensor:
@@ -55,7 +56,7 @@ def phm_linear_backward(dy: Tensor, x: Tensor, H: Tensor, has_bias: bool):
 def _phm_linear_fwd(x: Tensor, rule: Tensor, left: Tensor, right: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
     """y (M, O) = x (M, I) @ H + bias; bias (if any) in x's dtype (under autocast the entry point
     adds it outside the op); the factors in any float dtype (H is summed in fp32)."""
-    cuda_adapter._check_device(x)  # the backend's one device check (the CPU emulation of the tests lifts it)
+    cuda_adapter.check_device(x)  # the backend's one device check (the CPU emulation of the tests lifts it)
     H = dense_h(rule, left, right, x.dtype)
     return torch.mm(x, H) if bias is None else torch.addmm(bias, x, H)
 

@@ -1,4 +1,7 @@
-"""Glue every kernel backend shares (no triton import: the CUDA backend uses it too)."""
+"""What every kernel backend shares: the entry points with the reference's signatures, one
+layout rule for the tensors the kernels take, the autograd registrations of the fused ops (one
+for each op kind), their differentiable math (second derivatives, torch.func) and autocast.
+No triton import: the CUDA backend uses it too; no backend imported here."""
 
 from __future__ import annotations
 
@@ -58,22 +61,6 @@ def factor_grads(dH: Tensor, rule, left, right):
         return None, dH.to(left.dtype), None
     with no_autocast(dH):
         return phm_weight_backward(dH, rule, left, right)
-
-
-def dense_h(rule: Optional[Tensor], left: Tensor, right: Optional[Tensor], dtype: torch.dtype) -> Tensor:
-    """A projection's H (I, O) as a contiguous matrix in ``dtype``: summed in fp32 from the
-    factors (the CUDA extension's phm_weight op on CUDA tensors when it is loaded, else the
-    reference) and rounded once; a dense projection's matrix as it is."""
-    if rule is None:
-        return left.to(dtype).contiguous()
-    from .. import _extension, reference
-
-    rule, left = rule.float().contiguous(), left.float().contiguous()
-    right = None if right is None else right.float().contiguous()
-    if rule.is_cuda and _extension.load() is not None:
-        return torch.ops.compacter_kernels.phm_weight(rule, left, right).to(dtype)
-    with no_autocast(rule):
-        return reference.phm_weight(rule, left, right).to(dtype)
 
 
 def _h_math(rule: Optional[Tensor], left: Tensor, right: Optional[Tensor], dtype: torch.dtype) -> Tensor:
@@ -151,7 +138,7 @@ def adapter_entry_points(forward: Callable):
     Under autocast they behave as the eager reference: matmuls in the autocast dtype and
     y = r + scale * (g @ H_up + b_up) promoted as eager promotes it (an fp32 b_up or r gives an
     fp32 y). Only x goes to the autocast dtype; the parameters keep theirs: the op sums H in fp32
-    and rounds it once to x's dtype (as `dense_h`), adds the biases in fp32, and returns each
+    and rounds it once to x's dtype, adds the biases in fp32, and returns each
     parameter's gradient, computed in fp32, in that parameter's dtype.
     """
 

@@ -17,9 +17,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import phm_linear_entry_point, register_phm_linear_op, rows
-from ._triton_common import (LAUNCH_LOCK, Projection, build_h, empty, factor_grads, h_args, h_tile, interpreting,
-                             padded, prebuilds_h, reduce_rows)
+from ..autograd import phm_linear_entry_point, register_phm_linear_op, rows
+from .common import (LAUNCH_LOCK, Projection, build_h, cdiv, empty, factor_grads, h_args, h_tile, interpreting,
+                     padded, prebuilds_h, reduce_rows)
 
 
 @triton.jit
@@ -68,7 +68,7 @@ def _matmul_h(x2: Tensor, rule, left, right, bias: Optional[Tensor], trans: bool
     (H,) = build_h([(rule, left, right)], x2.dtype) if prebuilds_h(rule, left, right, BN) else (None,)
     rp, lp, rgp, mode, N, R = h_args(rule, left, right, H, x2.dtype)
     with LAUNCH_LOCK:
-        _phm_matmul_kernel[(triton.cdiv(M, BM), triton.cdiv(NOUT, BN))](
+        _phm_matmul_kernel[(cdiv(M, BM), cdiv(NOUT, BN))](
             x2, y, rp, lp, rgp, bias if bias is not None else x2, M, KRED, NOUT, x2.stride(0), HI // n, HO // n, HO,
             TRANS=trans, MODE=mode, N=N, R=R, HAS_BIAS=bias is not None, BM=BM, BN=BN, BK=BK,
             IEEE=x2.dtype == torch.float32, num_warps=4)
