@@ -2,7 +2,7 @@
 compiler produced: registers, stack (spills), shared memory, and the tensor-core instructions in
 the SASS. The numbers that tune block sizes before any timing.
 
-    python scripts/triton_resources.py --arch 90 [--dtype bf16|fp16|fp32] [--kernel fwd,bwd] [--json]
+    python scripts/triton_resources.py --arch 90 [--dtype bf16|fp16|fp32] [--kernel fwd,bwd,cols] [--json]
 """
 
 from __future__ import annotations
@@ -31,14 +31,19 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FLOAT_ARGS = {"scale"}
 
 
+# Pointer arguments whose names do not end in _ptr (the factor_grads and build_h kernels).
+POINTERS = {"rule1", "left1", "right1", "drule1", "dleft1", "dright1", "rule2", "left2", "right2", "drule2",
+            "dleft2", "dright2", "r1", "l1", "rg1", "h1", "r2", "l2", "rg2", "h2"}
+
+
 def compile_kernel(kernel, constexprs: dict, dtype: str, arch: int, num_warps: int, num_stages: int = 3):
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
+        elif name.endswith("_ptr") or name in POINTERS:
             # partial sums and column sums are fp32 whatever the input dtype
-            sig[name] = "*fp32" if name in ("out_ptr", "colsum_ptr") else TYPES[dtype]
+            sig[name] = "*fp32" if name in ("part_ptr", "csum_ptr") else TYPES[dtype]
         else:
             sig[name] = "fp32" if name in FLOAT_ARGS else "i32"
     src = ASTSource(fn=kernel, signature=sig,
@@ -61,17 +66,42 @@ def resources(compiled) -> dict:
     return out
 
 
+KERNELS = {"fwd": "_adapter_fwd_kernel", "bwd": "_adapter_bwd_kernel", "cols": "_adapter_cols_kernel"}
+
+
+def small_kernel_cases(kernel_name: str):
+    """The kernels around the big three, at a Compacter adapter's shapes (d = 4096)."""
+    if kernel_name == "grads":  # both projections of a factorised PHM adapter, shared rule, n = 4, rank 1
+        for k in (24, 128):
+            (bp1, qp1), (bp2, qp2) = common.grads_tile(4096 // 4, k // 4), common.grads_tile(k // 4, 4096 // 4)
+            c = dict(N1=4, R1=1, RP1=1, RULE1=True, FACT1=True, BP1=bp1, QP1=qp1,
+                     N2=4, R2=1, RP2=1, RULE2=True, FACT2=True, BP2=bp2, QP2=qp2,
+                     TWO=True, SHARED=True, HAS_B1=True, HAS_B2=True, NP=4)
+            yield f"k={k} n=4 r=1 shared rule", common._factor_grads_kernel, c, 4
+    elif kernel_name == "build_h":
+        c = dict(MODE1=common.MODE_PHM_FACTORED, N1=8, R1=1, MODE2=common.MODE_PHM_FACTORED, N2=8, R2=1, TWO=True,
+                 BR=32, BC=32)
+        yield "two projections n=8 r=1", common._build_h_kernel, c, 4
+    elif kernel_name == "reduce":
+        yield "phm_linear dH, BA=64 BB=128", common._reduce_rows_kernel, dict(COLSUM=True, BA=64, BB=128, BM=64,
+                                                                            IEEE=False), 8
+
+
 def adapter_cases(kernel_name: str, dtype: str):
     """(label, kernel, constexprs, num_warps) at representative shapes, as the launchers pick them."""
-    kernel = adapter._adapter_fwd_kernel if kernel_name == "fwd" else adapter._adapter_bwd_kernel
+    kernel = getattr(adapter, KERNELS[kernel_name])
     for k, n, r in [(24, 4, 1), (48, 4, 1), (128, 8, 1), (256, 8, 4)]:
-        BM, BD, KP, warps = adapter._blocks(4096, k, DTYPES[dtype], backward=kernel_name == "bwd")
+        BM, BD, KP, warps = adapter._blocks(4096, k, DTYPES[dtype], backward=kernel_name != "fwd")
         inkernel = n * (r + 1) * KP <= common.INKERNEL_H_BUDGET
         mode, N, R = (common.MODE_PHM_FACTORED, n, r) if inkernel else (common.MODE_DENSE, 1, 1)
-        c = dict(MODE_D=mode, N_D=N, R_D=R, MODE_U=mode, N_U=N, R_U=R, HAS_RES=False, ACT=0,
-                 BM=BM, BD=BD, KP=KP, IEEE=False)
+        if kernel_name == "cols":  # as adapter._columns launches it
+            BA, BM, warps = adapter.columns_blocks(k)
+            c = dict(MODE_D=mode, N_D=N, R_D=R, HAS_RES=False, BA=BA, BM=BM, KP=KP, IEEE=False)
+            yield f"k={k} n={n} r={r} {'in-kernel H' if inkernel else 'prebuilt H'} BA={BA} BM={BM}", kernel, c, warps
+            continue
+        c = dict(MODE_U=mode, N_U=N, R_U=R, HAS_RES=False, ACT=0, BM=BM, BD=BD, KP=KP, IEEE=False)
         if kernel_name == "fwd":
-            c.update(HAS_BD=True, HAS_BU=True)
+            c.update(MODE_D=mode, N_D=N, R_D=R, HAS_BD=True, HAS_BU=True)
         yield f"k={k} n={n} r={r} {'in-kernel H' if inkernel else 'prebuilt H'} BM={BM} BD={BD}", kernel, c, warps
 
 
@@ -79,13 +109,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="SM version, e.g. 80 or 90")
     p.add_argument("--dtype", default="bf16", choices=sorted(TYPES))
-    p.add_argument("--kernel", default="fwd,bwd", help="comma list of fwd, bwd")
+    p.add_argument("--kernel", default="fwd,bwd,cols,grads,build_h,reduce",
+                   help="comma list of fwd, bwd (the rows kernel), cols, grads (factor_grads), build_h, reduce")
     p.add_argument("--json", action="store_true", help="one JSON list on stdout instead of the table")
     args = p.parse_args()
     rows = []
     for name in args.kernel.split(","):
-        for label, kernel, c, warps in adapter_cases(name, args.dtype):
-            c["IEEE"] = args.dtype == "fp32"
+        cases = adapter_cases(name, args.dtype) if name in KERNELS else small_kernel_cases(name)
+        for label, kernel, c, warps in cases:
+            if "IEEE" in c:
+                c["IEEE"] = args.dtype == "fp32"
             r = resources(compile_kernel(kernel, c, args.dtype, args.arch, warps))
             rows.append(dict(kernel=name, case=label, warps=warps, **r))
             if not args.json:

@@ -1,5 +1,7 @@
 """What a call runs on the device, counted deterministically: Triton launches and the aten ops
-that compute (not the ones that only allocate or make views), forward and backward apart."""
+that compute (not the ones that only allocate or make views), forward and backward apart; and,
+in Triton's interpreter, the bytes every launch loads and stores per base tensor (mask-true
+elements only), named by the kernel argument it was passed as."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import triton
 import triton.runtime.interpreter as triton_interpreter
@@ -95,3 +98,70 @@ def forward_backward_counts(fn, args, grad_of):
     with counting() as bwd:
         torch.autograd.grad(y, grad_of, dy)
     return fwd, bwd
+
+
+@dataclass
+class Traffic:
+    """Bytes loaded and stored per base tensor (its storage), with the names it was passed by."""
+    loaded: Counter = field(default_factory=Counter)  # storage address -> bytes
+    stored: Counter = field(default_factory=Counter)
+    names: dict = field(default_factory=dict)  # storage address -> ["kernel.arg", ...]
+    sizes: dict = field(default_factory=dict)  # storage address -> bytes of the tensor first seen
+
+    def of(self, t: torch.Tensor) -> tuple[float, float]:
+        """(reads, writes) of tensor t, in multiples of its own size."""
+        key = t.untyped_storage().data_ptr()
+        size = t.numel() * t.element_size()
+        return self.loaded[key] / size, self.stored[key] / size
+
+    def by_name(self, name: str) -> tuple[float, float]:
+        """(reads, writes) of the tensor passed as ``name`` ("kernel.arg"), in multiples of its size."""
+        (key,) = [k for k, names in self.names.items() if name in names]
+        return self.loaded[key] / self.sizes[key], self.stored[key] / self.sizes[key]
+
+
+@contextlib.contextmanager
+def traffic():
+    """Yields a Traffic filled by the Triton launches run inside (TRITON_INTERPRET=1 only)."""
+    record = Traffic()
+    ranges: list[tuple[int, int, int]] = []  # (start, end, storage key) of the current launch's tensors
+    builder = triton_interpreter.InterpreterBuilder
+    load, store = builder.create_masked_load, builder.create_masked_store
+    executor_call = triton_interpreter.GridExecutor.__call__
+
+    def account(counter, ptrs, mask):
+        addrs = np.broadcast_to(ptrs.data, np.broadcast_shapes(ptrs.data.shape, mask.data.shape))
+        addrs = addrs[np.broadcast_to(mask.data, addrs.shape)]
+        size = np.dtype(triton_interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize
+        for start, end, key in ranges:
+            inside = np.count_nonzero((addrs >= start) & (addrs < end))
+            if inside:
+                counter[key] += int(inside) * size
+
+    def counted_load(self, ptrs, mask, *args):
+        account(record.loaded, ptrs, mask)
+        return load(self, ptrs, mask, *args)
+
+    def counted_store(self, ptrs, value, mask, *args):
+        account(record.stored, ptrs, mask)
+        return store(self, ptrs, value, mask, *args)
+
+    def call(self, *args, **kwargs):
+        ranges.clear()
+        for name, arg in zip(self.arg_names, args):
+            if isinstance(arg, torch.Tensor):
+                storage = arg.untyped_storage()
+                key = storage.data_ptr()
+                ranges.append((key, key + storage.nbytes(), key))
+                record.names.setdefault(key, []).append(f"{self.fn.__name__}.{name}")
+                record.sizes.setdefault(key, arg.numel() * arg.element_size())
+        ranges[:] = list({r[2]: r for r in ranges}.values())  # a tensor passed twice counts once
+        return executor_call(self, *args, **kwargs)
+
+    builder.create_masked_load, builder.create_masked_store = counted_load, counted_store
+    triton_interpreter.GridExecutor.__call__ = call
+    try:
+        yield record
+    finally:
+        builder.create_masked_load, builder.create_masked_store = load, store
+        triton_interpreter.GridExecutor.__call__ = executor_call

@@ -2,7 +2,7 @@
 backward (tests/counters.py), for the triton backend, against the launch budget:
 
     forward:  1 launch (H built in the kernel), 2 with a prebuilt H (build_h), no aten compute op;
-    backward: 3 launches (rows kernel, reduce_rows, factor_grads), no aten compute op: every
+    backward: 3 launches (rows kernel, columns kernel, factor_grads), no aten compute op: every
               parameter gradient (the shared rule's two parts summed, biases, dense weights, the
               scale) and no gradient made for z.
 """
@@ -44,7 +44,7 @@ def test_compacter_launch_budget(d, k, rank, fwd_launches, residual, shared):
     fwd, bwd = forward_backward_counts(*_compacter(d, k, rank, residual, shared))
     assert not fwd.aten and not bwd.aten, (fwd.aten, bwd.aten)
     assert sum(fwd.launches.values()) == fwd_launches, fwd.launches
-    assert dict(bwd.launches) == {"_adapter_bwd_kernel": 1, "_reduce_rows_kernel": 1, "_factor_grads_kernel": 1}
+    assert dict(bwd.launches) == {"_adapter_bwd_kernel": 1, "_adapter_cols_kernel": 1, "_factor_grads_kernel": 1}
 
 
 def test_houlsby_and_phm_linear_launch_budget():
@@ -70,17 +70,17 @@ def test_the_eager_reference_runs_13_kernels_forward_and_22_backward():
 
 
 def test_the_counter_sees_an_extra_launch_and_an_extra_torch_op(monkeypatch):
-    """Each count can fail: a reduction launched twice, or a torch op slipped into the backward."""
-    reduce_rows, factor_grads = adapter.reduce_rows, adapter.factor_grads
+    """Each count can fail: the columns kernel launched twice, or a torch op slipped into the backward."""
+    columns, factor_grads = adapter._columns, adapter.factor_grads
 
     def twice(*args, **kwargs):
-        reduce_rows(*args, **kwargs)
-        return reduce_rows(*args, **kwargs)
+        columns(*args, **kwargs)
+        return columns(*args, **kwargs)
 
-    monkeypatch.setattr(adapter, "reduce_rows", twice)
+    monkeypatch.setattr(adapter, "_columns", twice)
     _, bwd = forward_backward_counts(*_compacter(64, 16))
-    assert bwd.launches["_reduce_rows_kernel"] == 2
-    monkeypatch.setattr(adapter, "reduce_rows", reduce_rows)
+    assert bwd.launches["_adapter_cols_kernel"] == 2
+    monkeypatch.setattr(adapter, "_columns", columns)
 
     def with_a_torch_op(partials, *args, **kwargs):
         partials.part.sum(0)
@@ -98,3 +98,13 @@ def test_gradients_are_bit_identical_run_to_run(d, k, rank):
     first = torch.autograd.grad(fn(*args), leaves, dy)
     again = torch.autograd.grad(fn(*args), leaves, dy)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_forward_and_backward_read_nothing_back_to_the_host():
+    """CUDA-graph capturable: no aten op at all runs between the launches, so none reads a value
+    back to the host (.item(), a data-dependent branch or allocation would show up here as
+    _local_scalar_dense, is_nonzero, nonzero, ...). The launches' own arguments are host values
+    (shapes, strides, the scale)."""
+    for residual in (False, True):
+        fwd, bwd = forward_backward_counts(*_compacter(1024, 64, residual=residual))
+        assert not fwd.aten and not bwd.aten, (fwd.aten, bwd.aten)

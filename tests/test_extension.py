@@ -384,9 +384,9 @@ def test_cuda_phm_linear_fake_and_meta(ext, dtype, factorised, bias):
 @pytest.mark.parametrize("factorised", [True, False])
 @pytest.mark.parametrize("M", [0, 1, 37])
 def test_cuda_phm_linear_backward_math(ext, factorised, M):
-    """phm_linear_backward + factor_grads (the op's backward, plain torch) against autograd of
+    """phm_linear_backward + dh_to_factors (the op's backward, plain torch) against autograd of
     the reference, in float64 on CPU."""
-    from compacter_kernels.ops.autograd import factor_grads
+    from compacter_kernels.ops.cuda.adapter import dh_to_factors
     from compacter_kernels.ops.cuda.phm_linear import phm_linear_backward
 
     x, rule, left, right, b = _phm_linear_inputs(torch.float64, "cpu", factorised, lead=(M,))
@@ -396,7 +396,7 @@ def test_cuda_phm_linear_backward_math(ext, factorised, M):
     expected = torch.autograd.grad(y, leaves, dy)
     H = kron_sum(rule, left, right).detach()
     dx, dH, db = phm_linear_backward(dy, x.detach(), H, has_bias=True)
-    got = [dx, *(g for g in factor_grads(dH, rule.detach(), left.detach(), None if right is None else right.detach())
+    got = [dx, *(g for g in dh_to_factors(dH, rule.detach(), left.detach(), None if right is None else right.detach())
                  if g is not None), db]
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)

@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._phm_grad import phm_weight_backward
 from ..reference import ACTIVATIONS
 
 # Activation codes the kernels take (Triton constexpr, CUDA int): gelu 0, gelu_tanh 1, relu 2, silu 3, identity 4.
@@ -52,15 +51,6 @@ def no_autocast(t: Tensor):
     under autocast, where torch's bmm/einsum would otherwise round fp32 factors to fp16/bf16."""
     dev = t.device.type
     return torch.autocast(dev, enabled=False) if dev in _AUTOCAST_DEVICES else contextlib.nullcontext()
-
-
-def factor_grads(dH: Tensor, rule, left, right):
-    """(d rule, d left, d right) from the fp32 dH, each in its parameter's dtype (computed in
-    fp32); a dense projection's gradient is dH itself."""
-    if rule is None:
-        return None, dH.to(left.dtype), None
-    with no_autocast(dH):
-        return phm_weight_backward(dH, rule, left, right)
 
 
 def _h_math(rule: Optional[Tensor], left: Tensor, right: Optional[Tensor], dtype: torch.dtype) -> Tensor:

@@ -32,11 +32,11 @@ import torch
 from torch import Tensor
 
 from ... import reference
-from ..autograd import (ACT_CODE, adapter_entry_points, factor_grads, no_autocast, out_features,
-                        register_adapter_op, rows)
+from ..._phm_grad import phm_weight_backward
+from ..autograd import ACT_CODE, adapter_entry_points, no_autocast, out_features, register_adapter_op, rows
 
 if not hasattr(torch.ops.compacter_kernels, "cuda_adapter_fwd"):
-    raise ImportError("compacter_kernels.ops.cuda_adapter needs the CUDA extension's ops: it is imported by "
+    raise ImportError("compacter_kernels.ops.cuda needs the CUDA extension's ops: it is imported by "
                       "compacter_kernels._extension once compacter_kernels._C has loaded (see "
                       "compacter_kernels.available_backends()['cuda'])")
 
@@ -54,6 +54,15 @@ def dense_h(rule: Optional[Tensor], left: Tensor, right: Optional[Tensor], dtype
         return torch.ops.compacter_kernels.phm_weight(rule, left, right).to(dtype)
     with no_autocast(rule):
         return reference.phm_weight(rule, left, right).to(dtype)
+
+
+def dh_to_factors(dH: Tensor, rule, left, right):
+    """(d rule, d left, d right) from the fp32 dH, each in its parameter's dtype (computed in
+    fp32); a dense projection's gradient is dH itself."""
+    if rule is None:
+        return None, dH.to(left.dtype), None
+    with no_autocast(dH):
+        return phm_weight_backward(dH, rule, left, right)
 
 
 def check_device(x: Tensor) -> None:
@@ -96,9 +105,9 @@ def _adapter_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y in out_dtype, z, H_down, H_up) for 2-D x (M, d); the arguments of ``triton_adapter_fwd``.
     A PHM projection's H is kept for backward (d*k elements; a dense projection's matrix is its
-    weight, an empty placeholder here). rule_* None means the projection is dense (left_* is the matrix). Under autocast x
-    comes in the autocast dtype while the parameters keep theirs (see `_run`), and out_dtype may
-    be wider than x's."""
+    weight, so an empty placeholder here). rule_* None means the projection is dense (left_* is
+    the matrix). Under autocast x comes in the autocast dtype while the parameters keep theirs
+    (see `_run`), and out_dtype may be wider than x's."""
     check_device(x)
     h_down = dense_h(rule_down, left_down, right_down, x.dtype)
     h_up = dense_h(rule_up, left_up, right_up, x.dtype)
@@ -124,8 +133,8 @@ def _kernels_bwd(dy, x, z, h_down, h_up, rd, ld, rgd, bd, ru, lu, rgu, bu, activ
     h_up = h_up if h_up.numel() else dense_h(ru, lu, rgu, x.dtype)
     dx, dHd, dHu, dbd, dbu = torch.ops.compacter_kernels.cuda_adapter_bwd(dy, x, z, h_down, h_up,
                                                                          ACT_CODE[activation], scale, has_residual)
-    g_rd, g_ld, g_rgd = factor_grads(dHd, rd, ld, rgd)
-    g_ru, g_lu, g_rgu = factor_grads(dHu, ru, lu, rgu)
+    g_rd, g_ld, g_rgd = dh_to_factors(dHd, rd, ld, rgd)
+    g_ru, g_lu, g_rgu = dh_to_factors(dHu, ru, lu, rgu)
     if shared_rule:
         g_rd = g_rd + g_ru
     # d residual = dy, a tensor of its own (autograd may keep it as residual.grad).

@@ -29,9 +29,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..autograd import factor_grads, no_autocast, phm_linear_entry_point, register_phm_linear_op
+from ..autograd import no_autocast, phm_linear_entry_point, register_phm_linear_op
 from . import adapter as cuda_adapter
-from .adapter import dense_h
+from .adapter import dense_h, dh_to_factors
 
 
 def _mm_wide(a: Tensor, b: Tensor) -> Tensor:
@@ -69,7 +69,7 @@ def _kernels_bwd(dy, x, rule, left, right, bias):
     # autocast region (it would round the fp32 products to the autocast dtype).
     with no_autocast(dy):
         dx, dH, db = phm_linear_backward(dy, x, dense_h(rule, left, right, x.dtype), bias is not None)
-    return (dx, *factor_grads(dH, rule, left, right), None if bias is None else db.to(bias.dtype))
+    return (dx, *dh_to_factors(dH, rule, left, right), None if bias is None else db.to(bias.dtype))
 
 
 # Backend entry point, signature of compacter_kernels.reference.phm_linear. Under autocast only x

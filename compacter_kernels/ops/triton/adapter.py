@@ -9,10 +9,11 @@ never written to memory):
 
 z is saved for backward (M*k elements, k << d). Backward, with du = scale * dy:
 
-    kernel 1, per row block:  dg = du @ H_up^T;  dz = dg * act'(z);  dx = [dy +] dz @ H_down^T
-                              (also writes g = act(z) and dz, M*k each, and d residual = dy)
-    kernel 2, reduce_rows:    dH_down = x^T @ dz,  db_down = sum_rows dz      (both split over M, one launch)
-                              dH_up^T = du^T @ g,  db_up   = sum_rows du
+    kernel 1, rows, per row block:  dg = du @ H_up^T;  dz = dg * act'(z);  g = act(z)
+                              (g and dz written, M*k each; d residual = dy)
+    kernel 2, columns, per (column tile of d, split of the rows), one pass reading x, dy, g, dz:
+                              dx = [dy +] dz @ H_down^T,  dH_down = x^T @ dz,  db_down = sum_rows dz,
+                              dH_up^T = du^T @ g,  db_up = sum_rows du   (split partials)
     kernel 3, factor_grads:   the fixed-order sum of the splits, then dH -> (d rule, d W_left, d W_right)
                               of H = sum_i kron(A_i, S_i T_i) for both projections (the shared rule's
                               two parts summed) and the bias sums, each in its parameter's dtype.
@@ -30,8 +31,9 @@ import triton.language as tl
 from torch import Tensor
 
 from ..autograd import ACT_CODE, adapter_entry_points, out_features, register_adapter_op, rows
-from .common import (LAUNCH_LOCK, Projection, act_bwd, act_fwd, build_h, cdiv, empty, factor_grads, h_args,
-                     h_tile, interpreting, padded, prebuilds_h, reduce_rows)
+from .common import (LAUNCH_LOCK, Partials, Projection, act_bwd, act_fwd, build_h, cdiv, device_index, empty,
+                     factor_grads, h_args, h_tile, interpreting, num_programs_target, padded, prebuilds_h,
+                     split_rows)
 
 
 def _blocks(d: int, k: int, dtype: torch.dtype, backward: bool = False) -> tuple[int, int, int, int]:
@@ -108,21 +110,21 @@ def _adapter_fwd_kernel(
 
 @triton.jit
 def _adapter_bwd_kernel(
-    dy_ptr, z_ptr, dx_ptr, dres_ptr, g_ptr, dz_ptr,
-    rd_ptr, ld_ptr, rgd_ptr, ru_ptr, lu_ptr, rgu_ptr,
+    dy_ptr, z_ptr, dres_ptr, g_ptr, dz_ptr, ru_ptr, lu_ptr, rgu_ptr,
     M, D, K, sdy, scale,
-    MODE_D: tl.constexpr, N_D: tl.constexpr, R_D: tl.constexpr,
     MODE_U: tl.constexpr, N_U: tl.constexpr, R_U: tl.constexpr,
     HAS_RES: tl.constexpr, ACT: tl.constexpr,
     BM: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, IEEE: tl.constexpr,
 ):
+    """The rows kernel: per block of BM rows, dg = du @ H_up^T, dz = dg * act'(z), g = act(z)
+    (both written, M*k each) and, with a residual, d residual = dy."""
     pid = tl.program_id(0)
     offs_m = (pid * BM + tl.arange(0, BM)).to(tl.int64)
     mask_m = offs_m < M
     offs_k = tl.arange(0, KP)
     mask_k = offs_k < K
     mask_mk = mask_m[:, None] & mask_k[None, :]
-    dtype = dx_ptr.dtype.element_ty
+    dtype = z_ptr.dtype.element_ty
     # dg = dy @ H_up^T, the (BD, KP) tiles of H_up^T built directly: tile[j, kk] = H_up[kk, j].
     dg = tl.zeros((BM, KP), tl.float32)
     for d0 in range(0, D, BD):
@@ -138,17 +140,64 @@ def _adapter_bwd_kernel(
     dz = tl.where(mask_k[None, :], scale * dg * act_bwd(z, ACT), 0.0).to(dtype)
     tl.store(dz_ptr + offs_m[:, None] * K + offs_k[None, :], dz, mask=mask_mk)
     tl.store(g_ptr + offs_m[:, None] * K + offs_k[None, :], act_fwd(z, ACT).to(dtype), mask=mask_mk)
-    # dx = [dy +] dz @ H_down^T, tiles tile[kk, j] = H_down[j, kk].
-    for d0 in range(0, D, BD):
-        offs_d = d0 + tl.arange(0, BD)
-        mask_d = offs_d < D
-        mask = mask_m[:, None] & mask_d[None, :]
-        ht = h_tile(rd_ptr, ld_ptr, rgd_ptr, offs_d[None, :], offs_k[:, None], mask_k[:, None] & mask_d[None, :],
-                    D // N_D, K // N_D, K, MODE_D, N_D, R_D)
-        dx = _dot(dz, ht.to(dtype), IEEE)
+
+
+@triton.jit
+def _adapter_cols_kernel(
+    x_ptr, dy_ptr, g_ptr, dz_ptr, dx_ptr, part_ptr, csum_ptr, rd_ptr, ld_ptr, rgd_ptr,
+    M, D, K, sx, sdy, rows_per_split, scale,
+    MODE_D: tl.constexpr, N_D: tl.constexpr, R_D: tl.constexpr, HAS_RES: tl.constexpr,
+    BA: tl.constexpr, BM: tl.constexpr, KP: tl.constexpr, IEEE: tl.constexpr,
+):
+    """The columns kernel: per (BA columns of d, split of the rows), one pass over the rows that
+    reads x, dy, g and dz once for all three products:
+
+        dx[rows, cols]            = [dy +] dz @ H_down[cols, :]^T      (H_down's tile built once)
+        part[split, 0, cols, :]   = x^T @ dz            (dH_down)
+        part[split, 1, cols, :]   = scale * dy^T @ g    (dH_up^T)
+        csum[split, :K]           = sum_rows dz         (db_down; column tile 0)
+        csum[split, K + cols]     = scale * sum_rows dy (db_up)
+    """
+    pid_a, split = tl.program_id(0), tl.program_id(1)
+    offs_a = pid_a * BA + tl.arange(0, BA)
+    mask_a = offs_a < D
+    offs_k = tl.arange(0, KP)
+    mask_k = offs_k < K
+    dtype = dz_ptr.dtype.element_ty
+    # tile[kk, j] = H_down[j, kk] for this program's columns j.
+    ht = h_tile(rd_ptr, ld_ptr, rgd_ptr, offs_a[None, :], offs_k[:, None], mask_k[:, None] & mask_a[None, :],
+                D // N_D, K // N_D, K, MODE_D, N_D, R_D).to(dtype)
+    acc_d = tl.zeros((BA, KP), tl.float32)
+    acc_u = tl.zeros((BA, KP), tl.float32)
+    cs_dz = tl.zeros((KP,), tl.float32)
+    cs_dy = tl.zeros((BA,), tl.float32)
+    m_lo = split * rows_per_split
+    m_hi = tl.minimum(m_lo + rows_per_split, M)
+    for m0 in range(m_lo, m_hi, BM):
+        offs_m = (m0 + tl.arange(0, BM)).to(tl.int64)
+        mask_m = offs_m < m_hi
+        mk = mask_m[:, None] & mask_k[None, :]
+        ma = mask_m[:, None] & mask_a[None, :]
+        dzt = tl.load(dz_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mk, other=0.0)
+        gt = tl.load(g_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mk, other=0.0)
+        xt = tl.load(x_ptr + offs_m[:, None] * sx + offs_a[None, :], mask=ma, other=0.0)
+        dyt = tl.load(dy_ptr + offs_m[:, None] * sdy + offs_a[None, :], mask=ma, other=0.0)
+        dx = _dot(dzt, ht, IEEE)
         if not HAS_RES:
-            dx += tl.load(dy_ptr + offs_m[:, None] * sdy + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + offs_m[:, None] * D + offs_d[None, :], dx.to(dtype), mask=mask)
+            dx += dyt.to(tl.float32)
+        tl.store(dx_ptr + offs_m[:, None] * D + offs_a[None, :], dx.to(dtype), mask=ma)
+        acc_d += _dot(tl.trans(xt), dzt, IEEE)
+        acc_u += _dot(tl.trans(dyt.to(dtype)), gt, IEEE)  # dy may be wider (the fp32 dy of an autocast forward)
+        cs_dz += tl.sum(dzt.to(tl.float32), axis=0)
+        cs_dy += tl.sum(dyt.to(tl.float32), axis=0)
+    part = part_ptr + split.to(tl.int64) * 2 * D * K + offs_a[:, None] * K + offs_k[None, :]
+    mask_ak = mask_a[:, None] & mask_k[None, :]
+    tl.store(part, acc_d, mask=mask_ak)
+    tl.store(part + D * K, acc_u * scale, mask=mask_ak)
+    cs = csum_ptr + split * (K + D)
+    if pid_a == 0:
+        tl.store(cs + offs_k, cs_dz, mask=mask_k)
+    tl.store(cs + K + offs_a, cs_dy * scale, mask=mask_a)
 
 
 # ---- torch.library ops: opaque to torch.compile, with fake and autograd registrations ---------
@@ -210,6 +259,33 @@ def _adapter_fwd(
 adapter_fwd = torch.library.custom_op("compacter_kernels::triton_adapter_fwd", _adapter_fwd, mutates_args=())
 
 
+def columns_blocks(K: int) -> tuple[int, int, int]:
+    """(BA, BM, num_warps) of the columns kernel: BA columns of d per program, two (BA, KP) fp32
+    accumulators; the largest that compile for sm_90 without spills (scripts/triton_resources.py)."""
+    return max(16, min(128, 4096 // padded(K))), 32, 8
+
+
+def _columns(x2, dy2, g, dz, dx, down, scale: float, has_residual: bool, *, floor_bytes: int, reads: int) -> Partials:
+    """Launches the columns kernel: dx, and the split partials factor_grads finishes."""
+    M, D = x2.shape
+    K = g.shape[1]
+    KP = padded(K)
+    BA, BM, warps = columns_blocks(K)
+    BA = min(BA, padded(D))
+    tiles = cdiv(D, BA)
+    splits, rows_per_split = split_rows(M, BM, tiles, 2 * D * K * 4 * (1 + reads), floor_bytes,
+                                        num_programs_target(device_index(x2)))
+    part = empty((splits, 2, D, K), dtype=torch.float32, device=x2.device)
+    csum = empty((splits, K + D), dtype=torch.float32, device=x2.device)
+    rd, ld, rgd, mode, n, r = down
+    with LAUNCH_LOCK:
+        _adapter_cols_kernel[(tiles, splits)](
+            x2, dy2, g, dz, dx, part, csum, rd, ld, rgd, M, D, K, x2.stride(0), dy2.stride(0), rows_per_split,
+            scale, MODE_D=mode, N_D=n, R_D=r, HAS_RES=has_residual, BA=BA, BM=BM, KP=KP,
+            IEEE=x2.dtype == torch.float32, num_warps=warps)
+    return Partials(part, csum)
+
+
 def _adapter_bwd(
     dy: Tensor, x: Tensor, z: Tensor, h_down: Tensor, h_up: Tensor,
     rule_down: Optional[Tensor], left_down: Tensor, right_down: Optional[Tensor], bias_down: Optional[Tensor],
@@ -218,7 +294,7 @@ def _adapter_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, d residual, d rule_down, d left_down, d right_down, d bias_down, d rule_up, d left_up,
     d right_up, d bias_up), each parameter's gradient in its dtype, in three launches: the rows
-    kernel, reduce_rows and factor_grads. h_down / h_up are the H's the forward kept (empty where
+    kernel, the columns kernel and factor_grads. h_down / h_up are the H's the forward kept (empty where
     it built them in its kernels). An absent parameter's gradient is an empty placeholder;
     with shared_rule, d rule_down is the rule's whole gradient and d rule_up a placeholder.
 
@@ -245,14 +321,13 @@ def _adapter_bwd(
     ru, lu, rgu, mode_u, n_u, r_u = h_args(*up, hu, x.dtype)
     with LAUNCH_LOCK:
         _adapter_bwd_kernel[(cdiv(M, BM),)](
-            dy2, z, dx, dres if has_residual else dx, g, dz, rd, ld, rgd, ru, lu, rgu, M, D, K, dy2.stride(0), scale,
-            MODE_D=mode_d, N_D=n_d, R_D=r_d, MODE_U=mode_u, N_U=n_u, R_U=r_u,
-            HAS_RES=has_residual, ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP,
+            dy2, z, dres if has_residual else dy2, g, dz, ru, lu, rgu, M, D, K, dy2.stride(0), scale,
+            MODE_U=mode_u, N_U=n_u, R_U=r_u, HAS_RES=has_residual, ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP,
             IEEE=x.dtype == torch.float32, num_warps=warps)
-    # dH_down = x^T dz and dH_up^T = scale * dy^T g, both (D, K); db_down = sum dz, db_up = scale * sum dy.
+    # dx, dH_down = x^T dz, dH_up^T = scale * dy^T g (both (D, K)), db_down = sum dz, db_up = scale * sum dy.
     n = max(1 if rule_down is None else rule_down.shape[0], 1 if rule_up is None else rule_up.shape[0])
-    partials = reduce_rows(rows(x), dz, dy2, g, scale2=scale, colsum_b1=True, colsum_a2=True,
-                           floor_bytes=(3 * M * D + M * K) * x.element_size(), reads=n)
+    partials = _columns(rows(x), dy2, g, dz, dx, (rd, ld, rgd, mode_d, n_d, r_d), scale, has_residual,
+                        floor_bytes=(3 * M * D + M * K) * x.element_size(), reads=n)
     (g_rd, g_ld, g_rgd), (g_ru, g_lu, g_rgu), (g_bd, g_bu) = factor_grads(
         partials, Projection(rule_down, left_down, right_down, 0, K, 1),
         Projection(rule_up, left_up, right_up, D * K, 1, K),  # H_up[row, col] is (dy^T g)[col, row]

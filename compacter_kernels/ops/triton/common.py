@@ -227,7 +227,8 @@ def build_h(projections, dtype: torch.dtype) -> list:
 # ---- the backward's reductions over rows: A^T @ B split over M, then the factors' gradients ------
 #
 # Two launches finish every parameter gradient, with no torch op between them:
-#   reduce_rows:   up to two products A^T @ B (and column sums) per split of the rows, fp32 partials;
+#   a reduction over rows: A^T @ B (and column sums) per split of the rows, fp32 partials
+#                  (reduce_rows for phm_linear; the adapter's columns kernel, ops/triton/adapter.py);
 #   factor_grads:  the fixed-order sum of the splits and the map dH -> (d rule, d left, d right) of
 #                  H = sum_i kron(A_i, B_i), B_i = S_i T_i, both projections of an adapter, the shared
 #                  rule's two contributions summed, and the bias sums; each gradient stored in its
@@ -239,98 +240,74 @@ PARTIALS_BUDGET = 0.02
 
 
 @triton.jit
-def _tn_tile(a_ptr, b_ptr, out_ptr, csa_ptr, csb_ptr, m_lo, m_hi, IA, IB, sa, sb, pid_a, pid_b, scale,
-             COLSUM_A: tl.constexpr, COLSUM_B: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr,
-             BM: tl.constexpr, IEEE: tl.constexpr):
-    """out = scale * A[m_lo:m_hi]^T @ B[m_lo:m_hi], one (BA, BB) tile, fp32; scaled column sums
-    of A (stored by the tiles with pid_b 0) and of B (pid_a 0). A is cast to B's dtype (the fp32
-    dy of an autocast forward against the low-precision g)."""
-    offs_a = pid_a * BA + tl.arange(0, BA)
-    offs_b = pid_b * BB + tl.arange(0, BB)
+def _reduce_rows_kernel(a_ptr, b_ptr, part_ptr, csum_ptr, M, IA, IB, sa, sb, rows_per_split,
+                        COLSUM: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, BM: tl.constexpr,
+                        IEEE: tl.constexpr):
+    """part[split] = A[rows of split]^T @ B[rows of split] (IA, IB) in fp32; csum[split] = the
+    column sums of B (stored by the tiles with pid_a 0)."""
+    pid, split = tl.program_id(0), tl.program_id(1)
+    tiles_b = tl.cdiv(IB, BB)
+    offs_a = (pid // tiles_b) * BA + tl.arange(0, BA)
+    offs_b = (pid % tiles_b) * BB + tl.arange(0, BB)
     mask_a, mask_b = offs_a < IA, offs_b < IB
+    m_lo = split * rows_per_split
+    m_hi = tl.minimum(m_lo + rows_per_split, M)
     acc = tl.zeros((BA, BB), tl.float32)
-    csa = tl.zeros((BA,), tl.float32)
-    csb = tl.zeros((BB,), tl.float32)
+    csum = tl.zeros((BB,), tl.float32)
     for m0 in range(m_lo, m_hi, BM):
         offs_m = (m0 + tl.arange(0, BM)).to(tl.int64)
         mask_m = offs_m < m_hi
         at = tl.load(a_ptr + offs_m[:, None] * sa + offs_a[None, :], mask=mask_m[:, None] & mask_a[None, :], other=0.0)
         bt = tl.load(b_ptr + offs_m[:, None] * sb + offs_b[None, :], mask=mask_m[:, None] & mask_b[None, :], other=0.0)
         if IEEE:
-            acc += tl.dot(tl.trans(at.to(bt.dtype)), bt, input_precision="ieee")
+            acc += tl.dot(tl.trans(at), bt.to(at.dtype), input_precision="ieee")
         else:
-            acc += tl.dot(tl.trans(at.to(bt.dtype)), bt)
-        if COLSUM_A:
-            csa += tl.sum(at.to(tl.float32), axis=0)
-        if COLSUM_B:
-            csb += tl.sum(bt.to(tl.float32), axis=0)
-    tl.store(out_ptr + offs_a[:, None] * IB + offs_b[None, :], acc * scale, mask=mask_a[:, None] & mask_b[None, :])
-    if COLSUM_A:
-        if pid_b == 0:
-            tl.store(csa_ptr + offs_a, csa * scale, mask=mask_a)
-    if COLSUM_B:
-        if pid_a == 0:
-            tl.store(csb_ptr + offs_b, csb * scale, mask=mask_b)
-
-
-@triton.jit
-def _reduce_rows_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, part_ptr, csum_ptr, M, IA, IB, sa1, sb1, sa2, sb2,
-                        rows_per_split, scale1, scale2, CS,
-                        TWO: tl.constexpr, COLSUM_B1: tl.constexpr, COLSUM_A2: tl.constexpr,
-                        BA: tl.constexpr, BB: tl.constexpr, BM: tl.constexpr, IEEE: tl.constexpr):
-    """Per split of the rows: part[split, 0] = scale1 * A1^T B1 and, with TWO, part[split, 1] =
-    scale2 * A2^T B2, each (IA, IB); csum[split] = [scale1 * colsum B1 (IB), scale2 * colsum A2 (IA)]."""
-    pid, split = tl.program_id(0), tl.program_id(1)
-    tiles_b = tl.cdiv(IB, BB)
-    tiles = tl.cdiv(IA, BA) * tiles_b
-    m_lo = split * rows_per_split
-    m_hi = tl.minimum(m_lo + rows_per_split, M)
-    out = part_ptr + split.to(tl.int64) * (2 if TWO else 1) * IA * IB
-    cs = csum_ptr + split * CS
-    if pid < tiles:
-        _tn_tile(a1_ptr, b1_ptr, out, cs, cs, m_lo, m_hi, IA, IB, sa1, sb1, pid // tiles_b, pid % tiles_b, scale1,
-                 False, COLSUM_B1, BA, BB, BM, IEEE)
-    elif TWO:
-        q = pid - tiles
-        _tn_tile(a2_ptr, b2_ptr, out + IA * IB, cs + IB, cs, m_lo, m_hi, IA, IB, sa2, sb2, q // tiles_b,
-                 q % tiles_b, scale2, COLSUM_A2, False, BA, BB, BM, IEEE)
+            acc += tl.dot(tl.trans(at), bt.to(at.dtype))
+        if COLSUM:
+            csum += tl.sum(bt.to(tl.float32), axis=0)
+    out = part_ptr + split.to(tl.int64) * IA * IB
+    tl.store(out + offs_a[:, None] * IB + offs_b[None, :], acc, mask=mask_a[:, None] & mask_b[None, :])
+    if COLSUM:
+        if pid // tiles_b == 0:
+            tl.store(csum_ptr + split * IB + offs_b, csum, mask=mask_b)
 
 
 @dataclasses.dataclass(frozen=True)
 class Partials:
-    """What reduce_rows left for factor_grads: part (splits, products, IA, IB), csum (splits, CS)."""
+    """What a reduction over rows left for factor_grads: part (splits, products, IA, IB) fp32
+    partial dH's, csum (splits, CS) fp32 partial bias sums."""
     part: torch.Tensor
     csum: torch.Tensor
 
 
-def reduce_rows(a1, b1, a2=None, b2=None, *, scale1=1.0, scale2=1.0, colsum_b1=False, colsum_a2=False,
-                floor_bytes: int, reads: int) -> Partials:
-    """scale1 * a1^T @ b1 and scale2 * a2^T @ b2 (both (IA, IB), from 2-D (M, IA) / (M, IB)
-    inputs of any row stride) as per-split fp32 partials, in one launch. The rows are split for
-    parallelism, but never so finely that the partials (written once, read ``reads`` times by
-    factor_grads) cost more than PARTIALS_BUDGET of ``floor_bytes``."""
-    M, IA = a1.shape
-    IB = b1.shape[1]
-    two = a2 is not None
+def split_rows(M: int, BM: int, tiles: int, bytes_per_split: int, floor_bytes: int, programs: int):
+    """(splits, rows per split) of a reduction over rows: about ``programs`` programs in all,
+    whole BM-row blocks per split, and never so many splits that the partials
+    (``bytes_per_split`` each, written and read back) cost more than PARTIALS_BUDGET of
+    ``floor_bytes``."""
+    splits = max(1, min(cdiv(M, BM), cdiv(programs, tiles), int(PARTIALS_BUDGET * floor_bytes) // bytes_per_split))
+    rows_per_split = cdiv(cdiv(M, splits), BM) * BM
+    return max(1, cdiv(M, rows_per_split)), rows_per_split
+
+
+def reduce_rows(a, b, *, colsum: bool, floor_bytes: int, reads: int) -> Partials:
+    """a^T @ b (IA, IB) from 2-D a (M, IA), b (M, IB) of any row stride, and b's column sums,
+    as per-split fp32 partials, in one launch (factor_grads reads them ``reads`` times)."""
+    M, IA = a.shape
+    IB = b.shape[1]
     BB = min(padded(IB), 128)
     BA = min(padded(IA), 64 if BB > 64 else 128)
     BM = 32 if interpreting() else 64
-    tiles = cdiv(IA, BA) * cdiv(IB, BB) * (2 if two else 1)
-    per_split = (2 if two else 1) * IA * IB * 4 * (1 + reads)
-    splits = max(1, min(cdiv(M, BM), cdiv(num_programs_target(device_index(a1)), tiles),
-                        int(PARTIALS_BUDGET * floor_bytes) // per_split))
-    rows_per_split = cdiv(cdiv(M, splits), BM) * BM
-    splits = max(1, cdiv(M, rows_per_split))
-    CS = IB + (IA if two else 0)
-    part = empty((splits, 2 if two else 1, IA, IB), dtype=torch.float32, device=a1.device)
-    csum = empty((splits, CS), dtype=torch.float32, device=a1.device)
-    if not two:
-        a2, b2 = a1, b1
+    tiles = cdiv(IA, BA) * cdiv(IB, BB)
+    splits, rows_per_split = split_rows(M, BM, tiles, IA * IB * 4 * (1 + reads), floor_bytes,
+                                        num_programs_target(device_index(a)))
+    part = empty((splits, 1, IA, IB), dtype=torch.float32, device=a.device)
+    csum = empty((splits, IB), dtype=torch.float32, device=a.device)
     with LAUNCH_LOCK:
         _reduce_rows_kernel[(tiles, splits)](
-            a1, b1, a2, b2, part, csum, M, IA, IB, a1.stride(0), b1.stride(0), a2.stride(0), b2.stride(0),
-            rows_per_split, scale1, scale2, CS, TWO=two, COLSUM_B1=colsum_b1, COLSUM_A2=colsum_a2 and two,
-            BA=BA, BB=BB, BM=BM, IEEE=b1.dtype == torch.float32, num_warps=4)
+            a, b, part, csum, M, IA, IB, a.stride(0), b.stride(0), rows_per_split,
+            COLSUM=colsum, BA=BA, BB=BB, BM=BM, IEEE=a.dtype == torch.float32,
+            num_warps=8)  # 4 spill at BA=64, BB=128 on sm_80 (scripts/triton_resources.py)
     return Partials(part, csum)
 
 
@@ -474,74 +451,66 @@ class Projection(NamedTuple):
     s_col: int
 
 
-def _projection_args(pr: Optional[Projection], placeholder: torch.Tensor):
-    """(runtime args, constexprs, outputs) of one projection of _factor_grads_kernel."""
+def grads_tile(P: int, Q: int) -> tuple[int, int]:
+    """(BP, QP): the rows and (padded) columns of B_i that a factor_grads program holds at once;
+    1024 elements keep its tiles in registers (no spills on sm_80/sm_90: scripts/triton_resources.py)."""
+    QP = pow2(Q)
+    return max(1, min(pow2(P), 1024 // QP)), QP
+
+
+def _projection_args(pr: Optional[Projection], placeholder: torch.Tensor, rule_grad: bool = True):
+    """(runtime args, constexprs, gradients, programs along the rows) of one projection of
+    _factor_grads_kernel; ``rule_grad`` False: its rule's gradient goes elsewhere (shared)."""
     if pr is None:
         z = placeholder
-        return (0, 0, 0, z, z, z, z, z, z, 1, 1, 1), dict(N=1, R=1, RP=1, RULE=False, FACT=False, BP=1, QP=1), ()
+        return (0, 0, 0, z, z, z, z, z, z, 1, 1, 1), dict(N=1, R=1, RP=1, RULE=False, FACT=False, BP=1, QP=1), \
+            (None, None, None), 1
     rule, left, right = pr.rule, pr.left, pr.right
     dleft = torch.empty_like(left)
     if rule is None:  # dense: dW = dH, as the slice of a rule-less N = 1 projection, split into row chunks
-        P, Q = left.shape
-        N, R, fact = 1, 1, False
-        drule = dright = placeholder
-        QP = pow2(Q)
-        BP = max(1, min(pow2(P), 4096 // QP))
+        (P, Q), N, R, fact = left.shape, 1, 1, False
+        BP, QP = grads_tile(P, Q)
         rows = BP
-        outs = (None, dleft, None)
+        drule = dright = placeholder
+        grads = (None, dleft, None)
     else:
         N, P = left.shape[0], left.shape[1]
         fact = right is not None
         R = left.shape[2] if fact else 1
         Q = right.shape[2] if fact else left.shape[2]
-        drule = torch.empty_like(rule)
+        BP, QP = grads_tile(P, Q)
+        rows = P  # d rule and d right sum over every row of B_i: one program along them
+        drule = torch.empty_like(rule) if rule_grad else placeholder
         dright = torch.empty_like(right) if fact else placeholder
-        QP = pow2(Q)
-        BP = max(1, min(pow2(P), 4096 // QP))
-        rows = P
-        outs = (drule, dleft, dright if fact else None)
+        grads = (drule if rule_grad else None, dleft, dright if fact else None)
     args = (pr.offset, pr.s_row, pr.s_col, placeholder if rule is None else rule, left,
             placeholder if right is None else right, drule, dleft, dright, P, Q, rows)
     const = dict(N=N, R=R, RP=pow2(R), RULE=rule is not None, FACT=fact, BP=BP, QP=QP)
-    return args, const, outs
+    return args, const, grads, cdiv(P, rows)
 
 
 def factor_grads(partials: Partials, first: Projection, second: Optional[Projection] = None, *,
                  biases=(None, None), shared_rule: bool = False):
-    """Every parameter gradient from reduce_rows' partials, in one launch: for each projection
+    """Every parameter gradient from a reduction's partials, in one launch: for each projection
     (d rule, d left, d right), None where a factor is absent; then (d bias1, d bias2) for the
     biases given as (like-tensor, offset into csum, length) or None. With shared_rule the rule's
     whole gradient is the first projection's d rule (the second's is None). Each gradient has
     its parameter's dtype and layout (contiguous)."""
     part, csum = partials.part, partials.csum
-    S, CS = part.shape[0], csum.shape[1]
-    placeholder = part
-    a1, c1, o1 = _projection_args(first, placeholder)
-    a2, c2, o2 = _projection_args(second, placeholder)
-    outs_b = []
-    bias_args = []
-    for b in biases:
-        if b is None:
-            outs_b.append(None)
-            bias_args += [placeholder, 0]
-        else:
-            like, off, n = b
-            outs_b.append(torch.empty_like(like))
-            bias_args += [outs_b[-1], n]
-    db1, n_b1, db2, n_b2 = bias_args
-    off_b2 = biases[1][1] if biases[1] is not None else 0
     assert first.offset == 0, "the first projection's partials start the buffer"
+    a1, c1, g1, chunks1 = _projection_args(first, part)
+    a2, c2, g2, chunks2 = _projection_args(second, part, rule_grad=not shared_rule)
+    db = [None if b is None else torch.empty_like(b[0]) for b in biases]
+    bias_args = []
+    for out, b in zip(db, biases):  # (out, offset into csum, length)
+        bias_args += [part, 0, 0] if b is None else [out, b[1], b[2]]
     n_i = max(c1["N"], c2["N"])
-    chunks = max(cdiv(a1[9], a1[11]), cdiv(a2[9], a2[11]))  # P / rows per program
-    NP = pow2(n_i)
     with LAUNCH_LOCK:
-        _factor_grads_kernel[(n_i, chunks)](
-            part, csum, S, part[0].numel(), CS, *a1[1:], *a2, db1, n_b1, db2, off_b2, n_b2,
+        _factor_grads_kernel[(n_i, max(chunks1, chunks2))](
+            part, csum, part.shape[0], part[0].numel(), csum.shape[1], *a1[1:], *a2,
+            bias_args[0], bias_args[2], bias_args[3], bias_args[4], bias_args[5],
             N1=c1["N"], R1=c1["R"], RP1=c1["RP"], RULE1=c1["RULE"], FACT1=c1["FACT"], BP1=c1["BP"], QP1=c1["QP"],
             N2=c2["N"], R2=c2["R"], RP2=c2["RP"], RULE2=c2["RULE"], FACT2=c2["FACT"], BP2=c2["BP"], QP2=c2["QP"],
-            TWO=second is not None, SHARED=shared_rule, HAS_B1=outs_b[0] is not None,
-            HAS_B2=outs_b[1] is not None, NP=NP, num_warps=4)
-    o2 = o2 if second is not None else (None, None, None)
-    if shared_rule:
-        o2 = (None, *o2[1:])
-    return o1, o2, tuple(outs_b)
+            TWO=second is not None, SHARED=shared_rule, HAS_B1=db[0] is not None, HAS_B2=db[1] is not None,
+            NP=pow2(n_i), num_warps=4)
+    return g1, g2, tuple(db)

@@ -93,7 +93,7 @@ def _phm_linear_bwd(dy: Tensor, x: Tensor, rule: Tensor, left: Tensor, right: Op
     if M == 0:
         grads = [None if t is None else torch.zeros_like(t) for t in (rule, left, right, bias)]
     else:
-        partials = reduce_rows(rows(x), dy2, colsum_b1=bias is not None,
+        partials = reduce_rows(rows(x), dy2, colsum=bias is not None,
                                floor_bytes=(2 * M * I + M * O) * x.element_size(), reads=rule.shape[0])
         (g_rule, g_left, g_right), _, (g_bias, _) = factor_grads(
             partials, Projection(rule, left, right, 0, O, 1), biases=(None if bias is None else (bias, 0, O), None))
