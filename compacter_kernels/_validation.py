@@ -18,6 +18,42 @@ from .reference import ACTIVATIONS
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+# Argument signatures that passed the checks: the checks read only what a signature holds (which
+# arguments are tensors, their shapes, dtypes and devices, the autocast state, the activation),
+# so a repeated call with the same signature skips them. Bounded; thread-safe enough (a race only
+# repeats a check). Not used while torch.compile traces (shapes may be symbolic there).
+_PASSED: set = set()
+_PASSED_MAX = 4096
+
+
+def _signature(tensors, what) -> Optional[tuple]:
+    """What the checks read of these arguments (the first one x) and of ``what`` (the op and its
+    options), or None where that is not a plain signature (then the checks run in full)."""
+    if torch.compiler.is_compiling() or not isinstance(tensors[0], Tensor):
+        return None
+    sig = []
+    for t in tensors:
+        if t is None:
+            sig.append(None)
+        elif isinstance(t, Tensor):
+            sig.append((t.shape, t.dtype, t.device))
+        else:
+            return None
+    key = (*sig, autocast_dtype(tensors[0]), what)
+    try:
+        hash(key)
+    except TypeError:  # e.g. an activation that is not a string: the checks say what is wrong
+        return None
+    return key
+
+
+def _passed(key: Optional[tuple]) -> None:
+    if key is not None:
+        if len(_PASSED) >= _PASSED_MAX:
+            _PASSED.clear()
+        _PASSED.add(key)
+
+
 def _tensor(name: str, t, *, optional: bool = False) -> None:
     if t is None and optional:
         return
@@ -134,6 +170,13 @@ def check_phm_weight(rule, left, right) -> None:
 
 
 def check_phm_linear(x, rule, left, right, bias) -> None:
+    key = _signature((x, rule, left, right, bias), "phm_linear")
+    if key is None or key not in _PASSED:
+        _check_phm_linear(x, rule, left, right, bias)
+        _passed(key)
+
+
+def _check_phm_linear(x, rule, left, right, bias) -> None:
     check_x(x)
     check_tensors({"x": x, "rule": rule, "left": left, "right": right, "bias": bias}, optional=("right", "bias"))
     in_features = _phm_in_features(rule, left)
@@ -144,11 +187,18 @@ def check_phm_linear(x, rule, left, right, bias) -> None:
 
 def check_adapter(x, w_down, b_down, w_up, b_up, activation, scale, residual) -> float:
     """Checks ck.adapter's arguments; returns scale as a float."""
+    key = _signature((x, w_down, b_down, w_up, b_up, residual), ("adapter", activation))
+    if key is None or key not in _PASSED:
+        _check_adapter(x, w_down, b_down, w_up, b_up, activation, residual)
+        _passed(key)
+    return check_scale(scale)
+
+
+def _check_adapter(x, w_down, b_down, w_up, b_up, activation, residual) -> None:
     check_x(x)
     check_tensors({"x": x, "w_down": w_down, "b_down": b_down, "w_up": w_up, "b_up": b_up, "residual": residual},
                   optional=("b_down", "b_up", "residual"))
     check_activation(activation)
-    scale = check_scale(scale)
     d = x.shape[-1]
     if w_down.dim() == 2 and w_up.dim() == 2 and w_down.shape[0] == w_up.shape[1]:
         _width(x, w_down.shape[0], f"the adapter (w_down {tuple(w_down.shape)}, w_up {tuple(w_up.shape)})")
@@ -159,12 +209,22 @@ def check_adapter(x, w_down, b_down, w_up, b_up, activation, scale, residual) ->
     _shape("b_down", b_down, (k,), "bottleneck")
     _shape("b_up", b_up, (d,), "d_model")
     _shape("residual", residual, tuple(x.shape), "the shape of x")
-    return scale
 
 
 def check_compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up,
                             bias_up, activation, scale, residual) -> float:
     """Checks ck.compacter_adapter's arguments; returns scale as a float."""
+    args = (x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up, residual)
+    # rule_down is rule_up matters to no check, so it is not part of the signature.
+    key = _signature(args, ("compacter", activation))
+    if key is None or key not in _PASSED:
+        _check_compacter_adapter(*args, activation)
+        _passed(key)
+    return check_scale(scale)
+
+
+def _check_compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up,
+                             bias_up, residual, activation) -> None:
     check_x(x)
     check_tensors(
         {
@@ -175,7 +235,6 @@ def check_compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule
         optional=("right_down", "bias_down", "right_up", "bias_up", "residual"),
     )
     check_activation(activation)
-    scale = check_scale(scale)
     d_in = _phm_in_features(rule_down, left_down)
     up = left_up if right_up is None else right_up
     if d_in is not None and isinstance(up, Tensor) and up.dim() == 3 and isinstance(rule_up, Tensor) \
@@ -185,4 +244,3 @@ def check_compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule
     k = check_phm("_down", rule_down, left_down, right_down, bias_down, d)
     check_phm("_up", rule_up, left_up, right_up, bias_up, k, out_features=d)
     _shape("residual", residual, tuple(x.shape), "the shape of x")
-    return scale

@@ -355,3 +355,22 @@ def test_two_threads_give_the_sequential_results(backend):
     for (w, rep, i), got in results.items():
         for a, b in zip(got, expected[i]):
             assert torch.equal(a, b), f"thread {w}, repeat {rep}, op {OPS[i]}"
+
+
+def test_a_repeated_call_skips_no_check_that_matters():
+    """Validation is remembered per signature (shapes, dtypes, devices, autocast, options): after
+    a good call, every bad variant of the same arguments still raises its named error."""
+    from compacter_kernels import _validation
+
+    _validation._PASSED.clear()
+    good = _compacter_call("reference")
+    good()
+    assert _validation._PASSED
+    for call, change, exc, match in BAD_INPUTS:
+        if call is _compacter_call:
+            with pytest.raises(exc, match=match):
+                call("reference", **change)()
+    with pytest.raises(TypeError, match="right_down has dtype torch.float64"):
+        _compacter_call("reference", right_down=torch.randn(4, 1, 2, dtype=torch.float64))()
+    with pytest.raises(ValueError, match=r"activation must be one of .* got \['gelu'\]"):
+        _compacter_call("reference", activation=["gelu"])()  # unhashable: no signature, full checks
