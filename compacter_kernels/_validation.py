@@ -47,7 +47,11 @@ def _signature(tensors, what) -> Optional[tuple]:
     return key
 
 
-def _passed(key: Optional[tuple]) -> None:
+def _check_once(key: Optional[tuple], check, *args) -> None:
+    """check(*args) unless ``key`` (a `_signature`) has passed before; remembers it if it passes."""
+    if key is not None and key in _PASSED:
+        return
+    check(*args)
     if key is not None:
         if len(_PASSED) >= _PASSED_MAX:
             _PASSED.clear()
@@ -170,10 +174,7 @@ def check_phm_weight(rule, left, right) -> None:
 
 
 def check_phm_linear(x, rule, left, right, bias) -> None:
-    key = _signature((x, rule, left, right, bias), "phm_linear")
-    if key is None or key not in _PASSED:
-        _check_phm_linear(x, rule, left, right, bias)
-        _passed(key)
+    _check_once(_signature((x, rule, left, right, bias), "phm_linear"), _check_phm_linear, x, rule, left, right, bias)
 
 
 def _check_phm_linear(x, rule, left, right, bias) -> None:
@@ -187,14 +188,12 @@ def _check_phm_linear(x, rule, left, right, bias) -> None:
 
 def check_adapter(x, w_down, b_down, w_up, b_up, activation, scale, residual) -> float:
     """Checks ck.adapter's arguments; returns scale as a float."""
-    key = _signature((x, w_down, b_down, w_up, b_up, residual), ("adapter", activation))
-    if key is None or key not in _PASSED:
-        _check_adapter(x, w_down, b_down, w_up, b_up, activation, residual)
-        _passed(key)
+    args = (x, w_down, b_down, w_up, b_up, residual)
+    _check_once(_signature(args, ("adapter", activation)), _check_adapter, *args, activation)
     return check_scale(scale)
 
 
-def _check_adapter(x, w_down, b_down, w_up, b_up, activation, residual) -> None:
+def _check_adapter(x, w_down, b_down, w_up, b_up, residual, activation) -> None:
     check_x(x)
     check_tensors({"x": x, "w_down": w_down, "b_down": b_down, "w_up": w_up, "b_up": b_up, "residual": residual},
                   optional=("b_down", "b_up", "residual"))
@@ -216,10 +215,7 @@ def check_compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule
     """Checks ck.compacter_adapter's arguments; returns scale as a float."""
     args = (x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up, residual)
     # rule_down is rule_up matters to no check, so it is not part of the signature.
-    key = _signature(args, ("compacter", activation))
-    if key is None or key not in _PASSED:
-        _check_compacter_adapter(*args, activation)
-        _passed(key)
+    _check_once(_signature(args, ("compacter", activation)), _check_compacter_adapter, *args, activation)
     return check_scale(scale)
 
 

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ... import reference
 from ..._phm_grad import phm_weight_backward
-from ..autograd import ACT_CODE, adapter_entry_points, no_autocast, out_features, register_adapter_op, rows
+from ..autograd import ACT_CODE, adapter_entry_points, no_autocast, register_adapter_op, rows
 
 if not hasattr(torch.ops.compacter_kernels, "cuda_adapter_fwd"):
     raise ImportError("compacter_kernels.ops.cuda needs the CUDA extension's ops: it is imported by "
@@ -118,10 +118,9 @@ def _adapter_fwd(
     return y, z, *(x.new_empty(0) if rule is None else h for rule, h in ((rule_down, h_down), (rule_up, h_up)))
 
 
-def h_shapes(rule_down, left_down, right_down, rule_up, left_up, right_up) -> tuple:
-    K = out_features(rule_down, left_down, right_down)
-    D = left_down.shape[0] * left_down.shape[1] if rule_down is not None else left_down.shape[0]
-    return (D, K) if rule_down is not None else (0,), (K, D) if rule_up is not None else (0,)
+def h_shapes(D: int, K: int, down, up) -> tuple:
+    """The shapes of the H's the forward keeps: a PHM projection's, not a dense one's."""
+    return (D, K) if down[0] is not None else (0,), (K, D) if up[0] is not None else (0,)
 
 
 adapter_fwd = torch.library.custom_op("compacter_kernels::cuda_compacter_fwd", _adapter_fwd, mutates_args=())

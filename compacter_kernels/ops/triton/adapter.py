@@ -211,13 +211,10 @@ def _saved_h(down, up, K: int, dtype: torch.dtype, saved=(None, None)) -> tuple:
     return tuple(next(built) if n else h for n, h in zip(need, saved))
 
 
-def h_shapes(rule_down, left_down, right_down, rule_up, left_up, right_up) -> tuple:
+def h_shapes(D: int, K: int, down, up) -> tuple:
     """The shapes of the H's the forward keeps for backward ((0,): none, built in the kernels)."""
-    K = out_features(rule_down, left_down, right_down)
-    D = left_down.shape[0] * left_down.shape[1] if rule_down is not None else left_down.shape[0]
     KP = padded(K)
-    return ((D, K) if prebuilds_h(rule_down, left_down, right_down, KP) else (0,),
-            (K, D) if prebuilds_h(rule_up, left_up, right_up, KP) else (0,))
+    return (D, K) if prebuilds_h(*down, KP) else (0,), (K, D) if prebuilds_h(*up, KP) else (0,)
 
 
 def _adapter_fwd(
