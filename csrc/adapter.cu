@@ -1,6 +1,7 @@
 // CUDA impls of the fused adapter ops declared in ops.cpp, for dense H_down (d, k), H_up (k, d):
 //   compacter_kernels::cuda_adapter_fwd -> (y, z)
-//   compacter_kernels::cuda_adapter_bwd -> (dx, dH_down, dH_up, db_down, db_up)   (last four fp32)
+//   compacter_kernels::cuda_adapter_bwd -> (dx, d residual, the parameters' gradients)
+//   compacter_kernels::cuda_build_h, cuda_phm_grads: H from the factors, and the factors' gradients
 // This file holds what is CUDA-specific about the entry points: device checks, the device
 // guard and stream, shared-memory opt-in, and the launches. The rest of the host side (checks,
 // allocation, kernel arguments, launch order) is in adapter_host.h, which the CPU emulation in
@@ -82,17 +83,31 @@ struct CudaLauncher {
   }
 
   template <typename T>
-  void rows_tn(int64_t gx, int64_t gy, int64_t gz, const RowsTnArgs& p) {
-    const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(gz));
+  void rows_tn(int64_t gx, int64_t gy, const RowsTnArgs& p) {
+    const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
     rows_tn_kernel<T><<<grid, kThreads, rows_tn_smem_bytes<T>(), stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  void sum_splits(int64_t blocks, const float* part, float* out, int64_t splits, int64_t n, float scale) {
-    sum_splits_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(part, out, splits, n, scale);
+  void build_h(int64_t blocks, const BuildHArgs& a) {
+    build_h_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  void factor_grads(int64_t gx, int64_t gy, int64_t smem_bytes, const FactorGradArgs& a) {
+    if (smem_bytes > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(factor_grads_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem_bytes)));
+    }
+    const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+    factor_grads_kernel<<<grid, kGradThreads, smem_bytes, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
+
+CudaLauncher launcher_for(const at::Tensor& t) {
+  return CudaLauncher{static_cast<int>(t.get_device()), c10::cuda::getCurrentCUDAStream()};
+}
 
 std::tuple<at::Tensor, at::Tensor> cuda_adapter_fwd(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                                                     const at::Tensor& h_down, const std::optional<at::Tensor>& bias_down,
@@ -102,18 +117,46 @@ std::tuple<at::Tensor, at::Tensor> cuda_adapter_fwd(const at::Tensor& x, const s
   c10::cuda::CUDAGuard device_guard{x.device()};
   check_devices(x, {{"residual", opt(residual)}, {"h_down", &h_down}, {"bias_down", opt(bias_down)},
                     {"h_up", &h_up}, {"bias_up", opt(bias_up)}}, "cuda_adapter_fwd");
-  CudaLauncher launch{static_cast<int>(x.get_device()), c10::cuda::getCurrentCUDAStream()};
+  CudaLauncher launch = launcher_for(x);
   return adapter_fwd(launch, x, residual, h_down, bias_down, h_up, bias_up, activation, scale, out_dtype);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_adapter_bwd(
-    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& z, const at::Tensor& h_down, const at::Tensor& h_up,
-    int64_t activation, double scale, bool has_residual) {
+AdapterGrads cuda_adapter_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& z, const at::Tensor& h_down,
+                              const at::Tensor& h_up, const std::optional<at::Tensor>& rule_down,
+                              const at::Tensor& left_down, const std::optional<at::Tensor>& right_down,
+                              const std::optional<at::Tensor>& bias_down, const std::optional<at::Tensor>& rule_up,
+                              const at::Tensor& left_up, const std::optional<at::Tensor>& right_up,
+                              const std::optional<at::Tensor>& bias_up, int64_t activation, double scale,
+                              bool has_residual, bool shared_rule) {
   CHECK_DEVICE(x);
   c10::cuda::CUDAGuard device_guard{x.device()};
-  check_devices(x, {{"dy", &dy}, {"z", &z}, {"h_down", &h_down}, {"h_up", &h_up}}, "cuda_adapter_bwd");
-  CudaLauncher launch{static_cast<int>(x.get_device()), c10::cuda::getCurrentCUDAStream()};
-  return adapter_bwd(launch, dy, x, z, h_down, h_up, activation, scale, has_residual);
+  check_devices(x, {{"dy", &dy}, {"z", &z}, {"h_down", &h_down}, {"h_up", &h_up}, {"rule_down", opt(rule_down)},
+                    {"left_down", &left_down}, {"right_down", opt(right_down)}, {"bias_down", opt(bias_down)},
+                    {"rule_up", opt(rule_up)}, {"left_up", &left_up}, {"right_up", opt(right_up)},
+                    {"bias_up", opt(bias_up)}}, "cuda_adapter_bwd");
+  CudaLauncher launch = launcher_for(x);
+  return adapter_bwd(launch, dy, x, z, h_down, h_up, rule_down, left_down, right_down, bias_down, rule_up, left_up,
+                     right_up, bias_up, activation, scale, has_residual, shared_rule);
+}
+
+std::vector<at::Tensor> cuda_build_h(const c10::List<std::optional<at::Tensor>>& rules, at::TensorList lefts,
+                                     const c10::List<std::optional<at::Tensor>>& rights, at::ScalarType dtype) {
+  TORCH_CHECK(!lefts.empty(), "cuda_build_h: no projections");
+  CHECK_DEVICE(lefts[0]);
+  c10::cuda::CUDAGuard device_guard{lefts[0].device()};
+  CudaLauncher launch = launcher_for(lefts[0]);
+  return build_h(launch, rules, lefts, rights, dtype);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_phm_grads(const at::Tensor& dh,
+                                                              const std::optional<at::Tensor>& rule,
+                                                              const at::Tensor& left,
+                                                              const std::optional<at::Tensor>& right) {
+  CHECK_DEVICE(dh);
+  c10::cuda::CUDAGuard device_guard{dh.device()};
+  check_devices(dh, {{"rule", opt(rule)}, {"left", &left}, {"right", opt(right)}}, "cuda_phm_grads");
+  CudaLauncher launch = launcher_for(dh);
+  return phm_grads(launch, dh, rule, left, right);
 }
 
 }  // namespace
@@ -122,6 +165,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_adap
 TORCH_LIBRARY_IMPL(compacter_kernels, CUDA, m) {
   m.impl("cuda_adapter_fwd", &adapter::cuda_adapter_fwd);
   m.impl("cuda_adapter_bwd", &adapter::cuda_adapter_bwd);
+  m.impl("cuda_build_h", &adapter::cuda_build_h);
+  m.impl("cuda_phm_grads", &adapter::cuda_phm_grads);
 }
 
 }  // namespace compacter_kernels

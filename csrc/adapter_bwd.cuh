@@ -7,12 +7,16 @@
 //   dH_down = x^T @ dz        db_down = sum_rows dz
 //   dH_up   = scale * g^T @ dy    db_up = scale * sum_rows dy,   g = act(z) rounded to x's dtype
 //
+// Three launches in all:
 // Kernel 1 (one block per BM rows, the forward's structure): dg over d in kBD chunks (tensor
 // cores for fp16/bf16; H_up^T and H_down^T are read as column-major tiles of H, no transposes),
-// the elementwise step, then dx chunk by chunk; it writes dx, and g and dz (M x k each) for:
-// Kernel 2 (rows_tn, twice): out[s] = A[rows of split s]^T @ B[rows of split s] in fp32 and the
-// column sums of B, one split of rows per block along grid.z, into per-split partial buffers.
-// Kernel 3 sums the partials over the splits in a fixed order. No atomics: the gradients are
+// the elementwise step, then dx chunk by chunk; it writes dx, d residual (a copy of dy, with a
+// residual tensor), and g and dz (M x k each) for:
+// Kernel 2 (rows_tn, both products in one launch): out[s] = A[rows of split s]^T @ B[rows of
+// split s] in fp32 and the column sums of B, one split of rows per block along grid.y, into
+// per-split partial buffers.
+// Kernel 3 (factor_grads_kernel, adapter_factors.cuh) sums the partials over the splits in a
+// fixed order and maps dH to the factors' gradients. No atomics: the gradients are
 // bit-identical from run to run on a given GPU.
 // Why the parameter gradients are not summed inside kernel 1: per-row-block partials of d x k
 // would move 4k/BM times the bytes of x (1.5x at k=24), and a persistent accumulation needs
@@ -35,8 +39,9 @@ struct BwdArgs {
   void* dx;            // T (M, d) contiguous
   void* g;             // T (M, k) contiguous
   void* dz;            // T (M, k) contiguous
+  void* dres;          // (M, d) contiguous in dy's dtype (esize dy_es): a copy of dy, or nullptr
   int64_t sdy, M, d, k;
-  int dy_dt, act;
+  int dy_dt, dy_es, act;
   float scale;
   bool has_residual;
   Layout L;
@@ -54,6 +59,20 @@ __global__ void __launch_bounds__(kThreads) adapter_bwd_kernel(const BwdArgs a) 
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * L.BM;
   const int FM = L.BM / 16, FK = L.KP / 16, FN = kBD / 16;
   Acc<T> acc[kFragsPerWarp];
+
+  // d residual = dy, bit for bit, in dy's dtype (a tensor of its own: autograd may keep it).
+  if (a.dres != nullptr) {
+    for (int64_t r = row0; r < std::min<int64_t>(row0 + L.BM, a.M); ++r) {
+      for (int64_t c = threadIdx.x; c < a.d; c += kThreads) {
+        const int64_t from = r * a.sdy + c, to = r * a.d + c;
+        switch (a.dy_es) {
+          case 2: static_cast<uint16_t*>(a.dres)[to] = static_cast<const uint16_t*>(a.dy)[from]; break;
+          case 8: static_cast<uint64_t*>(a.dres)[to] = static_cast<const uint64_t*>(a.dy)[from]; break;
+          default: static_cast<uint32_t*>(a.dres)[to] = static_cast<const uint32_t*>(a.dy)[from]; break;
+        }
+      }
+    }
+  }
 
   // 1. dg = dy @ H_up^T. The H_up tile is stored as it is in memory, KP x kBD row-major, and read
   //    as the column-major kBD x KP operand H_up^T.
@@ -127,18 +146,23 @@ __global__ void __launch_bounds__(kThreads) adapter_bwd_kernel(const BwdArgs a) 
   }
 }
 
-// ---- kernel 2: per-split A^T @ B and column sums of B ------------------------------------------
+// ---- kernel 2: per-split A^T @ B and column sums of B, for two products in one launch --------
 
 constexpr int kRA = 64, kRB = 64, kRM = 32;  // output tile kRA x kRB, kRM rows per step
 static_assert((kRA / 16) * (kRB / 16) == kTilesPerPass, "rows_tn keeps its whole tile in one pass");
 
-struct RowsTnArgs {
+struct RowsTnProduct {
   const void* a;   // T (M, IA), row stride sa
   const void* b;   // (M, IB) of dtype b_dt, row stride sb (converted to T for the product)
-  float* part;     // (splits, IA, IB)
-  float* colsum;   // (splits, IB), or nullptr
-  int64_t sa, sb, M, IA, IB, rows_per_split;
+  float* part;     // split s at part + s * split_stride: (IA, IB)
+  float* colsum;   // split s at colsum + s * cs_stride: (IB)
+  int64_t sa, sb, IA, IB;
   int b_dt;
+};
+
+struct RowsTnArgs {
+  RowsTnProduct prod[2];  // blocks 0..tiles0-1 take the first product's tiles, the rest the second's
+  int64_t tiles0, M, rows_per_split, split_stride, cs_stride;
 };
 
 template <typename T>
@@ -147,32 +171,36 @@ constexpr int64_t rows_tn_smem_bytes() {
 }
 static_assert(rows_tn_smem_bytes<float>() <= 48 * 1024, "rows_tn fits the default 48 KiB of shared memory");
 
+inline int64_t rows_tn_tiles(int64_t IA, int64_t IB) { return ceil_div(IA, kRA) * ceil_div(IB, kRB); }
+
 // How rows_tn splits the M rows: about two waves of blocks over all (tile, split) pairs, and
 // every split a whole number of kRM-row steps (so the last split is the only short one).
 struct RowsTnPlan {
   int64_t splits, rows_per_split;
 };
 
-inline RowsTnPlan plan_rows_tn(int64_t M, int64_t IA, int64_t IB, int64_t sms) {
-  const int64_t tiles = ceil_div(IA, kRA) * ceil_div(IB, kRB);
+inline RowsTnPlan plan_rows_tn(int64_t M, int64_t tiles, int64_t sms) {
   const int64_t splits = std::max<int64_t>(1, std::min(ceil_div(M, kRM), ceil_div(2 * sms, tiles)));
   const int64_t rows_per_split = ceil_div(ceil_div(M, splits), kRM) * kRM;
   return {ceil_div(M, rows_per_split), rows_per_split};
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) rows_tn_kernel(const RowsTnArgs p) {
+__global__ void __launch_bounds__(kThreads) rows_tn_kernel(const RowsTnArgs args) {
   extern __shared__ __align__(128) unsigned char smem[];
   constexpr int lda = kRA + kPad, ldb = kRB + kPad, ldst = kRB + kStagePad;
   T* as = reinterpret_cast<T*>(smem);  // kRM x kRA rows of A
   T* bs = as + kRM * lda;               // kRM x kRB rows of B
   float* st = reinterpret_cast<float*>(smem + round_up(int64_t{kRM} * (lda + ldb) * sizeof(T), 128));
   constexpr int dt = DTypeOf<T>::value;
-  const int64_t a0 = static_cast<int64_t>(blockIdx.x) * kRA, b0 = static_cast<int64_t>(blockIdx.y) * kRB;
-  const int64_t split = blockIdx.z;
-  const int64_t m_begin = split * p.rows_per_split;
-  const int64_t m_end = std::min(p.M, m_begin + p.rows_per_split);
-  const bool do_colsum = p.colsum != nullptr && blockIdx.x == 0;
+  const bool second = blockIdx.x >= args.tiles0;
+  const RowsTnProduct& p = args.prod[second];
+  const int64_t tile = blockIdx.x - (second ? args.tiles0 : 0), tiles_b = ceil_div(p.IB, kRB);
+  const int64_t a0 = tile / tiles_b * kRA, b0 = tile % tiles_b * kRB;
+  const int64_t split = blockIdx.y;
+  const int64_t m_begin = split * args.rows_per_split;
+  const int64_t m_end = std::min(args.M, m_begin + args.rows_per_split);
+  const bool do_colsum = a0 == 0;
   Acc<T> acc[kFragsPerWarp];
   block_zero<T>(acc);
   float csum = 0.f;  // thread t < kRB: column b0 + t, rows in order
@@ -191,23 +219,13 @@ __global__ void __launch_bounds__(kThreads) rows_tn_kernel(const RowsTnArgs p) {
   }
   block_store<T>(acc, 0, kRA / 16, kRB / 16, st, ldst);
   __syncthreads();
-  float* out = p.part + split * p.IA * p.IB;
+  float* out = p.part + split * args.split_stride;
   for (int i = threadIdx.x; i < kRA * kRB; i += kThreads) {
     const int r = i / kRB, c = i - r * kRB;
     if (a0 + r < p.IA && b0 + c < p.IB) out[(a0 + r) * p.IB + b0 + c] = st[r * ldst + c];
   }
-  if (do_colsum && threadIdx.x < kRB && b0 + threadIdx.x < p.IB) p.colsum[split * p.IB + b0 + threadIdx.x] = csum;
-}
-
-// ---- kernel 3: out[i] = scale * sum_s part[s, i], s in order ------------------------------------
-
-__global__ void __launch_bounds__(256) sum_splits_kernel(const float* __restrict__ part, float* __restrict__ out,
-                                                         int64_t splits, int64_t n, float scale) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
-    float acc = 0.f;
-    for (int64_t s = 0; s < splits; ++s) acc += part[s * n + i];
-    out[i] = acc * scale;
-  }
+  if (do_colsum && threadIdx.x < kRB && b0 + threadIdx.x < p.IB)
+    p.colsum[split * args.cs_stride + b0 + threadIdx.x] = csum;
 }
 
 }  // namespace

@@ -23,13 +23,24 @@ TORCH_LIBRARY(compacter_kernels, m) {
   m.def("phm_weight(Tensor rule, Tensor left, Tensor? right) -> Tensor",
         {at::Tag::pt2_compliant_tag});
   // The fused adapter on dense H (impls in adapter.cu). activation: 0 gelu,
-  // 1 gelu_tanh, 2 relu, 3 silu, 4 identity. Backward returns (dx, dH_down, dH_up, db_down,
-  // db_up), the last four in float32; dx has no dy term when has_residual.
+  // 1 gelu_tanh, 2 relu, 3 silu, 4 identity.
   m.def("cuda_adapter_fwd(Tensor x, Tensor? residual, Tensor h_down, Tensor? bias_down, Tensor h_up, "
         "Tensor? bias_up, int activation, float scale, ScalarType out_dtype) -> (Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
-  m.def("cuda_adapter_bwd(Tensor dy, Tensor x, Tensor z, Tensor h_down, Tensor h_up, int activation, "
-        "float scale, bool has_residual) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+  // Backward in three launches: (dx, d residual, then each parameter's gradient in its dtype:
+  // d rule_down, d left_down, d right_down, d bias_down, d rule_up, d left_up, d right_up,
+  // d bias_up), empty tensors for absent ones. rule None: left is a dense weight (read for its
+  // shape and dtype only). dx has no dy term when has_residual; d residual is then dy's copy.
+  m.def("cuda_adapter_bwd(Tensor dy, Tensor x, Tensor z, Tensor h_down, Tensor h_up, Tensor? rule_down, "
+        "Tensor left_down, Tensor? right_down, Tensor? bias_down, Tensor? rule_up, Tensor left_up, "
+        "Tensor? right_up, Tensor? bias_up, int activation, float scale, bool has_residual, bool shared_rule) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+  // Each projection's H in dtype, one launch (empty for a dense weight already in dtype).
+  m.def("cuda_build_h(Tensor?[] rules, Tensor[] lefts, Tensor?[] rights, ScalarType dtype) -> Tensor[]",
+        {at::Tag::pt2_compliant_tag});
+  // (d rule, d left, d right) from a projection's fp32 dH, one launch (phm_linear's backward).
+  m.def("cuda_phm_grads(Tensor dh, Tensor? rule, Tensor left, Tensor? right) -> (Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
 }
 

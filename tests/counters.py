@@ -61,11 +61,32 @@ def _triton_impls() -> dict:
             "compacter_kernels::triton_phm_linear_bwd": phm_linear._phm_linear_bwd}
 
 
+def _cuda_impls() -> dict:
+    from compacter_kernels.ops.cuda import adapter, phm_linear
+
+    return {"compacter_kernels::cuda_compacter_fwd": adapter._adapter_fwd,
+            "compacter_kernels::cuda_phm_linear_fwd": phm_linear._phm_linear_fwd}
+
+
+def _emulated_launches() -> int:
+    return torch.ops.compacter_kernels_emulation.launches()
+
+
 @contextlib.contextmanager
-def counting():
-    """Yields a Counts filled by everything run inside: Triton launches (the interpreter's or the
-    compiler's; what a launch does on the host is hidden from the aten count) and aten ops."""
-    recorder = _Recorder(_triton_impls())
+def counting(backend: str = "triton"):
+    """Yields a Counts filled by everything run inside: kernel launches and aten ops. triton:
+    Triton launches (the interpreter's or the compiler's; what a launch does on the host is
+    hidden from the aten count); cuda: the CUDA emulator's launches, as "emulated" (the C++
+    ops' own allocations are hidden from the aten count)."""
+    recorder = _Recorder(_triton_impls() if backend == "triton" else _cuda_impls())
+    if backend == "cuda":
+        before = _emulated_launches()
+        try:
+            with recorder:
+                yield recorder.counts
+        finally:
+            recorder.counts.launches["emulated"] += _emulated_launches() - before
+        return
     originals = {cls: cls.__getitem__ for cls in (triton_interpreter.InterpretedFunction,
                                                  triton.runtime.jit.KernelInterface)}
 
@@ -90,12 +111,12 @@ def counting():
             cls.__getitem__ = fn
 
 
-def forward_backward_counts(fn, args, grad_of):
+def forward_backward_counts(fn, args, grad_of, backend: str = "triton"):
     """(forward Counts, backward Counts) of fn(*args) and the gradients of ``grad_of``."""
-    with counting() as fwd:
+    with counting(backend) as fwd:
         y = fn(*args)
     dy = torch.randn_like(y)
-    with counting() as bwd:
+    with counting(backend) as bwd:
         torch.autograd.grad(y, grad_of, dy)
     return fwd, bwd
 

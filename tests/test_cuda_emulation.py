@@ -17,7 +17,8 @@ import torch
 import compacter_kernels as ck
 import emulation
 from compacter_kernels import reference as ref
-from utils import CUDA_EMULATED, check_op, dense_inputs, phm_factors
+from counters import forward_backward_counts
+from utils import CUDA_EMULATED, check_op, compacter_inputs, dense_inputs, phm_factors
 
 pytestmark = pytest.mark.skipif(not CUDA_EMULATED, reason="runs in the emulated run: COMPACTER_KERNELS_EMULATE_CUDA=1 "
                                                           "without a GPU (scripts/test.sh does it)")
@@ -40,6 +41,44 @@ def test_phm_weight_kernel_matches_the_reference(dtype, n, I, O, rank):
     assert ((out.double() - expected.double()).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,I,O,rank", [(2, 6, 10, 1), (4, 36, 20, 4), (8, 16, 24, None), (1, 40, 8, 2)])
+def test_build_h_and_phm_grads_match_the_reference(dtype, n, I, O, rank):
+    """cuda_build_h (H in fp32 from the factors, rounded once; a dense weight converted) and
+    cuda_phm_grads (the factors' gradients from an fp32 dH) against fp64 autograd of the reference."""
+    rule, left, right = phm_factors(n, I, O, rank, dtype=dtype)
+    w = torch.randn(I, O, dtype=torch.float16 if dtype == torch.float32 else torch.float32)  # converted to dtype
+    h, hw = torch.ops.compacter_kernels.cuda_build_h([rule, None], [left, w], [right, None], dtype)
+    f64 = [None if t is None else t.double().requires_grad_() for t in (rule, left, right)]
+    H64 = ref.phm_weight(*f64)
+    assert h.dtype == dtype and torch.equal(hw, w.to(dtype))
+    torch.testing.assert_close(h.double(), H64.to(dtype).double(), rtol=0, atol=torch.finfo(dtype).eps * 4 *
+                               max(1.0, H64.abs().max().item()))
+    # The same weight in dtype is read as it is: nothing built.
+    (none,) = torch.ops.compacter_kernels.cuda_build_h([None], [w.to(dtype)], [None], dtype)
+    assert none.numel() == 0
+    dH = torch.randn(I, O)
+    grads = torch.ops.compacter_kernels.cuda_phm_grads(dH, rule, left, right)
+    expected = torch.autograd.grad(H64, [t for t in f64 if t is not None], dH.double())
+    for g, e, t in zip([g for g, t in zip(grads, (rule, left, right)) if t is not None], expected,
+                       [t for t in (rule, left, right) if t is not None]):
+        assert g.dtype == t.dtype and g.shape == t.shape
+        tol = 1e-4 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+        torch.testing.assert_close(g.double(), e, rtol=tol, atol=tol * max(1.0, e.abs().max().item()))
+    if right is None:
+        assert grads[2].numel() == 0
+
+
+def test_the_new_ops_pass_opcheck():
+    rule, left, right = phm_factors(4, 32, 16, 2, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.compacter_kernels.cuda_build_h.default,
+                          ([rule, None], [left, torch.randn(16, 32)], [right, None], torch.bfloat16))
+    torch.library.opcheck(torch.ops.compacter_kernels.cuda_phm_grads.default, (torch.randn(32, 16), rule, left, right))
+    x, b = torch.randn(10, 32, requires_grad=True), torch.randn(16, requires_grad=True)
+    torch.library.opcheck(torch.ops.compacter_kernels.cuda_phm_linear_fwd.default,
+                          (x, *(t.requires_grad_() for t in (rule, left, right)), b))
+
+
 # ---- the adapter ops' argument checks (csrc/adapter_host.h, shared with the CUDA build) ----------
 
 def _fwd(x, h_down, h_up, residual=None, bias_down=None, bias_up=None, activation=0, out_dtype=None):
@@ -48,7 +87,9 @@ def _fwd(x, h_down, h_up, residual=None, bias_down=None, bias_up=None, activatio
 
 
 def _bwd(dy, x, z, h_down, h_up, activation=0):
-    return torch.ops.compacter_kernels.cuda_adapter_bwd(dy, x, z, h_down, h_up, activation, 1.0, False)
+    # Dense projections: their weights give the gradients' shapes and dtypes.
+    return torch.ops.compacter_kernels.cuda_adapter_bwd(dy, x, z, h_down, h_up, None, h_down, None, None, None, h_up,
+                                                        None, None, activation, 1.0, False, False)
 
 
 M, D, K = 5, 32, 8
@@ -132,6 +173,70 @@ def test_a_bad_knob_value_says_what_is_expected(monkeypatch, value):
     monkeypatch.setenv(KNOB, value)
     with pytest.raises(RuntimeError, match=f"{KNOB} must be a whole number of KiB from 0 to 1048576, got '{value}'"):
         _fwd(torch.randn(M, D), torch.randn(D, K), torch.randn(K, D))
+
+
+# ---- the launch budget (tests/test_counts.py's, for the cuda backend) ----------------------------
+
+def _counts(fn, args, leaves):
+    return forward_backward_counts(fn, args, leaves, backend="cuda")
+
+
+@pytest.mark.parametrize("d,k,rank,residual,shared", [(768, 24, 1, False, True), (64, 16, 4, True, False),
+                                                      (96, 32, None, True, True)])
+def test_compacter_runs_two_launches_forward_and_three_backward(d, k, rank, residual, shared):
+    """Forward: cuda_build_h (both H's) and the row kernel; backward: the row kernel, both
+    split-M products in one launch, and every parameter gradient in one; no aten compute op."""
+    inp = compacter_inputs(lead=(19,), d=d, k=k, n=4, rank=rank, dtype=torch.float32, shared_rule=shared)
+    r = torch.randn_like(inp.x, requires_grad=True) if residual else None
+    fwd, bwd = _counts(lambda *a: ck.compacter_adapter(*a, residual=r, scale=0.5, backend="cuda"), inp.args(),
+                       inp.tensors() + ([r] if residual else []))
+    assert (fwd.launches["emulated"], bwd.launches["emulated"]) == (2, 3), (fwd, bwd)
+    assert not fwd.aten and not bwd.aten, (fwd.aten, bwd.aten)
+
+
+def test_houlsby_runs_one_launch_forward_and_three_backward_and_phm_linear_two_kernels_of_its_own():
+    args = dense_inputs(lead=(19,), d=96, k=24, dtype=torch.float32)
+    fwd, bwd = _counts(lambda *a: ck.adapter(*a, backend="cuda"), args, list(args))
+    assert (fwd.total, bwd.total) == (1, 3), (fwd, bwd)
+    # Under autocast the fp32 weights are converted by one cuda_build_h launch and kept for
+    # backward (the aten ops, not counted here, are the entry point's: x cast to bf16, and
+    # autograd summing x's two gradients, as the cast and as the residual).
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fwd, bwd = _counts(lambda *a: ck.adapter(*a, backend="cuda"), args, list(args))
+    assert (fwd.launches["emulated"], bwd.launches["emulated"]) == (2, 3), (fwd, bwd)
+    # phm_linear: H built (once forward, again backward) and its gradients in one launch each;
+    # the GEMMs and the bias sum are cuBLAS's (aten).
+    x = torch.randn(19, 64, requires_grad=True)
+    factors = phm_factors(4, 64, 32, 1, dtype=torch.float32, requires_grad=True)
+    bias = torch.randn(32, requires_grad=True)
+    fwd, bwd = _counts(lambda *a: ck.phm_linear(*a, backend="cuda"), (x, *factors, bias), [x, *factors, bias])
+    assert (fwd.launches["emulated"], dict(fwd.aten)) == (1, {"addmm": 1}), fwd
+    assert (bwd.launches["emulated"], dict(bwd.aten)) == (2, {"mm": 2, "sum": 1}), bwd
+
+
+def test_the_cuda_launch_counter_sees_an_extra_launch(monkeypatch):
+    from compacter_kernels.ops.cuda import adapter as cuda_adapter
+
+    build_h = cuda_adapter.build_h
+
+    def twice(*a):
+        build_h(*a)
+        return build_h(*a)
+
+    monkeypatch.setattr(cuda_adapter, "build_h", twice)
+    inp = compacter_inputs(lead=(19,), d=64, k=16, n=4, rank=1, dtype=torch.float32)
+    fwd, _ = _counts(lambda *a: ck.compacter_adapter(*a, backend="cuda"), inp.args(), inp.tensors())
+    assert fwd.launches["emulated"] == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_gradients_are_bit_identical_run_to_run(dtype):
+    inp = compacter_inputs(lead=(300,), d=96, k=24, n=4, rank=2, dtype=dtype, shared_rule=True)
+    fn = lambda: ck.compacter_adapter(*inp.args(), scale=0.5, backend="cuda")  # noqa: E731
+    dy = torch.randn(300, 96).to(dtype)
+    first = torch.autograd.grad(fn(), inp.tensors(), dy)
+    again = torch.autograd.grad(fn(), inp.tensors(), dy)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
 # ---- shared-memory races: the kernels under ThreadSanitizer --------------------------------------

@@ -228,8 +228,14 @@ ADAPTER_SCHEMAS = {
                         "Tensor? bias_down, Tensor h_up, Tensor? bias_up, int activation, float scale, "
                         "ScalarType out_dtype) -> (Tensor, Tensor)",
     "cuda_adapter_bwd": "compacter_kernels::cuda_adapter_bwd(Tensor dy, Tensor x, Tensor z, Tensor h_down, "
-                        "Tensor h_up, int activation, float scale, bool has_residual) "
-                        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+                        "Tensor h_up, Tensor? rule_down, Tensor left_down, Tensor? right_down, Tensor? bias_down, "
+                        "Tensor? rule_up, Tensor left_up, Tensor? right_up, Tensor? bias_up, int activation, "
+                        "float scale, bool has_residual, bool shared_rule) "
+                        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "cuda_build_h": "compacter_kernels::cuda_build_h(Tensor?[] rules, Tensor[] lefts, Tensor?[] rights, "
+                    "ScalarType dtype) -> Tensor[]",
+    "cuda_phm_grads": "compacter_kernels::cuda_phm_grads(Tensor dh, Tensor? rule, Tensor left, Tensor? right) "
+                      "-> (Tensor, Tensor, Tensor)",
 }
 
 
@@ -260,11 +266,18 @@ def test_adapter_fake_impls(ext, dtype, residual_dtype):
             y, z = torch.ops.compacter_kernels.cuda_adapter_fwd(
                 x, res, h_down, torch.empty(k, dtype=dtype, device=device), h_up, None, 0, 0.5, out_dtype)
             dy = torch.empty(M, d, dtype=out_dtype, device=device)
-            grads = torch.ops.compacter_kernels.cuda_adapter_bwd(dy, x, z, h_down, h_up, 1, 0.5, res is not None)
+            # A PHM down projection (n = 4, rank 2) and a dense fp32 up weight.
+            f32 = dict(dtype=torch.float32, device=device)
+            rule, left, right = torch.empty(4, 4, 4, **f32), torch.empty(4, d // 4, 2, **f32), torch.empty(4, 2, k // 4, **f32)
+            w_up, b_up = torch.empty(k, d, **f32), torch.empty(d, **f32)
+            grads = torch.ops.compacter_kernels.cuda_adapter_bwd(dy, x, z, h_down, h_up, rule, left, right, None, None,
+                                                                 w_up, None, b_up, 1, 0.5, res is not None, False)
         assert (y.shape, y.dtype, y.device.type) == ((M, d), out_dtype, device)
         assert (z.shape, z.dtype, z.device.type) == ((M, k), dtype, device)
-        expected = [((M, d), dtype), ((d, k), torch.float32), ((k, d), torch.float32), ((k,), torch.float32),
-                    ((d,), torch.float32)]
+        f32 = torch.float32
+        expected = [((M, d), dtype), ((M, d) if res is not None else (0,), out_dtype), ((4, 4, 4), f32),
+                    ((4, d // 4, 2), f32), ((4, 2, k // 4), f32), ((0,), dtype), ((0,), dtype), ((k, d), f32),
+                    ((0,), dtype), ((d,), f32)]
         assert [(tuple(g.shape), g.dtype) for g in grads] == expected
         assert all(g.device.type == device for g in grads)
 
@@ -311,7 +324,8 @@ def test_cuda_adapter_rejects_cpu_tensors(ext):
     with pytest.raises(NotImplementedError, match="cuda_adapter_fwd.*'CPU' backend"):
         torch.ops.compacter_kernels.cuda_adapter_fwd(x, None, hd, None, hu, None, 0, 1.0, torch.float32)
     with pytest.raises(NotImplementedError, match="cuda_adapter_bwd.*'CPU' backend"):
-        torch.ops.compacter_kernels.cuda_adapter_bwd(x, x, torch.randn(4, 4), hd, hu, 0, 1.0, False)
+        torch.ops.compacter_kernels.cuda_adapter_bwd(x, x, torch.randn(4, 4), hd, hu, None, hd, None, None, None, hu,
+                                                     None, None, 0, 1.0, False, False)
     with pytest.raises(RuntimeError, match="needs CUDA tensors, got x on cpu"):
         cuda_adapter.adapter(x, hd, None, hu, None)
     with pytest.raises(RuntimeError, match="needs CUDA tensors, got x on cpu"):
@@ -384,9 +398,8 @@ def test_cuda_phm_linear_fake_and_meta(ext, dtype, factorised, bias):
 @pytest.mark.parametrize("factorised", [True, False])
 @pytest.mark.parametrize("M", [0, 1, 37])
 def test_cuda_phm_linear_backward_math(ext, factorised, M):
-    """phm_linear_backward + dh_to_factors (the op's backward, plain torch) against autograd of
-    the reference, in float64 on CPU."""
-    from compacter_kernels.ops.cuda.adapter import dh_to_factors
+    """phm_linear_backward (the op's backward up to dH, plain torch; cuda_phm_grads maps dH to the
+    factors, checked in the emulated run) against autograd of the reference, in float64 on CPU."""
     from compacter_kernels.ops.cuda.phm_linear import phm_linear_backward
 
     x, rule, left, right, b = _phm_linear_inputs(torch.float64, "cpu", factorised, lead=(M,))
@@ -396,8 +409,8 @@ def test_cuda_phm_linear_backward_math(ext, factorised, M):
     expected = torch.autograd.grad(y, leaves, dy)
     H = kron_sum(rule, left, right).detach()
     dx, dH, db = phm_linear_backward(dy, x.detach(), H, has_bias=True)
-    got = [dx, *(g for g in dh_to_factors(dH, rule.detach(), left.detach(), None if right is None else right.detach())
-                 if g is not None), db]
+    got = [dx, *(g for g in phm_weight_backward(dH, rule.detach(), left.detach(),
+                                                None if right is None else right.detach()) if g is not None), db]
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
     assert phm_linear_backward(dy, x.detach(), H, has_bias=False)[2] is None
@@ -414,48 +427,6 @@ def test_cuda_phm_linear_backward_keeps_dH_in_fp32(ext, dtype):
     assert (dx.dtype, dH.dtype, db.dtype) == (dtype, torch.float32, torch.float32)
     torch.testing.assert_close(dH.double(), x.double().t() @ dy.double(), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(db.double(), dy.double().sum(0), rtol=1e-6, atol=1e-5)
-
-
-@pytest.fixture
-def cuda_phm_linear_on_cpu(ext, monkeypatch):
-    """The module with its device check lifted: the op then runs on CPU tensors (H from the
-    reference's phm_weight, the matmuls on the CPU), so its whole autograd glue can be checked
-    without a GPU."""
-    from compacter_kernels.ops.cuda import adapter as cuda_adapter, phm_linear as cuda_phm_linear
-
-    monkeypatch.setattr(cuda_adapter, "check_device", lambda x: None)
-    return cuda_phm_linear
-
-
-@pytest.mark.parametrize("factorised", [True, False])
-@pytest.mark.parametrize("bias", [True, False])
-def test_cuda_phm_linear_glue_on_cpu(cuda_phm_linear_on_cpu, factorised, bias):
-    # float64 everywhere but in H, which the op always sums in fp32: fp32-sized errors.
-    args = _phm_linear_inputs(torch.float64, "cpu", factorised, bias)
-    y = cuda_phm_linear_on_cpu.phm_linear(*args)
-    y_ref = compacter_kernels.reference.phm_linear(*args)
-    _close_fp32(y, y_ref)
-    leaves = [t for t in args if t is not None]
-    dy = torch.randn_like(y)
-    for g, e in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(y_ref, leaves, dy)):
-        _close_fp32(g, e)
-    x, rule, left, right, b = args
-    torch.library.opcheck(torch.ops.compacter_kernels.cuda_phm_linear_fwd.default,
-                          (x.detach().reshape(10, 32).requires_grad_(), rule, left, right, b))
-
-
-def test_cuda_phm_linear_autocast_on_cpu(cuda_phm_linear_on_cpu):
-    """fp32 parameters under autocast: y in the reference's dtype (fp32: the fp32 bias is added
-    after the bf16 matmul), fp32 gradients, values within bf16 error of the fp64 reference."""
-    args = _phm_linear_inputs(torch.float32, "cpu")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = cuda_phm_linear_on_cpu.phm_linear(*args)
-        y_ref = compacter_kernels.reference.phm_linear(*args)
-    assert y.dtype == y_ref.dtype == torch.float32
-    y64 = compacter_kernels.reference.phm_linear(*(t.detach().double() for t in args))
-    torch.testing.assert_close(y.double(), y64, rtol=2e-2, atol=2e-2 * y64.abs().max().item())
-    grads = torch.autograd.grad(y.square().sum(), args)
-    assert all(g.dtype == torch.float32 and g.shape == t.shape for g, t in zip(grads, args))
 
 
 @requires_gpu

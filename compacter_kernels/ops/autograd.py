@@ -198,7 +198,7 @@ def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kerne
     Python function ``fwd_impl``, taking what `adapter_entry_points` passes) over the factors;
     returns the forward to call (`_eager_or_op`). The forward gives (y, z, H_down, H_up): the H's
     it built are kept for backward (empty tensors where there are none), their shapes
-    ``h_shapes(D, K, down, up)`` for the fake impl.
+    ``h_shapes(D, K, down, up, x.dtype)`` for the fake impl.
 
     ``kernels_bwd(dy, x, z, H_down, H_up, *down, bias_down, *up, bias_up, activation, scale, has_residual, shared_rule)``
     gives (dx, d residual, then each parameter's gradient in its dtype in the order of the
@@ -222,7 +222,7 @@ def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kerne
     def _(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
           activation, scale, out_dtype):
         K = out_features(rule_down, left_down, right_down)
-        hd, hu = h_shapes(x.shape[1], K, (rule_down, left_down, right_down), (rule_up, left_up, right_up))
+        hd, hu = h_shapes(x.shape[1], K, (rule_down, left_down, right_down), (rule_up, left_up, right_up), x.dtype)
         return x.new_empty(x.shape, dtype=out_dtype), x.new_empty((x.shape[0], K)), x.new_empty(hd), x.new_empty(hu)
 
     def backward_with(kernels):

@@ -113,10 +113,12 @@ alignas(128) unsigned char smem[kEmulatedSmemLimit];
 // One grid at a time, as on one stream: the grid, the block's barrier and shared memory are
 // globals here, so two host threads launching at once would share them.
 inline std::mutex emulated_launch_mutex;
+inline int64_t emulated_launches = 0;  // grids launched so far (the tests' launch counter)
 
 inline void emulate_launch(EmulatedDim3 grid, unsigned threads, int64_t smem_bytes, const std::function<void()>& body) {
   if (smem_bytes > kEmulatedSmemLimit) emulation_violation("shared memory over the H100's 227 KiB per block");
   const std::lock_guard<std::mutex> one_grid_at_a_time(emulated_launch_mutex);
+  ++emulated_launches;
   gridDim = grid;
   blockDim = {threads, 1, 1};
   for (unsigned bz = 0; bz < grid.z; ++bz)

@@ -47,15 +47,19 @@ struct EmulatedLauncher {
   }
 
   template <typename T>
-  void rows_tn(int64_t gx, int64_t gy, int64_t gz, const RowsTnArgs& p) {
-    emulate_launch({static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(gz)}, kThreads,
-                   rows_tn_smem_bytes<T>(), [&] { rows_tn_kernel<T>(p); });
+  void rows_tn(int64_t gx, int64_t gy, const RowsTnArgs& p) {
+    emulate_launch({static_cast<unsigned>(gx), static_cast<unsigned>(gy), 1}, kThreads, rows_tn_smem_bytes<T>(),
+                   [&] { rows_tn_kernel<T>(p); });
   }
 
-  void sum_splits(int64_t blocks, const float* part, float* out, int64_t splits, int64_t n, float scale) {
-    // At most 3 blocks: the grid-stride loop then runs more than once per thread at test sizes.
-    emulate_launch({static_cast<unsigned>(std::min<int64_t>(blocks, 3)), 1, 1}, 256, 0,
-                   [&] { sum_splits_kernel(part, out, splits, n, scale); });
+  void build_h(int64_t blocks, const BuildHArgs& a) {
+    // At most 2 blocks of 64: the grid-stride loop runs more than once per thread at test sizes.
+    emulate_launch({static_cast<unsigned>(std::min<int64_t>(blocks, 2)), 1, 1}, 64, 0, [&] { build_h_kernel(a); });
+  }
+
+  void factor_grads(int64_t gx, int64_t gy, int64_t smem_bytes, const FactorGradArgs& a) {
+    emulate_launch({static_cast<unsigned>(gx), static_cast<unsigned>(gy), 1}, kGradThreads, smem_bytes,
+                   [&] { factor_grads_kernel(a); });
   }
 };
 

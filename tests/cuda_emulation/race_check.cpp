@@ -36,7 +36,13 @@ int main() {
     auto [y, z] = compacter_kernels::adapter::adapter_fwd(launch, x, residual, h_down, bias_down, h_up, bias_up,
                                                           /*activation=*/0, 0.5, out_dtype);
     const auto dy = at::randn({c.M, c.d}, at::TensorOptions().dtype(out_dtype));
-    compacter_kernels::adapter::adapter_bwd(launch, dy, x, z, h_down, h_up, /*activation=*/0, 0.5, c.residual);
+    // A PHM down projection (n = 4, rank 2: d and k are multiples of 4) and a dense up one.
+    const auto f32 = at::TensorOptions().dtype(at::kFloat);
+    const auto rule = at::randn({4, 4, 4}, f32), left = at::randn({4, c.d / 4, 2}, f32);
+    const auto right = at::randn({4, 2, c.k / 4}, f32);
+    compacter_kernels::adapter::adapter_bwd(launch, dy, x, z, h_down, h_up, rule, left, right, bias_down,
+                                            std::nullopt, h_up, std::nullopt, bias_up, /*activation=*/0, 0.5,
+                                            c.residual, /*shared_rule=*/false);
     std::printf("M=%lld d=%lld k=%lld %s residual=%d: ran\n", static_cast<long long>(c.M), static_cast<long long>(c.d),
                 static_cast<long long>(c.k), c10::toString(c.dtype), static_cast<int>(c.residual));
   }

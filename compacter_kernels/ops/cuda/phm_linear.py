@@ -1,19 +1,19 @@
-"""PHM linear on the CUDA backend: H built by the extension's ``phm_weight``, the matmuls on cuBLAS.
+"""PHM linear on the CUDA backend: H built by the extension's ``cuda_build_h``, the matmuls on cuBLAS.
 
-Forward, for x (M, I):
+Forward, for x (M, I), two launches:
 
-    H = sum_i kron(A_i, S_i T_i)   (I, O), by `phm_weight` in fp32 from fp32 factors, rounded once to x's dtype
+    H = sum_i kron(A_i, S_i T_i)   (I, O), by `cuda_build_h` in fp32 from the factors, rounded once to x's dtype
     y = x @ H + b                  (torch.addmm on cuBLAS, fp32 accumulation)
 
 No GEMM of our own: H is small (I x O elements, one launch) and the cost is the M x I x O product,
 where a hand-written kernel would be slower than cuBLAS at these sizes. Unlike the adapter there
 is no bottleneck between two products to keep on chip; fusing the Kronecker build into the GEMM
 (as the Triton backend can) would save only the I x O round trip of H. Backward, with H rebuilt
-rather than saved (one small launch):
+rather than saved (one small launch), five launches with the bias:
 
     dx = dy @ H^T                                (cuBLAS, x's dtype)
     dH = x^T @ dy,  db = sum_rows dy             (fp32 results: fp16/bf16 products are not rounded)
-    dH -> (d rule, d W_left, d W_right) by `phm_weight_backward`
+    dH -> (d rule, d W_left, d W_right) by `cuda_phm_grads` (one launch)
 
 Under autocast only x is cast (see `phm_linear`): H is still summed in fp32 from the factors as
 they are and rounded once to the autocast dtype, and every parameter gradient is computed in fp32
@@ -31,7 +31,6 @@ from torch import Tensor
 
 from ..autograd import no_autocast, phm_linear_entry_point, register_phm_linear_op
 from . import adapter as cuda_adapter
-from .adapter import dense_h, dh_to_factors
 
 
 def _mm_wide(a: Tensor, b: Tensor) -> Tensor:
@@ -57,7 +56,7 @@ def _phm_linear_fwd(x: Tensor, rule: Tensor, left: Tensor, right: Optional[Tenso
     """y (M, O) = x (M, I) @ H + bias; bias (if any) in x's dtype (under autocast the entry point
     adds it outside the op); the factors in any float dtype (H is summed in fp32)."""
     cuda_adapter.check_device(x)  # the backend's one device check (the CPU emulation of the tests lifts it)
-    H = dense_h(rule, left, right, x.dtype)
+    (H,) = cuda_adapter.build_h(((rule, left, right),), x.dtype)
     return torch.mm(x, H) if bias is None else torch.addmm(bias, x, H)
 
 
@@ -68,8 +67,10 @@ def _kernels_bwd(dy, x, rule, left, right, bias):
     # H is rebuilt rather than saved. The op's own dtypes even when .backward() runs inside an
     # autocast region (it would round the fp32 products to the autocast dtype).
     with no_autocast(dy):
-        dx, dH, db = phm_linear_backward(dy, x, dense_h(rule, left, right, x.dtype), bias is not None)
-    return (dx, *dh_to_factors(dH, rule, left, right), None if bias is None else db.to(bias.dtype))
+        (H,) = cuda_adapter.build_h(((rule, left, right),), x.dtype)
+        dx, dH, db = phm_linear_backward(dy, x, H, bias is not None)
+    return (dx, *torch.ops.compacter_kernels.cuda_phm_grads(dH, rule, left, right),
+            None if bias is None else db.to(bias.dtype))
 
 
 # Backend entry point, signature of compacter_kernels.reference.phm_linear. Under autocast only x

@@ -211,7 +211,7 @@ def _saved_h(down, up, K: int, dtype: torch.dtype, saved=(None, None)) -> tuple:
     return tuple(next(built) if n else h for n, h in zip(need, saved))
 
 
-def h_shapes(D: int, K: int, down, up) -> tuple:
+def h_shapes(D: int, K: int, down, up, dtype: torch.dtype) -> tuple:
     """The shapes of the H's the forward keeps for backward ((0,): none, built in the kernels)."""
     KP = padded(K)
     return (D, K) if prebuilds_h(*down, KP) else (0,), (K, D) if prebuilds_h(*up, KP) else (0,)
