@@ -117,6 +117,15 @@ def test_main_writes_json_and_csv(tmp_path, capsys):
                 assert 0 < ref["saved_mib"] <= ref["saved_total_mib"]
                 if op == "houlsby":  # z for gelu and g for the up matmul, (M, k) fp32 each
                     assert ref["saved_mib"] * 2**20 == 2 * M * 8 * 4
+                # The bytes the triton kernels move (their model, checked against the interpreter's
+                # counts in tests/test_traffic.py), on any machine, whether or not the provider ran.
+                counted = by[(op, mode, M, "triton")]["counted_bytes"]
+                assert ref["counted_bytes"] is None and by[(op, mode, M, "cuda")]["counted_bytes"] is None
+                if op == "phm_linear":
+                    assert counted is None
+                else:
+                    assert counted >= ref["floor_bytes"]
+                    assert by[(op, mode, M, "triton")]["counted_vs_floor"] == counted / ref["floor_bytes"]
                 for fused in ("triton", "cuda"):
                     r = by[(op, mode, M, fused)]
                     assert r["status"] in ("ok", "skipped")

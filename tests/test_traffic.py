@@ -63,6 +63,26 @@ def test_with_a_residual_dy_is_read_twice_and_copied_once():
     assert bwd.by_name("_adapter_bwd_kernel.dres_ptr") == (0, 1)
 
 
+@pytest.mark.parametrize("d,k,rank", CASES + [(96, 24, None)], ids=IDS + ["d96-k24-unfactored"])
+def test_the_benchmarks_byte_model_is_what_the_counter_counts(d, k, rank):
+    """adapter.counted_bytes (compacter-bench's "bytes / floor" column) against the bytes counted
+    of the per-row tensors and the partial buffers, forward and backward."""
+    inp, y, dy, grads, fwd, bwd = _run(d, k, rank)
+    e, M = inp.x.element_size(), inp.x.shape[0]
+
+    def moved(record, *names, tensors=()):
+        keys = {k for k, ns in record.names.items() if any(n in ns for n in names)}
+        keys |= {t.untyped_storage().data_ptr() for t in tensors}
+        return sum(record.loaded[k] + record.stored[k] for k in keys)
+
+    assert moved(fwd, "_adapter_fwd_kernel.z_ptr", tensors=(inp.x, y)) == adapter.counted_bytes(
+        M, d, k, e, 4, backward=False, programs=_triton_common.num_programs_target(None))
+    counted = moved(bwd, *(f"_adapter_bwd_kernel.{b}" for b in ("z_ptr", "g_ptr", "dz_ptr")),
+                    "_adapter_cols_kernel.part_ptr", "_adapter_cols_kernel.csum_ptr", tensors=(inp.x, dy, grads[0]))
+    assert counted == adapter.counted_bytes(M, d, k, e, 4, backward=True,
+                                            programs=_triton_common.num_programs_target(None))
+
+
 def test_the_counter_sees_an_extra_read(monkeypatch):
     columns = adapter._columns
 

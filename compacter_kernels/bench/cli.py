@@ -117,13 +117,30 @@ def _shapes(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[S
     return list(dict.fromkeys(shapes))
 
 
-def _base_row(case: Case, mode: str, provider: str) -> dict:
+def _counted_bytes(case: Case, mode: str, provider: str, device: torch.device) -> Optional[int]:
+    """What the triton adapter kernels move, by the byte model tests/test_traffic.py checks
+    against the interpreter's counts; None for the other providers and ops (not counted)."""
+    if provider != "triton" or case.op == "phm_linear":
+        return None
+    try:
+        from ..ops.triton import adapter, common
+    except ImportError:  # no triton: no such provider either
+        return None
+    e = torch.finfo(case.dtype).bits // 8
+    n = case.n if case.op == "compacter" else 1
+    programs = common.num_programs_target(device.index if device.type == "cuda" else None)
+    return sum(adapter.counted_bytes(case.M, case.d, case.k, e, n, backward=m == "bwd", programs=programs)
+               for m in (("fwd", "bwd") if mode == "fwd+bwd" else (mode,)))
+
+
+def _base_row(case: Case, mode: str, provider: str, device: Optional[torch.device] = None) -> dict:
     e = torch.finfo(case.dtype).bits // 8
     return {"op": case.op, "mode": mode, "provider": provider, "model": case.model, "d": case.d, "k": case.k,
             "n": case.n, "rank": case.rank, "dtype": str(case.dtype).replace("torch.", ""), "M": case.M,
             "activation": case.activation, "status": "ok", "reason": "", "median_ms": None, "p20_ms": None,
             "p80_ms": None, "reps": None, "peak_mib": None, "saved_mib": None, "saved_total_mib": None,
             "floor_bytes": counts.floor_bytes(case.op, mode, case.M, case.d, case.k, e),
+            "counted_bytes": None if device is None else _counted_bytes(case, mode, provider, device),
             "flops": counts.flops(case.op, mode, case.M, case.d, case.k)}
 
 
@@ -169,7 +186,7 @@ def _sweep(args, todo, skip, timed, device, bw_gbps, progress, rows: list[dict])
                 t = row["floor_bytes"] / (bw_gbps * 1e9) * 1e3
                 rows.append({**row, "median_ms": t, "p20_ms": t, "p80_ms": t, "reason": "floor bytes / copy bandwidth"})
             for provider in timed:
-                row = _base_row(case, mode, provider)
+                row = _base_row(case, mode, provider, device)
                 rows.append(row)
                 if skip[provider] or provider in broken:
                     row.update(status="skipped", reason=skip[provider] or broken[provider])

@@ -92,6 +92,8 @@ def add_derived(rows: list[dict]) -> None:
         r["gbps"] = r["floor_bytes"] / (t * 1e-3) / 1e9 if t else None
         r["tflops"] = r["flops"] / (t * 1e-3) / 1e12 if t else None
         r["floor_fraction"] = floor_t / t if t and floor_t else None
+        counted = r.get("counted_bytes")
+        r["counted_vs_floor"] = counted / r["floor_bytes"] if counted and r["floor_bytes"] else None
         r["speedup_vs_reference"] = ref_t / t if t and ref_t else None
         r["speedup_vs_compile"] = comp_t / t if t and comp_t else None
 
@@ -106,11 +108,12 @@ def _pct(v: Optional[float]) -> str:
 
 def print_table(rows: list[dict], meta: dict) -> None:
     cols = [("op", 10), ("mode", 7), ("model", 9), ("dtype", 8), ("d", 5), ("k", 4), ("M", 6),
-            ("provider", 17), ("median ms", 10), ("p20-p80 ms", 17), ("GB/s", 8), ("floor", 6),
+            ("provider", 17), ("median ms", 10), ("p20-p80 ms", 17), ("GB/s", 8), ("floor", 6), ("bytes", 6),
             ("x eager", 7), ("x compile", 9), ("peak MiB", 8), ("saved MiB", 9), ("all MiB", 8)]
     print(f"\n{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | "
           f"copy bandwidth {meta['copy_bandwidth_gbps']:.1f} GB/s | peak memory: {meta['peak_memory']}")
-    print("GB/s = floor bytes / time; floor = floor time / time; x eager / x compile = speed-up over "
+    print("GB/s = floor bytes / time; floor = floor time / time; bytes = the bytes the kernels move, counted "
+          "(tests/test_traffic.py), / floor bytes; x eager / x compile = speed-up over "
           "the reference / torch.compile(reference)")
     print("saved MiB = activations the forward allocates and autograd keeps for backward; all MiB = "
           "the same plus the x and parameters it saves")
@@ -124,7 +127,7 @@ def print_table(rows: list[dict], meta: dict) -> None:
         prev = _key(r)
         cells = [r["op"], r["mode"], r["model"] or "-", r["dtype"], r["d"], r["k"], r["M"], r["provider"],
                  _f(r["median_ms"], ".4f"), f"{_f(r['p20_ms'], '.4f')}-{_f(r['p80_ms'], '.4f')}",
-                 _f(r["gbps"], ".1f"), _pct(r["floor_fraction"]),
+                 _f(r["gbps"], ".1f"), _pct(r["floor_fraction"]), _f(r.get("counted_vs_floor"), ".2f"),
                  *(("-", "-") if r["provider"] == "floor" else  # a bound, not a provider to compare
                    (_f(r["speedup_vs_reference"], ".2f"), _f(r["speedup_vs_compile"], ".2f"))),
                  _f(r["peak_mib"], ".1f"), _f(r["saved_mib"], ".3f"), _f(r["saved_total_mib"], ".3f")]

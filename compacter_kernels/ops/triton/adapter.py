@@ -262,16 +262,38 @@ def columns_blocks(K: int) -> tuple[int, int, int]:
     return max(16, min(128, 4096 // padded(K))), 32, 8
 
 
-def _columns(x2, dy2, g, dz, dx, down, scale: float, has_residual: bool, *, floor_bytes: int, reads: int) -> Partials:
+def _columns_plan(M: int, D: int, K: int, e: int, reads: int, programs: int) -> tuple[int, int, int, int, int, int]:
+    """(BA, BM, num_warps, column tiles, splits, rows per split) of the columns kernel for x of
+    e-byte elements; factor_grads reads its partials ``reads`` times."""
+    BA, BM, warps = columns_blocks(K)
+    BA = min(BA, padded(D))
+    tiles = cdiv(D, BA)
+    splits, rows_per_split = split_rows(M, BM, tiles, 2 * D * K * 4 * (1 + reads), (3 * M * D + M * K) * e, programs)
+    return BA, BM, warps, tiles, splits, rows_per_split
+
+
+def counted_bytes(M: int, D: int, K: int, e: int, n: int, backward: bool, programs: int) -> int:
+    """The bytes the kernels load and store of the per-row tensors and the partial buffers (what
+    tests/test_traffic.py counts in the interpreter; parameters left out, as in the floor): the
+    forward reads x twice (the residual's read in the same program) and writes y and z; the
+    backward reads dy twice, x and z once, writes dx, g and dz once, reads g and dz once per
+    column tile, and writes the fp32 partials once for factor_grads to read n times (n = 1 for
+    dense weights; the bias sums' once). Every re-read counted as DRAM traffic (an upper bound
+    where L2 serves it)."""
+    if not backward:
+        return 3 * M * D * e + M * K * e
+    _, _, _, tiles, splits, _ = _columns_plan(M, D, K, e, n, programs)
+    partials = splits * (2 * D * K * 4 * (1 + n) + (K + D) * 4 * 2)
+    return 4 * M * D * e + M * K * e + 2 * M * K * e * (1 + tiles) + partials
+
+
+def _columns(x2, dy2, g, dz, dx, down, scale: float, has_residual: bool, *, reads: int) -> Partials:
     """Launches the columns kernel: dx, and the split partials factor_grads finishes."""
     M, D = x2.shape
     K = g.shape[1]
     KP = padded(K)
-    BA, BM, warps = columns_blocks(K)
-    BA = min(BA, padded(D))
-    tiles = cdiv(D, BA)
-    splits, rows_per_split = split_rows(M, BM, tiles, 2 * D * K * 4 * (1 + reads), floor_bytes,
-                                        num_programs_target(device_index(x2)))
+    BA, BM, warps, tiles, splits, rows_per_split = _columns_plan(M, D, K, x2.element_size(), reads,
+                                                                 num_programs_target(device_index(x2)))
     part = empty((splits, 2, D, K), dtype=torch.float32, device=x2.device)
     csum = empty((splits, K + D), dtype=torch.float32, device=x2.device)
     rd, ld, rgd, mode, n, r = down
@@ -323,8 +345,7 @@ def _adapter_bwd(
             IEEE=x.dtype == torch.float32, num_warps=warps)
     # dx, dH_down = x^T dz, dH_up^T = scale * dy^T g (both (D, K)), db_down = sum dz, db_up = scale * sum dy.
     n = max(1 if rule_down is None else rule_down.shape[0], 1 if rule_up is None else rule_up.shape[0])
-    partials = _columns(rows(x), dy2, g, dz, dx, (rd, ld, rgd, mode_d, n_d, r_d), scale, has_residual,
-                        floor_bytes=(3 * M * D + M * K) * x.element_size(), reads=n)
+    partials = _columns(rows(x), dy2, g, dz, dx, (rd, ld, rgd, mode_d, n_d, r_d), scale, has_residual, reads=n)
     (g_rd, g_ld, g_rgd), (g_ru, g_lu, g_rgu), (g_bd, g_bu) = factor_grads(
         partials, Projection(rule_down, left_down, right_down, 0, K, 1),
         Projection(rule_up, left_up, right_up, D * K, 1, K),  # H_up[row, col] is (dy^T g)[col, row]
