@@ -24,6 +24,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # repeats a check). Not used while torch.compile traces (shapes may be symbolic there).
 _PASSED: set = set()
 _PASSED_MAX = 4096
+_NOT_A_TENSOR = object()
 
 
 def _signature(tensors, what) -> Optional[tuple]:
@@ -31,14 +32,10 @@ def _signature(tensors, what) -> Optional[tuple]:
     options), or None where that is not a plain signature (then the checks run in full)."""
     if torch.compiler.is_compiling() or not isinstance(tensors[0], Tensor):
         return None
-    sig = []
-    for t in tensors:
-        if t is None:
-            sig.append(None)
-        elif isinstance(t, Tensor):
-            sig.append((t.shape, t.dtype, t.device))
-        else:
-            return None
+    sig = [None if t is None else (t.shape, t.dtype, t.device) if isinstance(t, Tensor) else _NOT_A_TENSOR
+           for t in tensors]
+    if _NOT_A_TENSOR in sig:  # the checks say what is wrong
+        return None
     key = (*sig, autocast_dtype(tensors[0]), what)
     try:
         hash(key)

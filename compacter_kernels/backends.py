@@ -45,9 +45,13 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
 }
 
 
+# Read once: Triton itself reads it when the package's kernels are defined, at import.
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def triton_interpret() -> bool:
     """Triton's CPU interpreter; must be set before the package is imported."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _TRITON_INTERPRET
 
 
 def _triton_status() -> BackendStatus:
@@ -127,8 +131,23 @@ def warn_if_extension_missing() -> None:
                       stacklevel=4)
 
 
+# (op, backend, device type, dtype) -> the backend chosen: a repeated call skips the checks
+# below (host time). The name, not the function: IMPLEMENTATIONS is looked up on every call.
+_CHOSEN: dict = {}
+
+
 def select(op: str, backend: str, x: torch.Tensor) -> Callable:
     """The implementation of ``op`` that ``backend`` (or "auto") runs for input ``x``."""
+    key = (op, backend, x.device.type, x.dtype)
+    name = _CHOSEN.get(key)
+    if name is not None:
+        return IMPLEMENTATIONS[name][op]
+    impl = _select(op, backend, x)
+    _CHOSEN[key] = next(name for name, impls in IMPLEMENTATIONS.items() if impls.get(op) is impl)
+    return impl
+
+
+def _select(op: str, backend: str, x: torch.Tensor) -> Callable:
     if x.device.type == "cuda" and not _warned_no_extension and not torch.compiler.is_compiling():
         warn_if_extension_missing()
     if backend == "auto":

@@ -313,3 +313,24 @@ def test_interrupt_keeps_what_was_measured(tmp_path, capsys, monkeypatch):
     timed = [r for r in data["rows"] if r["provider"] == "reference"]
     assert [r["status"] for r in timed] == ["ok", "ok", "skipped"] and timed[-1]["reason"] == "interrupted"
     assert all(r["median_ms"] > 0 for r in timed[:2])
+
+
+def test_host_benchmark_runs_and_reports_both_bare_ratios(tmp_path):
+    """compacter-bench --host in a process of its own (it stubs Triton's launches for good)."""
+    import subprocess
+    import sys
+
+    from utils import checkout_env
+
+    env = {**checkout_env(), "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-m", "compacter_kernels.bench.host", "--reps", "3", "--calls", "2",
+                          "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "x bare-grads" in run.stdout
+    (path,) = tmp_path.glob("compacter-host-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    providers = {(r["op"], r["mode"], r["provider"]) for r in rows}
+    for op in ("compacter", "houlsby", "phm_linear"):
+        for mode in ("fwd", "fwd+bwd"):
+            assert {(op, mode, p) for p in ("ours", "reference", "bare", "bare-grads")} <= providers
+    assert all(r["x_bare"] > 0 and r["x_bare_grads"] > 0 for r in rows)

@@ -4,8 +4,9 @@ Every Triton launch is replaced by a no-op, so only host work is timed (outputs 
 unwritten: a benchmark, not a test). Tiny shapes (M = 4, d = 16, k = 4, n = 4) keep the eager
 reference's own kernels negligible, so its time is dispatch too. Per op, forward and
 forward+backward, side by side in one interleaved run: ours (the triton backend), the eager
-reference, and a bare ``torch.autograd.Function`` with the op's inputs and outputs that does
-nothing, the least an autograd op can cost. Ratios to the bare Function and to the reference
+reference, and two bare ``torch.autograd.Function``s with the op's inputs and output that do
+nothing: "bare" returns only dx, "bare-grads" a gradient for every input (what the fused op
+returns: the least an op of its signature can cost). Ratios to the bare Function and to the reference
 are the figures to compare across machines; absolute times depend on the CPU.
 
 Run as ``compacter-bench --host`` (which starts this module with TRITON_INTERPRET=1 where no
@@ -39,17 +40,22 @@ def _stub_launches() -> None:
     triton.runtime.jit.KernelInterface.__getitem__ = noop
 
 
-def _bare(n_inputs: int, out_features: int):
+def _bare(n_inputs: int, out_features: int, every_gradient: bool = False):
+    """A Function of the op's inputs that makes its output (one allocation, one stubbed launch)
+    and in backward dx only ("bare", the issue's yardstick) or, ``every_gradient``, a gradient
+    for every input as the fused op must ("bare-grads": the least an op of this signature costs)."""
     class Bare(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, *params):
-            ctx.save_for_backward(x)
+            ctx.save_for_backward(x, *params) if every_gradient else ctx.save_for_backward(x)
             return x.new_empty((x.shape[0], out_features))
 
         @staticmethod
         def backward(ctx, dy):
-            (x,) = ctx.saved_tensors
-            return (torch.empty_like(x),) + (None,) * (n_inputs - 1)
+            saved = ctx.saved_tensors
+            if every_gradient:
+                return tuple(torch.empty_like(t) for t in saved)
+            return (torch.empty_like(saved[0]),) + (None,) * (n_inputs - 1)
 
     return Bare.apply
 
@@ -72,11 +78,12 @@ def cases(device: torch.device) -> dict[str, dict[str, tuple[Callable, list, tor
                          ("phm_linear", phm, ck.phm_linear)):
         leaves = list({id(a): a for a in args}.values())
         dy = torch.randn(M, K if op == "phm_linear" else D, device=device)
-        bare = _bare(len(args), dy.shape[1])
+        bare, full = _bare(len(args), dy.shape[1]), _bare(len(args), dy.shape[1], every_gradient=True)
         out[op] = {
             "ours": (lambda fn=fn, args=args: fn(*args, backend="triton"), leaves, dy),
             "reference": (lambda fn=fn, args=args: fn(*args, backend="reference"), leaves, dy),
             "bare": (lambda bare=bare, args=args: bare(*args), leaves[:1], dy),
+            "bare-grads": (lambda full=full, args=args: full(*args), leaves, dy),
         }
     return out
 
@@ -109,6 +116,7 @@ def measure(reps: int = 15, calls: int = 200) -> list[dict]:
     by = {(r["op"], r["provider"], r["mode"]): r["median_us"] for r in rows}
     for r in rows:
         r["x_bare"] = r["median_us"] / by[(r["op"], "bare", r["mode"])]
+        r["x_bare_grads"] = r["median_us"] / by[(r["op"], "bare-grads", r["mode"])]
         r["x_reference"] = r["median_us"] / by[(r["op"], "reference", r["mode"])]
     return rows
 
@@ -117,15 +125,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="host time per call, launches stubbed (see the module docstring)")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--calls", type=int, default=200, help="calls per timed rep (default 200)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    rows = measure(args.reps)
+    rows = measure(args.reps, args.calls)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"host time per call, Triton launches stubbed, M={M} d={D} k={K} n={N} on {device.type}")
-    print(f"{'op':>10} {'mode':>8} {'provider':>10} {'median us':>10} {'p20-p80 us':>15} {'x bare':>7} {'x eager':>8}")
+    print(f"{'op':>10} {'mode':>8} {'provider':>10} {'median us':>10} {'p20-p80 us':>15} {'x bare':>7} "
+          f"{'x bare-grads':>12} {'x eager':>8}")
     for r in rows:
         print(f"{r['op']:>10} {r['mode']:>8} {r['provider']:>10} {r['median_us']:10.1f} "
-              f"{r['p20_us']:7.1f}-{r['p80_us']:<7.1f} {r['x_bare']:7.2f} {r['x_reference']:8.2f}")
+              f"{r['p20_us']:7.1f}-{r['p80_us']:<7.1f} {r['x_bare']:7.2f} {r['x_bare_grads']:12.2f} "
+              f"{r['x_reference']:8.2f}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"compacter-host-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     meta = report.metadata(device, "compacter-bench --host", shape=dict(M=M, d=D, k=K, n=N))

@@ -22,6 +22,8 @@ ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
 def rows(t: Tensor) -> Tensor:
     """2-D (M, features) view with unit feature stride (copies only when it must): the layout
     of every activation (x, residual, dy) the kernels take; any row stride, 0 included."""
+    if t.dim() == 2 and t.stride(1) == 1:  # the common case, without a reshape (host time)
+        return t
     d = t.shape[-1]
     t = t.reshape(t.numel() // d if d else math.prod(t.shape[:-1]), d)
     return t if t.stride(-1) == 1 or d <= 1 else t.contiguous()
@@ -144,7 +146,8 @@ def adapter_entry_points(forward: Callable):
                 *map(dense, up), dense(bias_up), activation, float(scale), out_dtype)
         # Empty feature widths (d = 0, or a dense bottleneck k = 0): no kernel to launch.
         op = adapter_math if shape[-1] == 0 or out_features(*down) == 0 else forward
-        return op(*args)[0].reshape(shape)
+        y = op(*args)[0]
+        return y if y.shape == shape else y.reshape(shape)
 
     def compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
                           *, activation="gelu", scale=1.0, residual=None):

@@ -23,6 +23,7 @@ z is saved for backward (M*k elements, k << d). Backward, with du = scale * dy:
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -36,6 +37,7 @@ from .common import (LAUNCH_LOCK, Partials, Projection, act_bwd, act_fwd, build_
                      split_rows)
 
 
+@functools.lru_cache(maxsize=1024)  # pure: computed once per shape (host time)
 def _blocks(d: int, k: int, dtype: torch.dtype, backward: bool = False) -> tuple[int, int, int, int]:
     """(BM, BD, KP, num_warps), kept small for the interpreter.
 
@@ -262,6 +264,7 @@ def columns_blocks(K: int) -> tuple[int, int, int]:
     return max(16, min(128, 4096 // padded(K))), 32, 8
 
 
+@functools.lru_cache(maxsize=1024)
 def _columns_plan(M: int, D: int, K: int, e: int, reads: int, programs: int) -> tuple[int, int, int, int, int, int]:
     """(BA, BM, num_warps, column tiles, splits, rows per split) of the columns kernel for x of
     e-byte elements; factor_grads reads its partials ``reads`` times."""

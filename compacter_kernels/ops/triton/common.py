@@ -451,6 +451,7 @@ class Projection(NamedTuple):
     s_col: int
 
 
+@functools.lru_cache(maxsize=1024)
 def grads_tile(P: int, Q: int) -> tuple[int, int]:
     """(BP, QP): the rows and (padded) columns of B_i that a factor_grads program holds at once;
     1024 elements keep its tiles in registers (no spills on sm_80/sm_90: scripts/triton_resources.py)."""
