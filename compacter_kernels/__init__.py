@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 
 from . import nn, reference  # noqa: E402
 from .backends import BACKENDS, available_backends  # noqa: E402
-from .functional import adapter, compacter_adapter, phm_linear, phm_weight  # noqa: E402
+from .functional import (adapter, compacter_adapter, multitask_adapter, multitask_compacter_adapter,  # noqa: E402
+                         phm_linear, phm_weight)
 
 # Resolved at import, not on the first call: that call may sit inside a torch.compile'd region,
 # where Dynamo cannot import the backends' modules (fullgraph=True fails in a fresh process).
@@ -21,6 +22,8 @@ __all__ = [
     "adapter",
     "available_backends",
     "compacter_adapter",
+    "multitask_adapter",
+    "multitask_compacter_adapter",
     "nn",
     "phm_linear",
     "phm_weight",

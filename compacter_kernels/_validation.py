@@ -237,3 +237,90 @@ def _check_compacter_adapter(x, rule_down, left_down, right_down, bias_down, rul
     k = check_phm("_down", rule_down, left_down, right_down, bias_down, d)
     check_phm("_up", rule_up, left_up, right_up, bias_up, k, out_features=d)
     _shape("residual", residual, tuple(x.shape), "the shape of x")
+
+
+# ---- mixed-task batches ------------------------------------------------------------------------
+
+def check_task_ids(task_ids, x: Tensor, num_tasks: int) -> None:
+    """An integer tensor on x's device that broadcasts to x.shape[:-1], every id in [0, T). The
+    range check reads one flag back to the host (not while torch.compile traces)."""
+    if not isinstance(task_ids, Tensor):
+        raise TypeError(f"task_ids must be an integer torch.Tensor, got {type(task_ids).__name__}")
+    if task_ids.dtype == torch.bool or task_ids.is_floating_point() or task_ids.is_complex():
+        raise TypeError(f"task_ids must be an integer tensor (torch.long, int32, ...), got {task_ids.dtype}")
+    if task_ids.device != x.device:
+        raise ValueError(f"task_ids is on {task_ids.device} but x is on {x.device}: move them to one device")
+    rows = tuple(x.shape[:-1])
+    try:
+        ok = torch.broadcast_shapes(task_ids.shape, rows) == rows
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"task_ids of shape {tuple(task_ids.shape)} must broadcast to x.shape[:-1] = {rows} "
+                         "(one id per row, or per sequence as (batch, 1))")
+    if task_ids.numel() and not torch.compiler.is_compiling():
+        if bool(((task_ids < 0) | (task_ids >= num_tasks)).any()):
+            lo, hi = int(task_ids.min()), int(task_ids.max())
+            raise ValueError(f"task_ids must be in [0, {num_tasks}) (num_tasks from the stacked parameters), "
+                             f"got ids from {lo} to {hi}")
+
+
+def _stacked(named: dict, T: int) -> None:
+    """Each tensor given has the task dimension T first."""
+    for name, t in named.items():
+        _tensor(name, t, optional=True)
+        if t is not None and (t.dim() < 1 or t.shape[0] != T):
+            raise ValueError(f"{name} must have the task dimension first, ({T}, ...) as the other stacked "
+                             f"parameters, got shape {tuple(t.shape)}")
+
+
+def _per_task_checks(check, *args) -> None:
+    try:
+        check(*args)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"per task (each stacked parameter's slice [t]): {e}") from None
+
+
+def check_multitask_compacter_adapter(x, task_ids, rule_down, left_down, right_down, bias_down, rule_up, left_up,
+                                      right_up, bias_up, activation, scale, residual) -> tuple[float, int]:
+    """Checks ck.multitask_compacter_adapter's arguments; returns (scale as a float, T)."""
+    check_x(x)
+    _tensor("left_down", left_down)
+    if left_down.dim() != 4:
+        raise ValueError(f"left_down must be 4-D, (T, n, d/n, rank) or (T, n, d/n, k/n), got shape "
+                         f"{tuple(left_down.shape)}")
+    T = left_down.shape[0]
+    stacked = {"left_down": left_down, "right_down": right_down, "bias_down": bias_down, "left_up": left_up,
+               "right_up": right_up, "bias_up": bias_up}
+    for name, rule in (("rule_down", rule_down), ("rule_up", rule_up)):
+        _tensor(name, rule)
+        if rule.dim() == 4:
+            stacked[name] = rule
+        elif rule.dim() != 3:
+            raise ValueError(f"{name} must be (n, n, n), shared by the tasks, or (T, n, n, n), got shape "
+                             f"{tuple(rule.shape)}")
+    _stacked(stacked, T)
+    if T < 1:
+        raise ValueError("the stacked parameters have no task (T = 0)")
+    first = lambda t, per=True: None if t is None else t[0] if per else t  # noqa: E731
+    _per_task_checks(check_compacter_adapter, x, first(rule_down, rule_down.dim() == 4), left_down[0],
+                     first(right_down), first(bias_down), first(rule_up, rule_up.dim() == 4), left_up[0],
+                     first(right_up), first(bias_up), activation, scale, residual)
+    check_task_ids(task_ids, x, T)
+    return check_scale(scale), T
+
+
+def check_multitask_adapter(x, task_ids, w_down, b_down, w_up, b_up, activation, scale, residual) -> tuple[float, int]:
+    """Checks ck.multitask_adapter's arguments; returns (scale as a float, T)."""
+    check_x(x)
+    _tensor("w_down", w_down)
+    if w_down.dim() != 3:
+        raise ValueError(f"w_down must be 3-D, (T, d_model, bottleneck), got shape {tuple(w_down.shape)}")
+    T = w_down.shape[0]
+    _stacked({"w_down": w_down, "b_down": b_down, "w_up": w_up, "b_up": b_up}, T)
+    if T < 1:
+        raise ValueError("the stacked parameters have no task (T = 0)")
+    _per_task_checks(check_adapter, x, w_down[0], None if b_down is None else b_down[0], w_up[0],
+                     None if b_up is None else b_up[0], activation, scale, residual)
+    check_task_ids(task_ids, x, T)
+    return check_scale(scale), T

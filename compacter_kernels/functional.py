@@ -73,3 +73,55 @@ def adapter(
     scale = _validation.check_adapter(x, w_down, b_down, w_up, b_up, activation, scale, residual)
     impl = select("adapter", backend, x)
     return impl(x, w_down, b_down, w_up, b_up, activation=activation, scale=scale, residual=residual)
+
+
+def multitask_compacter_adapter(
+    x: Tensor,
+    task_ids: Tensor,
+    rule_down: Tensor,
+    left_down: Tensor,
+    right_down: Optional[Tensor],
+    bias_down: Optional[Tensor],
+    rule_up: Tensor,
+    left_up: Tensor,
+    right_up: Optional[Tensor],
+    bias_up: Optional[Tensor],
+    *,
+    activation: str = "gelu",
+    scale: float = 1.0,
+    residual: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Row i through task ``task_ids[i]``'s Compacter adapter: the factors carry a leading task
+    dimension T (``left_down (T, n, d/n, r)``, ``right_down (T, n, r, k/n)``, ``bias_down (T, k)``,
+    likewise up; ``right_* = None``: the PHM-Adapter's full ``(T, n, d/n, k/n)``), each rule shared
+    ``(n, n, n)`` or per task ``(T, n, n, n)``; ``task_ids`` an integer tensor that broadcasts to
+    ``x.shape[:-1]`` (per token, or ``(batch, 1)`` per sequence). Runs the backend's fused
+    single-task op once per task present (rows grouped by a stable sort)."""
+    scale, _ = _validation.check_multitask_compacter_adapter(x, task_ids, rule_down, left_down, right_down,
+                                                             bias_down, rule_up, left_up, right_up, bias_up,
+                                                             activation, scale, residual)
+    return reference.multitask_compacter_adapter(
+        x, task_ids, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
+        activation=activation, scale=scale, residual=residual, single=select("compacter_adapter", backend, x))
+
+
+def multitask_adapter(
+    x: Tensor,
+    task_ids: Tensor,
+    w_down: Tensor,
+    b_down: Optional[Tensor],
+    w_up: Tensor,
+    b_up: Optional[Tensor],
+    *,
+    activation: str = "gelu",
+    scale: float = 1.0,
+    residual: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Row i through task ``task_ids[i]``'s dense adapter: ``w_down (T, d, k)``, ``b_down (T, k)``,
+    ``w_up (T, k, d)``, ``b_up (T, d)`` (see `multitask_compacter_adapter`)."""
+    scale, _ = _validation.check_multitask_adapter(x, task_ids, w_down, b_down, w_up, b_up, activation, scale,
+                                                   residual)
+    return reference.multitask_adapter(x, task_ids, w_down, b_down, w_up, b_up, activation=activation, scale=scale,
+                                       residual=residual, single=select("adapter", backend, x))

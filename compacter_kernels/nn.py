@@ -1,4 +1,5 @@
-"""Drop-in layers: PHMLinear, CompacterAdapter, HoulsbyAdapter, and the shared PHMRule.
+"""Drop-in layers: PHMLinear, CompacterAdapter, HoulsbyAdapter, the shared PHMRule, and the
+multi-task banks CompacterAdapterBank and HoulsbyAdapterBank.
 
 Parameter names and shapes follow the original Compacter code and AdapterHub's ``PHMLayer``
 (``phm_rule (n,n,n)``, ``W_left (n, I/n, r)``, ``W_right (n, r, O/n)``, ``W (n, I/n, O/n)``,
@@ -234,3 +235,202 @@ class HoulsbyAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, bottleneck={self.bottleneck}, activation={self.activation!r}, scale={self.scale}"
+
+
+# ---- banks: T tasks' adapters in one layer, one task per row -----------------------------------
+
+def _task_ids_of(task_ids) -> Tensor:
+    return task_ids if isinstance(task_ids, Tensor) else torch.as_tensor(task_ids)
+
+
+class CompacterAdapterBank(nn.Module):
+    """``num_tasks`` Compacter adapters of one shape, their fast weights stacked per task
+    (``down_W_left (T, n, d/n, r)``, ``down_W_right (T, n, r, k/n)``, ``down_b (T, k)``, likewise
+    ``up_*``; ``*_W (T, n, ., .)`` when not factorized); ``forward(x, task_ids)`` sends row i
+    through task ``task_ids[i]``'s adapter (`ck.multitask_compacter_adapter`). The rule: the
+    ``rule`` given (a ``PHMRule`` shared with the rest of the model), else one the bank owns,
+    ``phm_rule``: shared by the tasks (n, n, n), or per task (T, n, n, n) with ``rule_per_task``.
+    `from_adapters` stacks single-task ``CompacterAdapter``s; `to_adapters` splits the bank back.
+    """
+
+    def __init__(self, num_tasks: int, d_model: int, reduction_factor: Optional[float] = 32,
+                 bottleneck: Optional[int] = None, phm_dim: int = 4, rank: int = 1, activation: str = "gelu",
+                 rule: Optional[PHMRule] = None, backend: str = "auto", factorized: bool = True,
+                 scale: float = 1.0, rule_per_task: bool = False):
+        super().__init__()
+        _check_int("num_tasks", num_tasks)
+        check_activation(activation)
+        check_scale(scale)
+        k = _bottleneck(d_model, reduction_factor, bottleneck)
+        _check_int("phm_dim", phm_dim)
+        _check_int("rank", rank)
+        _check_divisible("d_model", d_model, phm_dim)
+        _check_divisible("the bottleneck", k, phm_dim)
+        if rule is not None and not isinstance(rule, PHMRule):
+            raise TypeError(f"rule must be a compacter_kernels.nn.PHMRule or None, got {type(rule).__name__}")
+        if rule is not None and (rule.phm_dim != phm_dim or rule_per_task):
+            raise ValueError("a shared rule must have this bank's phm_dim and cannot be per task")
+        T, n = num_tasks, phm_dim
+        self.num_tasks, self.d_model, self.bottleneck, self.phm_dim, self.rank = T, d_model, k, n, rank
+        self.activation, self.scale, self.backend, self.factorized = activation, scale, backend, factorized
+        object.__setattr__(self, "shared_rule", rule)  # registered by its owner (see the module doc)
+        if rule is None:
+            self.phm_rule = nn.Parameter(torch.empty((T, n, n, n) if rule_per_task else (n, n, n)))
+        for side, (i, o) in (("down", (d_model, k)), ("up", (k, d_model))):
+            if factorized:
+                setattr(self, f"{side}_W_left", nn.Parameter(torch.empty(T, n, i // n, rank)))
+                setattr(self, f"{side}_W_right", nn.Parameter(torch.empty(T, n, rank, o // n)))
+            else:
+                setattr(self, f"{side}_W", nn.Parameter(torch.empty(T, n, i // n, o // n)))
+            setattr(self, f"{side}_b", nn.Parameter(torch.empty(T, o)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Each task as a fresh CompacterAdapter: the rule normal(0, 1e-4), Glorot factors, zero biases."""
+        if self.shared_rule is None:
+            nn.init.normal_(self.phm_rule, 0.0, PHM_INIT_RANGE)
+        for side in ("down", "up"):
+            for name in (("W_left", "W_right") if self.factorized else ("W",)):
+                for w in getattr(self, f"{side}_{name}"):
+                    glorot_uniform_(w)
+            nn.init.zeros_(getattr(self, f"{side}_b"))
+
+    def rule(self) -> Tensor:
+        return self.phm_rule if self.shared_rule is None else self.shared_rule()
+
+    def _factors(self, side: str):
+        if self.factorized:
+            return getattr(self, f"{side}_W_left"), getattr(self, f"{side}_W_right")
+        return getattr(self, f"{side}_W"), None
+
+    def forward(self, x: Tensor, task_ids, residual: Optional[Tensor] = None) -> Tensor:
+        rule = self.rule()
+        (ld, rgd), (lu, rgu) = self._factors("down"), self._factors("up")
+        return F.multitask_compacter_adapter(x, _task_ids_of(task_ids), rule, ld, rgd, self.down_b, rule, lu, rgu,
+                                             self.up_b, activation=self.activation, scale=self.scale,
+                                             residual=residual, backend=self.backend)
+
+    @classmethod
+    def from_adapters(cls, adapters, backend: Optional[str] = None) -> "CompacterAdapterBank":
+        """A bank of copies of these single-task adapters' weights (one shape, activation and
+        scale). Adapters that share one PHMRule give a bank that shares it; otherwise their rules
+        are stacked per task (a factorized rule is stored as its product)."""
+        adapters = list(adapters)
+        if not adapters or not all(isinstance(a, CompacterAdapter) for a in adapters):
+            raise TypeError("from_adapters takes a non-empty sequence of compacter_kernels.nn.CompacterAdapter")
+        a0 = adapters[0]
+        fields = lambda a: (a.d_model, a.bottleneck, a.down.phm_dim, a.down.rank, a.down.factorized,  # noqa: E731
+                            a.activation, a.scale)
+        if any(fields(a) != fields(a0) for a in adapters):
+            raise ValueError("the adapters differ in d_model, bottleneck, phm_dim, rank, factorization, activation "
+                             "or scale: a bank holds adapters of one shape")
+        # One PHMRule for all, owned by none of them (a model's shared rule): the bank shares it too.
+        rules = [a.down.shared_rule for a in adapters]
+        owned = any(getattr(a, "phm_rule", None) is r for a, r in zip(adapters, rules))
+        shared = rules[0] if all(r is rules[0] for r in rules) and not owned else None
+        bank = cls(len(adapters), a0.d_model, bottleneck=a0.bottleneck, phm_dim=a0.down.phm_dim, rank=a0.down.rank,
+                   activation=a0.activation, rule=shared, backend=a0.backend if backend is None else backend,
+                   factorized=a0.down.factorized, scale=a0.scale, rule_per_task=shared is None)
+        like = a0.down.W_left if a0.down.factorized else a0.down.W
+        bank.to(device=like.device, dtype=like.dtype)
+        with torch.no_grad():
+            if shared is None:
+                bank.phm_rule.copy_(torch.stack([a.down.rule() for a in adapters]))
+            for side in ("down", "up"):
+                layers = [getattr(a, side) for a in adapters]
+                for name in (("W_left", "W_right") if a0.down.factorized else ("W",)):
+                    getattr(bank, f"{side}_{name}").copy_(torch.stack([getattr(m, name) for m in layers]))
+                getattr(bank, f"{side}_b").copy_(torch.stack([m.b for m in layers]))
+        return bank
+
+    def to_adapters(self) -> list:
+        """One CompacterAdapter per task with copies of its weights (a shared rule stays shared)."""
+        out = []
+        for t in range(self.num_tasks):
+            a = CompacterAdapter(self.d_model, bottleneck=self.bottleneck, phm_dim=self.phm_dim, rank=self.rank,
+                                 activation=self.activation, rule=self.shared_rule, backend=self.backend,
+                                 factorized=self.factorized, scale=self.scale)
+            like = self.down_b
+            a.to(device=like.device, dtype=like.dtype)
+            with torch.no_grad():
+                if self.shared_rule is None:
+                    a.phm_rule.phm_rule.copy_(self.phm_rule[t] if self.phm_rule.dim() == 4 else self.phm_rule)
+                for side in ("down", "up"):
+                    layer = getattr(a, side)
+                    for name in (("W_left", "W_right") if self.factorized else ("W",)):
+                        getattr(layer, name).copy_(getattr(self, f"{side}_{name}")[t])
+                    layer.b.copy_(getattr(self, f"{side}_b")[t])
+            out.append(a)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"num_tasks={self.num_tasks}, d_model={self.d_model}, bottleneck={self.bottleneck}, "
+                f"activation={self.activation!r}, scale={self.scale}")
+
+
+class HoulsbyAdapterBank(nn.Module):
+    """``num_tasks`` dense adapters of one shape: ``w_down (T, d, k)``, ``b_down (T, k)``,
+    ``w_up (T, k, d)``, ``b_up (T, d)``; ``forward(x, task_ids)`` as `CompacterAdapterBank`'s."""
+
+    def __init__(self, num_tasks: int, d_model: int, bottleneck: int, activation: str = "gelu",
+                 backend: str = "auto", scale: float = 1.0):
+        super().__init__()
+        _check_int("num_tasks", num_tasks)
+        check_activation(activation)
+        check_scale(scale)
+        _check_int("d_model", d_model)
+        _check_int("bottleneck", bottleneck)
+        T = num_tasks
+        self.num_tasks, self.d_model, self.bottleneck = T, d_model, bottleneck
+        self.activation, self.scale, self.backend = activation, scale, backend
+        self.w_down = nn.Parameter(torch.empty(T, d_model, bottleneck))
+        self.b_down = nn.Parameter(torch.empty(T, bottleneck))
+        self.w_up = nn.Parameter(torch.empty(T, bottleneck, d_model))
+        self.b_up = nn.Parameter(torch.empty(T, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for w in (self.w_down, self.w_up):
+            nn.init.trunc_normal_(w, std=HOULSBY_INIT_STD, a=-2 * HOULSBY_INIT_STD, b=2 * HOULSBY_INIT_STD)
+        nn.init.zeros_(self.b_down)
+        nn.init.zeros_(self.b_up)
+
+    def forward(self, x: Tensor, task_ids, residual: Optional[Tensor] = None) -> Tensor:
+        return F.multitask_adapter(x, _task_ids_of(task_ids), self.w_down, self.b_down, self.w_up, self.b_up,
+                                   activation=self.activation, scale=self.scale, residual=residual,
+                                   backend=self.backend)
+
+    @classmethod
+    def from_adapters(cls, adapters, backend: Optional[str] = None) -> "HoulsbyAdapterBank":
+        """A bank of copies of these HoulsbyAdapters' weights (one shape, activation and scale)."""
+        adapters = list(adapters)
+        if not adapters or not all(isinstance(a, HoulsbyAdapter) for a in adapters):
+            raise TypeError("from_adapters takes a non-empty sequence of compacter_kernels.nn.HoulsbyAdapter")
+        a0 = adapters[0]
+        fields = lambda a: (a.d_model, a.bottleneck, a.activation, a.scale)  # noqa: E731
+        if any(fields(a) != fields(a0) for a in adapters):
+            raise ValueError("the adapters differ in d_model, bottleneck, activation or scale: a bank holds "
+                             "adapters of one shape")
+        bank = cls(len(adapters), a0.d_model, a0.bottleneck, a0.activation,
+                   a0.backend if backend is None else backend, a0.scale)
+        bank.to(device=a0.w_down.device, dtype=a0.w_down.dtype)
+        with torch.no_grad():
+            for name in ("w_down", "b_down", "w_up", "b_up"):
+                getattr(bank, name).copy_(torch.stack([getattr(a, name) for a in adapters]))
+        return bank
+
+    def to_adapters(self) -> list:
+        """One HoulsbyAdapter per task with copies of its weights."""
+        out = []
+        for t in range(self.num_tasks):
+            a = HoulsbyAdapter(self.d_model, self.bottleneck, self.activation, self.backend, self.scale)
+            a.to(device=self.w_down.device, dtype=self.w_down.dtype)
+            with torch.no_grad():
+                for name in ("w_down", "b_down", "w_up", "b_up"):
+                    getattr(a, name).copy_(getattr(self, name)[t])
+            out.append(a)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"num_tasks={self.num_tasks}, d_model={self.d_model}, bottleneck={self.bottleneck}, "
+                f"activation={self.activation!r}, scale={self.scale}")

@@ -171,3 +171,87 @@ def glorot_uniform_(t: Tensor) -> Tensor:
     bound = math.sqrt(6.0 / (fan_in + fan_out))
     with torch.no_grad():
         return t.uniform_(-bound, bound)
+
+
+# ---- mixed-task batches: T tasks' adapters, one per row ----------------------------------------
+
+def per_task(single: Callable, x: Tensor, task_ids: Tensor, num_tasks: int, task_args: Callable[[int], tuple],
+             **kwargs) -> Tensor:
+    """y[i] = single(x[i], *task_args(task_ids[i]), **kwargs): the rows grouped by task (a stable
+    sort), one ``single`` call per task present, the results put back in row order.
+    ``task_ids`` broadcasts to x.shape[:-1]; a ``residual`` keyword is split like x."""
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d)
+    ids = task_ids.expand(x.shape[:-1]).reshape(-1)
+    residual = kwargs.pop("residual", None)
+    r2 = None if residual is None else residual.reshape(-1, d)
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids, minlength=num_tasks).tolist()  # one read back to the host
+    pieces, start = [], 0
+    for t, count in enumerate(counts):
+        if count:
+            rows = order[start:start + count]
+            start += count
+            pieces.append(single(x2.index_select(0, rows), *task_args(t), **kwargs,
+                                 residual=None if r2 is None else r2.index_select(0, rows)))
+    if not pieces:  # no rows: task 0's call on none, for the output's dtype
+        return single(x2, *task_args(0), **kwargs, residual=r2).reshape(x.shape)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return torch.cat(pieces).index_select(0, inverse).reshape(*x.shape[:-1], -1)
+
+
+def _task(t: Optional[Tensor], i: int, stacked: bool = True) -> Optional[Tensor]:
+    return None if t is None else t[i] if stacked else t
+
+
+def multitask_compacter_adapter(
+    x: Tensor,
+    task_ids: Tensor,
+    rule_down: Tensor,
+    left_down: Tensor,
+    right_down: Optional[Tensor],
+    bias_down: Optional[Tensor],
+    rule_up: Tensor,
+    left_up: Tensor,
+    right_up: Optional[Tensor],
+    bias_up: Optional[Tensor],
+    *,
+    activation: str = "gelu",
+    scale: float = 1.0,
+    residual: Optional[Tensor] = None,
+    single: Callable = compacter_adapter,
+) -> Tensor:
+    """Row i through task ``task_ids[i]``'s Compacter adapter. The factors carry a leading task
+    dimension T (``left_down (T, n, d/n, r)``, ``bias_down (T, k)``, ...); each rule is shared,
+    (n, n, n), or per task, (T, n, n, n). A per-task loop of ``single`` (`per_task`)."""
+    T = left_down.shape[0]
+    per_rule_d, per_rule_u = rule_down.dim() == 4, rule_up.dim() == 4
+
+    def args(t):
+        return (_task(rule_down, t, per_rule_d), left_down[t], _task(right_down, t), _task(bias_down, t),
+                _task(rule_up, t, per_rule_u), left_up[t], _task(right_up, t), _task(bias_up, t))
+
+    return per_task(single, x, task_ids, T, args, activation=activation, scale=scale, residual=residual)
+
+
+def multitask_adapter(
+    x: Tensor,
+    task_ids: Tensor,
+    w_down: Tensor,
+    b_down: Optional[Tensor],
+    w_up: Tensor,
+    b_up: Optional[Tensor],
+    *,
+    activation: str = "gelu",
+    scale: float = 1.0,
+    residual: Optional[Tensor] = None,
+    single: Callable = adapter,
+) -> Tensor:
+    """Row i through task ``task_ids[i]``'s dense adapter: ``w_down (T, d, k)``, ``b_down (T, k)``,
+    ``w_up (T, k, d)``, ``b_up (T, d)``. A per-task loop of ``single`` (`per_task`)."""
+    def args(t):
+        return w_down[t], _task(b_down, t), w_up[t], _task(b_up, t)
+
+    return per_task(single, x, task_ids, w_down.shape[0], args, activation=activation, scale=scale,
+                    residual=residual)

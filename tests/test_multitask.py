@@ -1,0 +1,226 @@
+"""Mixed-task batches: ck.multitask_compacter_adapter / ck.multitask_adapter (row i through task
+task_ids[i]'s adapter) and the banks, against the naive definition (one single-task call per
+row, in fp64), every gradient, on every backend this machine runs; the errors for bad task ids
+and stacked parameters; the banks built from single-task adapters and split back."""
+
+import pytest
+import torch
+
+import compacter_kernels as ck
+from compacter_kernels import nn as cknn
+from utils import check_op, why_backend_cannot_run
+
+BACKENDS = [b for b in ("reference", "triton", "cuda") if why_backend_cannot_run(b) is None]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _factors(T, n, i, o, rank, dtype, per_task_rule):
+    g = lambda *s: torch.randn(*s, dtype=torch.float64).to(device=DEVICE, dtype=dtype)  # noqa: E731
+    rule = g(*((T,) if per_task_rule else ()), n, n, n)
+    if rank is None:
+        return rule, g(T, n, i // n, o // n) * 0.5, None
+    return rule, g(T, n, i // n, rank) * 0.5, g(T, n, rank, o // n) * 0.5
+
+
+def _compacter_args(T, d=32, k=16, n=4, rank=1, dtype=torch.float64, per_task_rule=False, shared=True, bias=True):
+    rd, ld, rgd = _factors(T, n, d, k, rank, dtype, per_task_rule)
+    ru, lu, rgu = _factors(T, n, k, d, rank, dtype, per_task_rule)
+    if shared:
+        ru = rd
+    b = lambda o: torch.randn(T, o, dtype=torch.float64).to(device=DEVICE, dtype=dtype) if bias else None  # noqa
+    args = [rd, ld, rgd, b(k), ru, lu, rgu, b(d)]
+    leaves = {id(t): t.requires_grad_() for t in args if t is not None}
+    return [None if t is None else leaves[id(t)] for t in args]
+
+
+def _per_row(x, ids, params, task_slices, single, **kw):
+    """The definition: each row through its own task's single-task op (fp64, no grouping)."""
+    d = x.shape[-1]
+    x2, ids2 = x.reshape(-1, d), ids.expand(x.shape[:-1]).reshape(-1)
+    r = kw.pop("residual", None)
+    r2 = None if r is None else r.reshape(-1, d)
+    rows = [single(x2[i:i + 1], *task_slices(params, int(t)), **kw,
+                   residual=None if r2 is None else r2[i:i + 1]) for i, t in enumerate(ids2.tolist())]
+    return torch.cat(rows).reshape(x.shape)
+
+
+def _compacter_slices(p, t):
+    rd, ld, rgd, bd, ru, lu, rgu, bu = p
+    s = lambda v, rule=False: None if v is None else (v[t] if not rule or v.dim() == 4 else v)  # noqa: E731
+    return s(rd, True), s(ld), s(rgd), s(bd), s(ru, True), s(lu), s(rgu), s(bu)
+
+
+def _dense_slices(p, t):
+    return tuple(None if v is None else v[t] for v in p)
+
+
+def _ids(kind, T, lead, device=DEVICE):
+    g = torch.Generator().manual_seed(1)
+    if kind == "per_token":  # unsorted, task 1 left empty when T > 2
+        ids = torch.randint(0, T, lead, generator=g)
+        if T > 2:
+            ids[ids == 1] = 0
+    elif kind == "one_task":
+        ids = torch.full(lead, T - 1)
+    else:  # per sequence: (batch, 1)
+        ids = torch.randint(0, T, (lead[0], 1), generator=g)
+    return ids.to(device)
+
+
+CASES = [  # (T, ids, rank, per-task rule, shared rule, residual)
+    (4, "per_token", 1, False, True, False), (3, "per_sequence", 2, True, False, True),
+    (1, "per_token", None, False, True, False), (5, "one_task", 1, False, False, True),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T,kind,rank,per_task_rule,shared,residual", CASES)
+def test_multitask_compacter_matches_one_call_per_row(backend, T, kind, rank, per_task_rule, shared, residual):
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    lead = (3, 7)
+    params = _compacter_args(T, rank=rank, dtype=dtype, per_task_rule=per_task_rule, shared=shared)
+    x = torch.randn(*lead, 32, dtype=torch.float64).to(DEVICE, dtype).requires_grad_()
+    r = torch.randn_like(x).requires_grad_() if residual else None
+    ids = _ids(kind, T, lead)
+
+    def fused(x, *p):
+        return ck.multitask_compacter_adapter(x, ids, *p[:8], activation="silu", scale=0.5,
+                                              residual=p[8] if residual else None, backend=backend)
+
+    def naive(x, *p):
+        return _per_row(x, ids, p[:8], _compacter_slices, ck.reference.compacter_adapter, activation="silu",
+                        scale=0.5, residual=p[8] if residual else None)
+
+    check_op(fused, naive, (x, *params, *([r] if residual else [])), dtype, f"multitask {backend} T={T} {kind}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_multitask_adapter_matches_one_call_per_row(backend, dtype):
+    if backend == "reference":
+        dtype = torch.float64
+    T, d, k = 3, 24, 8
+    g = lambda *s: (torch.randn(*s, dtype=torch.float64) * 0.3).to(DEVICE, dtype).requires_grad_()  # noqa: E731
+    params = (g(T, d, k), g(T, k), g(T, k, d), g(T, d))
+    x = g(19, d)
+    ids = _ids("per_token", T, (19,))
+
+    def fused(x, *p):
+        return ck.multitask_adapter(x, ids, *p, activation="relu", backend=backend)
+
+    def naive(x, *p):
+        return _per_row(x, ids, p, _dense_slices, ck.reference.adapter, activation="relu", scale=1.0)
+
+    check_op(fused, naive, (x, *params), dtype, f"multitask adapter {backend} {dtype}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_arguments_and_no_rows(backend):
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    T = 3
+    params = _compacter_args(T, dtype=dtype, shared=False)
+    strided = [None if p is None else p.detach().transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_()
+               for p in params]
+    x = torch.randn(32, 13, dtype=dtype, device=DEVICE).t().requires_grad_()  # (13, 32), row stride 1
+    ids = torch.arange(26, device=DEVICE).flip(0).remainder(T)[::2]  # strided, unsorted
+    got = ck.multitask_compacter_adapter(x, ids, *strided, backend=backend)
+    want = ck.multitask_compacter_adapter(x.detach().contiguous(), ids, *params, backend="reference")
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-5)
+    empty = ck.multitask_compacter_adapter(x[:0], ids[:0], *params, backend=backend)
+    assert empty.shape == (0, 32)
+
+
+BAD_IDS = [
+    ("float ids", lambda ids: ids.float(), TypeError, "task_ids must be an integer tensor"),
+    ("bool ids", lambda ids: ids > 0, TypeError, "task_ids must be an integer tensor"),
+    ("not a tensor", lambda ids: ids.tolist(), TypeError, "task_ids must be an integer torch.Tensor"),
+    ("negative", lambda ids: ids - 1, ValueError, r"task_ids must be in \[0, 3\).*from -1"),
+    ("too large", lambda ids: ids + 1, ValueError, r"task_ids must be in \[0, 3\).*to 3"),
+    ("shape", lambda ids: ids[:4], ValueError, r"task_ids of shape \(4,\) must broadcast to x.shape\[:-1\]"),
+]
+
+
+@pytest.mark.parametrize("what,bad,error,message", BAD_IDS, ids=[c[0] for c in BAD_IDS])
+def test_bad_task_ids_are_named(what, bad, error, message):
+    params = _compacter_args(3)
+    x = torch.randn(9, 32, dtype=torch.float64, device=DEVICE)
+    ids = torch.arange(9, device=DEVICE) % 3
+    ck.multitask_compacter_adapter(x, ids, *params)  # the good call runs
+    with pytest.raises(error, match=message):
+        ck.multitask_compacter_adapter(x, bad(ids), *params)
+    w = [torch.randn(3, 32, 8, dtype=torch.float64, device=DEVICE), None,
+         torch.randn(3, 8, 32, dtype=torch.float64, device=DEVICE), None]
+    with pytest.raises(error, match=message):
+        ck.multitask_adapter(x, bad(ids), *w)
+
+
+def test_bad_stacked_parameters_are_named():
+    x = torch.randn(9, 32, dtype=torch.float64)
+    ids = torch.arange(9) % 3
+    rd, ld, rgd, bd, ru, lu, rgu, bu = _compacter_args(3, shared=False)
+    with pytest.raises(ValueError, match=r"bias_up must have the task dimension first, \(3, \.\.\.\)"):
+        ck.multitask_compacter_adapter(x, ids, rd, ld, rgd, bd, ru, lu, rgu, bu[:2])
+    with pytest.raises(ValueError, match=r"left_down must be 4-D"):
+        ck.multitask_compacter_adapter(x, ids, rd, ld[0], rgd, bd, ru, lu, rgu, bu)
+    with pytest.raises(ValueError, match=r"rule_up must be \(n, n, n\), shared by the tasks, or \(T, n, n, n\)"):
+        ck.multitask_compacter_adapter(x, ids, rd, ld, rgd, bd, ru[None, None], lu, rgu, bu)
+    with pytest.raises(ValueError, match=r"per task .*x has 31 features"):
+        ck.multitask_compacter_adapter(x[:, :31], ids, rd, ld, rgd, bd, ru, lu, rgu, bu)
+    with pytest.raises(ValueError, match=r"w_up must have the task dimension first"):
+        ck.multitask_adapter(x, ids, torch.randn(3, 32, 8, dtype=torch.float64), None,
+                             torch.randn(2, 8, 32, dtype=torch.float64), None)
+
+
+@pytest.mark.parametrize("factorized", [True, False])
+@pytest.mark.parametrize("shared_rule", [False, True])
+def test_compacter_bank_runs_each_row_through_its_tasks_adapter_and_splits_back(factorized, shared_rule):
+    torch.manual_seed(0)
+    rule = cknn.PHMRule(4) if shared_rule else None
+    adapters = [cknn.CompacterAdapter(32, bottleneck=8, rule=rule, factorized=factorized, activation="relu")
+                for _ in range(3)]
+    for a in adapters:  # non-trivial weights: the fresh ones are near the identity
+        for p in a.parameters():
+            torch.nn.init.normal_(p, 0.0, 0.3)
+    if rule is not None:
+        torch.nn.init.normal_(rule.phm_rule, 0.0, 0.3)
+    bank = cknn.CompacterAdapterBank.from_adapters(adapters)
+    assert (bank.shared_rule is rule) if shared_rule else bank.phm_rule.shape == (3, 4, 4, 4)
+    x = torch.randn(2, 5, 32)
+    ids = torch.tensor([[2], [0]])  # per sequence
+    y = bank(x, ids)
+    for b, t in enumerate((2, 0)):
+        torch.testing.assert_close(y[b], adapters[t](x[b]))
+    for a, back in zip(adapters, bank.to_adapters()):
+        torch.testing.assert_close(back(x), a(x))
+    y.square().sum().backward()  # gradients reach the stacked parameters
+    assert all(p.grad is not None for p in bank.parameters())
+
+
+def test_houlsby_bank_and_a_fresh_bank():
+    torch.manual_seed(0)
+    adapters = [cknn.HoulsbyAdapter(16, 4) for _ in range(2)]
+    for a in adapters:
+        for p in a.parameters():
+            torch.nn.init.normal_(p, 0.0, 0.3)
+    bank = cknn.HoulsbyAdapterBank.from_adapters(adapters)
+    x = torch.randn(6, 16)
+    ids = torch.tensor([1, 0, 1, 1, 0, 0])
+    y = bank(x, ids)
+    for i, t in enumerate(ids.tolist()):
+        torch.testing.assert_close(y[i], adapters[t](x[i:i + 1])[0])
+    assert [a.w_down.shape for a in bank.to_adapters()] == [(16, 4)] * 2
+    fresh = cknn.CompacterAdapterBank(4, 128)  # reduction factor 32: k = 4
+    assert fresh.down_W_left.shape == (4, 4, 32, 1) and fresh.phm_rule.shape == (4, 4, 4)
+    assert fresh(torch.randn(3, 128), torch.tensor([0, 3, 1])).shape == (3, 128)
+
+
+def test_bank_arguments_are_checked():
+    with pytest.raises(ValueError, match="num_tasks must be >= 1"):
+        cknn.CompacterAdapterBank(0, 32, bottleneck=8)
+    with pytest.raises(TypeError, match="from_adapters takes a non-empty sequence"):
+        cknn.CompacterAdapterBank.from_adapters([])
+    with pytest.raises(ValueError, match="the adapters differ"):
+        cknn.CompacterAdapterBank.from_adapters([cknn.CompacterAdapter(32, bottleneck=8),
+                                                 cknn.CompacterAdapter(32, bottleneck=16)])
+    with pytest.raises(ValueError, match="the adapters differ"):
+        cknn.HoulsbyAdapterBank.from_adapters([cknn.HoulsbyAdapter(16, 4), cknn.HoulsbyAdapter(16, 8)])
