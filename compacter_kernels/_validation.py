@@ -259,8 +259,8 @@ def check_task_ids(task_ids, x: Tensor, num_tasks: int) -> None:
         raise ValueError(f"task_ids of shape {tuple(task_ids.shape)} must broadcast to x.shape[:-1] = {rows} "
                          "(one id per row, or per sequence as (batch, 1))")
     if task_ids.numel() and not torch.compiler.is_compiling():
-        if bool(((task_ids < 0) | (task_ids >= num_tasks)).any()):
-            lo, hi = int(task_ids.min()), int(task_ids.max())
+        lo, hi = torch.stack(torch.aminmax(task_ids.reshape(-1))).tolist()  # one read back
+        if lo < 0 or hi >= num_tasks:
             raise ValueError(f"task_ids must be in [0, {num_tasks}) (num_tasks from the stacked parameters), "
                              f"got ids from {lo} to {hi}")
 

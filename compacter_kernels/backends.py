@@ -39,6 +39,8 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
         "phm_linear": reference.phm_linear,
         "compacter_adapter": reference.compacter_adapter,
         "adapter": reference.adapter,
+        "multitask_compacter_adapter": reference.multitask_compacter_adapter,
+        "multitask_adapter": reference.multitask_adapter,
     },
     "triton": {},
     "cuda": {},
@@ -66,7 +68,9 @@ def _triton_status() -> BackendStatus:
         return BackendStatus(False, f"the Triton kernels failed to load: {e!r}")
     IMPLEMENTATIONS["triton"].update(compacter_adapter=triton_adapter.compacter_adapter,
                                      adapter=triton_adapter.adapter,
-                                     phm_linear=triton_phm_linear.phm_linear)
+                                     phm_linear=triton_phm_linear.phm_linear,
+                                     multitask_compacter_adapter=triton_adapter.multitask_compacter_adapter,
+                                     multitask_adapter=triton_adapter.multitask_adapter)
     if triton_interpret():
         return BackendStatus(True, f"triton {triton.__version__} in its CPU interpreter (TRITON_INTERPRET=1: "
                                    "for tests, not speed)")
@@ -87,7 +91,9 @@ def _cuda_status() -> BackendStatus:
     from .ops.cuda import phm_linear as cuda_phm_linear
 
     IMPLEMENTATIONS["cuda"].update(compacter_adapter=cuda_adapter.compacter_adapter, adapter=cuda_adapter.adapter,
-                                   phm_linear=cuda_phm_linear.phm_linear)
+                                   phm_linear=cuda_phm_linear.phm_linear,
+                                   multitask_compacter_adapter=cuda_adapter.multitask_compacter_adapter,
+                                   multitask_adapter=cuda_adapter.multitask_adapter)
     return BackendStatus(True, reason + "; fused kernels not yet validated on a GPU: used only when named")
 
 

@@ -97,13 +97,15 @@ def multitask_compacter_adapter(
     likewise up; ``right_* = None``: the PHM-Adapter's full ``(T, n, d/n, k/n)``), each rule shared
     ``(n, n, n)`` or per task ``(T, n, n, n)``; ``task_ids`` an integer tensor that broadcasts to
     ``x.shape[:-1]`` (per token, or ``(batch, 1)`` per sequence). Runs the backend's fused
-    single-task op once per task present (rows grouped by a stable sort)."""
+    single-task op once per task present (rows grouped by a stable sort), or, where no gradient is
+    wanted (``no_grad``, ``inference_mode``, frozen weights), the triton backend's forward for
+    all the tasks in one launch."""
     scale, _ = _validation.check_multitask_compacter_adapter(x, task_ids, rule_down, left_down, right_down,
                                                              bias_down, rule_up, left_up, right_up, bias_up,
                                                              activation, scale, residual)
-    return reference.multitask_compacter_adapter(
-        x, task_ids, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
-        activation=activation, scale=scale, residual=residual, single=select("compacter_adapter", backend, x))
+    impl = select("multitask_compacter_adapter", backend, x)
+    return impl(x, task_ids, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
+                activation=activation, scale=scale, residual=residual)
 
 
 def multitask_adapter(
@@ -123,5 +125,5 @@ def multitask_adapter(
     ``w_up (T, k, d)``, ``b_up (T, d)`` (see `multitask_compacter_adapter`)."""
     scale, _ = _validation.check_multitask_adapter(x, task_ids, w_down, b_down, w_up, b_up, activation, scale,
                                                    residual)
-    return reference.multitask_adapter(x, task_ids, w_down, b_down, w_up, b_up, activation=activation, scale=scale,
-                                       residual=residual, single=select("adapter", backend, x))
+    impl = select("multitask_adapter", backend, x)
+    return impl(x, task_ids, w_down, b_down, w_up, b_up, activation=activation, scale=scale, residual=residual)

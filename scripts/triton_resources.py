@@ -41,6 +41,8 @@ def compile_kernel(kernel, constexprs: dict, dtype: str, arch: int, num_warps: i
     for name in kernel.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
+        elif name in ("order_ptr", "counts_ptr"):  # the row grouping of mixed-task batches
+            sig[name] = "*i64"
         elif name.endswith("_ptr") or name in POINTERS:
             # partial sums and column sums are fp32 whatever the input dtype
             sig[name] = "*fp32" if name in ("part_ptr", "csum_ptr") else TYPES[dtype]
@@ -101,8 +103,11 @@ def adapter_cases(kernel_name: str, dtype: str):
             continue
         c = dict(MODE_U=mode, N_U=N, R_U=R, HAS_RES=False, ACT=0, BM=BM, BD=BD, KP=KP, IEEE=False)
         if kernel_name == "fwd":
-            c.update(MODE_D=mode, N_D=N, R_D=R, HAS_BD=True, HAS_BU=True)
+            c.update(MODE_D=mode, N_D=N, R_D=R, HAS_BD=True, HAS_BU=True, GROUPED=False, TP=1, STORE_Z=True)
         yield f"k={k} n={n} r={r} {'in-kernel H' if inkernel else 'prebuilt H'} BM={BM} BD={BD}", kernel, c, warps
+        if kernel_name == "fwd" and k == 24:  # a mixed-task batch of 64 tasks, no z (inference)
+            c = {**c, "GROUPED": True, "TP": 64, "STORE_Z": False}
+            yield f"k={k} n={n} r={r} 64 tasks grouped, no z BM={BM} BD={BD}", kernel, c, warps
 
 
 def main():

@@ -224,3 +224,74 @@ def test_bank_arguments_are_checked():
                                                  cknn.CompacterAdapter(32, bottleneck=16)])
     with pytest.raises(ValueError, match="the adapters differ"):
         cknn.HoulsbyAdapterBank.from_adapters([cknn.HoulsbyAdapter(16, 4), cknn.HoulsbyAdapter(16, 8)])
+
+
+# ---- the fused forward for all tasks at once (triton, where no gradient is wanted) ----------------
+
+triton_only = pytest.mark.skipif(why_backend_cannot_run("triton") is not None,
+                                 reason=str(why_backend_cannot_run("triton")))
+
+GROUPED = [  # (T, ids, rank, per-task rule, residual, M)
+    (4, "per_token", 1, False, False, 37), (3, "per_sequence", 4, True, True, 40), (1, "per_token", None, False, True, 5),
+    (64, "per_token", 1, True, False, 301), (5, "one_task", 2, False, False, 33),
+]
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,kind,rank,per_task_rule,residual,M", GROUPED)
+def test_grouped_forward_matches_the_per_task_loop(dtype, T, kind, rank, per_task_rule, residual, M):
+    """H built in the kernel (rank 1, unfactorized) and prebuilt per task (rank 2 and 4)."""
+    lead = (M // 5, 5) if kind == "per_sequence" else (M,)
+    params = _compacter_args(T, rank=rank, dtype=dtype, per_task_rule=per_task_rule, shared=not per_task_rule)
+    x = torch.randn(*lead, 32, device=DEVICE).to(dtype)
+    r = torch.randn_like(x) if residual else None
+    ids = _ids(kind, T, lead)
+    with torch.no_grad():
+        y = ck.multitask_compacter_adapter(x, ids, *params, activation="gelu_tanh", scale=0.5, residual=r,
+                                           backend="triton")
+    p64 = [None if p is None else p.detach().double() for p in params]
+    want = _per_row(x.double(), ids, p64, _compacter_slices, ck.reference.compacter_adapter, activation="gelu_tanh",
+                    scale=0.5, residual=None if r is None else r.double())
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    assert y.dtype == dtype and y.shape == x.shape
+    torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
+
+
+@triton_only
+def test_grouped_forward_is_one_launch_and_writes_no_z():
+    from compacter_kernels.ops.triton import common
+    from counters import counting, traffic
+
+    T, M = 6, 50
+    params = _compacter_args(T, dtype=torch.float32)
+    x = torch.randn(M, 32, device=DEVICE)
+    ids = torch.randint(0, T, (M,), device=DEVICE)
+    with torch.inference_mode(), counting() as counts:
+        ck.multitask_compacter_adapter(x, ids, *params, backend="triton")
+    assert dict(counts.launches) == {"_adapter_fwd_kernel": 1}
+    # torch ops: the range check of task_ids (one read back) and the grouping (a sort, a count).
+    assert set(counts.aten) <= {"aminmax", "stack", "_local_scalar_dense", "argsort", "sort", "bincount"}, counts.aten
+    if common.interpreting():
+        with torch.no_grad(), traffic() as moved:
+            y = ck.multitask_compacter_adapter(x, ids, *params, backend="triton")
+        assert moved.of(y) == (0, 1) and moved.of(x) == (2, 0)  # y written once; no z at all
+    # Where a gradient is wanted: one fused single-task forward per task present.
+    with counting() as counts:
+        ck.multitask_compacter_adapter(x, ids, *(p.detach().requires_grad_() for p in params), backend="triton")
+    assert sum(counts.launches.values()) == len(ids.unique())
+
+
+@triton_only
+def test_grouped_dense_forward_under_autocast_like_the_loop():
+    T, d, k = 3, 24, 8
+    w = [torch.randn(T, d, k, device=DEVICE) * 0.3, torch.randn(T, k, device=DEVICE),
+         torch.randn(T, k, d, device=DEVICE) * 0.3, torch.randn(T, d, device=DEVICE)]
+    x = torch.randn(13, d, device=DEVICE)
+    ids = torch.randint(0, T, (13,), device=DEVICE)
+    amp = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # the interpreter's bf16 dot is broken
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=amp):
+        fused = ck.multitask_adapter(x, ids, *w, backend="triton")
+        loop = ck.multitask_adapter(x, ids, *w, backend="reference")
+    assert fused.dtype == loop.dtype == torch.float32
+    torch.testing.assert_close(fused, loop, rtol=2e-2, atol=2e-2)

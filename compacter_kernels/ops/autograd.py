@@ -121,6 +121,17 @@ def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(dev)
 
 
+def autocast_inputs(x: Tensor, residual: Optional[Tensor], bias_up: Optional[Tensor]):
+    """(x, residual, out dtype) as a fused adapter takes them: under autocast x in the autocast
+    dtype, the residual r (x itself when none is given) kept, and y promoted as eager promotes
+    r + (... + bias_up)."""
+    amp = autocast_dtype(x)
+    if amp is None:
+        return x, residual, x.dtype
+    r = x if residual is None else residual
+    return x.to(amp), r, torch.promote_types(r.dtype, amp if bias_up is None else bias_up.dtype)
+
+
 def adapter_entry_points(forward: Callable):
     """(compacter_adapter, adapter) with the reference's signatures, on a backend's forward
     ``forward(x2d, residual2d, *down, bias_down, *up, bias_up, activation, scale, out_dtype)``
@@ -136,12 +147,7 @@ def adapter_entry_points(forward: Callable):
 
     def run(x, residual, down, bias_down, up, bias_up, activation, scale):
         shape = x.shape
-        amp = autocast_dtype(x)
-        out_dtype = x.dtype
-        if amp is not None:
-            r = x if residual is None else residual
-            out_dtype = torch.promote_types(r.dtype, amp if bias_up is None else bias_up.dtype)
-            x, residual = x.to(amp), r
+        x, residual, out_dtype = autocast_inputs(x, residual, bias_up)
         args = (rows(x), None if residual is None else rows(residual), *map(dense, down), dense(bias_down),
                 *map(dense, up), dense(bias_up), activation, float(scale), out_dtype)
         # Empty feature widths (d = 0, or a dense bottleneck k = 0): no kernel to launch.
@@ -297,3 +303,47 @@ def phm_linear_entry_point(forward: Callable) -> Callable:
         return run(x, rule, left, right, bias)
 
     return phm_linear
+
+
+def _needs_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def multitask_entry_points(compacter_adapter: Callable, adapter: Callable, grouped: Optional[Callable] = None):
+    """(multitask_compacter_adapter, multitask_adapter) of a backend, with the reference's
+    signatures plus ``task_ids``: where no gradient is wanted (no_grad, inference_mode, frozen
+    weights) and the backend has a ``grouped`` forward, one fused launch for all the tasks
+    (``grouped(x2d, residual2d, ids, T, down, bias_down, up, bias_up, activation, scale,
+    out_dtype)``, the rows grouped by task, no z written); otherwise one call of the backend's
+    single-task op per task present (`reference.per_task`), which autograd differentiates."""
+
+    def fused(x, task_ids, residual, down, bias_down, up, bias_up, activation, scale, T):
+        shape = x.shape
+        ids = task_ids.expand(shape[:-1]).reshape(-1)
+        x, residual, out_dtype = autocast_inputs(x, residual, bias_up)
+        y = grouped(rows(x), None if residual is None else rows(residual), ids, T, tuple(map(dense, down)),
+                    dense(bias_down), tuple(map(dense, up)), dense(bias_up), activation, float(scale), out_dtype)
+        return y.reshape(shape)
+
+    def usable(x, tensors) -> bool:
+        return (grouped is not None and not _needs_grad(tensors) and not torch.compiler.is_compiling()
+                and type(x) is torch.Tensor and x.shape[-1] > 0)
+
+    def multitask_compacter_adapter(x, task_ids, rule_down, left_down, right_down, bias_down, rule_up, left_up,
+                                    right_up, bias_up, *, activation="gelu", scale=1.0, residual=None):
+        tensors = (x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up, residual)
+        if usable(x, tensors):
+            return fused(x, task_ids, residual, (rule_down, left_down, right_down), bias_down,
+                         (rule_up, left_up, right_up), bias_up, activation, scale, left_down.shape[0])
+        return reference.multitask_compacter_adapter(
+            x, task_ids, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
+            activation=activation, scale=scale, residual=residual, single=compacter_adapter)
+
+    def multitask_adapter(x, task_ids, w_down, b_down, w_up, b_up, *, activation="gelu", scale=1.0, residual=None):
+        if usable(x, (x, w_down, b_down, w_up, b_up, residual)):
+            return fused(x, task_ids, residual, (None, w_down, None), b_down, (None, w_up, None), b_up, activation,
+                         scale, w_down.shape[0])
+        return reference.multitask_adapter(x, task_ids, w_down, b_down, w_up, b_up, activation=activation,
+                                           scale=scale, residual=residual, single=adapter)
+
+    return multitask_compacter_adapter, multitask_adapter

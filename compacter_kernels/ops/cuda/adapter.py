@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..autograd import ACT_CODE, adapter_entry_points, register_adapter_op, rows
+from ..autograd import ACT_CODE, adapter_entry_points, multitask_entry_points, register_adapter_op, rows
 
 if not hasattr(torch.ops.compacter_kernels, "cuda_adapter_fwd"):
     raise ImportError("compacter_kernels.ops.cuda needs the CUDA extension's ops: it is imported by "
@@ -138,3 +138,5 @@ def _kernels_bwd(dy, x, z, h_down, h_up, rd, ld, rgd, bd, ru, lu, rgu, bu, activ
 # The backward calls the C++ ops directly either way: no Python op of its own to bypass.
 compacter_adapter, adapter = adapter_entry_points(
     register_adapter_op(adapter_fwd, _adapter_fwd, _kernels_bwd, _kernels_bwd, h_shapes))
+# Mixed-task batches: one call of the fused single-task op per task present (no grouped kernel yet).
+multitask_compacter_adapter, multitask_adapter = multitask_entry_points(compacter_adapter, adapter)

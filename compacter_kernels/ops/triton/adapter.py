@@ -31,8 +31,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..autograd import ACT_CODE, adapter_entry_points, out_features, register_adapter_op, rows
-from .common import (LAUNCH_LOCK, Partials, Projection, act_bwd, act_fwd, build_h, cdiv, device_index, empty,
+from ..autograd import (ACT_CODE, adapter_entry_points, multitask_entry_points, no_autocast, out_features,
+                        register_adapter_op, rows)
+from .common import (LAUNCH_LOCK, MODE_DENSE, MODE_PHM, MODE_PHM_FACTORED, Partials, Projection, act_bwd, act_fwd,
+                     build_h, cdiv, device_index, empty, pow2,
                      factor_grads, h_args, h_tile, interpreting, num_programs_target, padded, prebuilds_h,
                      split_rows)
 
@@ -60,18 +62,58 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _task_block(pid, order_ptr, counts_ptr, T, BLK, TP: tl.constexpr):
+    """Block ``pid`` of the rows grouped by task (each task's rows, in the order ``order_ptr``
+    lists them, cut into blocks of BLK; a task's last block may be short): (task, lo, hi, valid),
+    rows order[lo:hi] of task ``task``. Programs past the last block get valid False (and a task
+    clamped to T - 1, so that its parameters' pointers stay in bounds)."""
+    tasks = tl.arange(0, TP)
+    cnt = tl.load(counts_ptr + tasks, mask=tasks < T, other=0)
+    blocks = (cnt + BLK - 1) // BLK
+    ends = tl.cumsum(blocks, axis=0)
+    task = tl.sum((ends <= pid).to(tl.int32))
+    valid = task < T
+    task = tl.minimum(task, T - 1)
+    here = tasks == task
+    lo = tl.sum(tl.where(tasks < task, cnt, 0)) + (pid - tl.sum(tl.where(here, ends - blocks, 0))) * BLK
+    hi = tl.minimum(lo + BLK, tl.sum(tl.where(tasks <= task, cnt, 0)))
+    return task, lo, tl.where(valid, hi, lo), valid
+
+
+@triton.jit
 def _adapter_fwd_kernel(
     x_ptr, r_ptr, y_ptr, z_ptr,
     rd_ptr, ld_ptr, rgd_ptr, bd_ptr, ru_ptr, lu_ptr, rgu_ptr, bu_ptr,
     M, D, K, sx, sr, scale,
+    order_ptr, counts_ptr, T, t_rd, t_ld, t_rgd, t_bd, t_ru, t_lu, t_rgu, t_bu,
     MODE_D: tl.constexpr, N_D: tl.constexpr, R_D: tl.constexpr,
     MODE_U: tl.constexpr, N_U: tl.constexpr, R_U: tl.constexpr,
     HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     BM: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, IEEE: tl.constexpr,
+    GROUPED: tl.constexpr = False, TP: tl.constexpr = 1, STORE_Z: tl.constexpr = True,
 ):
+    """One program per block of BM rows. GROUPED (mixed-task batches): the rows come grouped by
+    task (`_task_block`: order_ptr, counts_ptr), and each parameter of task t is at its pointer
+    plus t times its task stride (t_rd, ...; 0 for one shared by the tasks). STORE_Z False: z
+    is not written (no backward will read it)."""
     pid = tl.program_id(0)
-    offs_m = (pid * BM + tl.arange(0, BM)).to(tl.int64)
-    mask_m = offs_m < M
+    if GROUPED:
+        task, lo, hi, _ = _task_block(pid, order_ptr, counts_ptr, T, BM, TP)
+        idx = lo + tl.arange(0, BM)
+        mask_m = idx < hi
+        offs_m = tl.load(order_ptr + idx, mask=mask_m, other=0).to(tl.int64)
+        task = task.to(tl.int64)
+        rd_ptr += task * t_rd
+        ld_ptr += task * t_ld
+        rgd_ptr += task * t_rgd
+        bd_ptr += task * t_bd
+        ru_ptr += task * t_ru
+        lu_ptr += task * t_lu
+        rgu_ptr += task * t_rgu
+        bu_ptr += task * t_bu
+    else:
+        offs_m = (pid * BM + tl.arange(0, BM)).to(tl.int64)
+        mask_m = offs_m < M
     offs_k = tl.arange(0, KP)
     mask_k = offs_k < K
     dtype = x_ptr.dtype.element_ty  # compute dtype; y may be wider (autocast keeps an fp32 residual)
@@ -89,7 +131,8 @@ def _adapter_fwd_kernel(
     # z and u are rounded to the input dtype where the reference rounds them, so a low-precision
     # bottleneck that overflows gives the reference's inf/nan, and backward sees forward's z.
     z = z.to(dtype)
-    tl.store(z_ptr + offs_m[:, None] * K + offs_k[None, :], z, mask=mask_m[:, None] & mask_k[None, :])
+    if STORE_Z:
+        tl.store(z_ptr + offs_m[:, None] * K + offs_k[None, :], z, mask=mask_m[:, None] & mask_k[None, :])
     g = tl.where(mask_k[None, :], act_fwd(z.to(tl.float32), ACT), 0.0).to(dtype)
     # Up projection: H_up is (K, D), P = K / N_U, Q = D / N_U; y written chunk by chunk.
     for d0 in range(0, D, BD):
@@ -249,7 +292,7 @@ def _adapter_fwd(
         _adapter_fwd_kernel[(cdiv(M, BM),)](
             x2, r2, y, z, rd, ld, rgd, bias_down if bias_down is not None else x2, ru, lu, rgu,
             bias_up if bias_up is not None else x2, M, D, K, x2.stride(0), r2.stride(0), scale,
-            MODE_D=mode_d, N_D=n_d, R_D=r_d, MODE_U=mode_u, N_U=n_u, R_U=r_u,
+            x2, x2, 1, 0, 0, 0, 0, 0, 0, 0, 0, MODE_D=mode_d, N_D=n_d, R_D=r_d, MODE_U=mode_u, N_U=n_u, R_U=r_u,
             HAS_BD=bias_down is not None, HAS_BU=bias_up is not None, HAS_RES=residual is not None,
             ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP, IEEE=x.dtype == torch.float32, num_warps=warps)
     return y, z, *saved
@@ -371,7 +414,65 @@ def _(dy, x, z, h_down, h_up, rule_down, left_down, right_down, bias_down, rule_
             like(right_up), like(bias_up))
 
 
+# ---- mixed-task batches: the forward for all tasks in one launch (no gradient wanted) ----------
+
+def _stacked_h(rule, left, right, dtype: torch.dtype) -> Tensor:
+    """Every task's H (T, I, O) in ``dtype``, summed in fp32 from the stacked factors and rounded
+    once (the prebuilt-H case: torch ops, as the single-task build_h's values)."""
+    with no_autocast(left):
+        B = left.float() if right is None else left.float() @ right.float()  # (T, n, P, Q)
+        A = rule.float() if rule.dim() == 4 else rule.float().expand(left.shape[0], *rule.shape)
+        T, n, P, Q = B.shape
+        return torch.einsum("tiac,tipq->tapcq", A, B).reshape(T, n * P, n * Q).to(dtype).contiguous()
+
+
+def _task_args(rule, left, right, dtype: torch.dtype, KP: int):
+    """(rule, left, right, MODE, N, R, task strides of the three) of one stacked projection for
+    _adapter_fwd_kernel's GROUPED mode: H built in the kernel, or (past INKERNEL_H_BUDGET, and
+    for a dense weight in another dtype) a stacked dense H per task."""
+    if rule is None or prebuilds_h(rule[0] if rule.dim() == 4 else rule, left[0], None if right is None else right[0],
+                                   KP):
+        H = left.to(dtype).contiguous() if rule is None else _stacked_h(rule, left, right, dtype)
+        s = H[0].numel()
+        return H, H, H, MODE_DENSE, 1, 1, (s, s, s)
+    t_rule = rule[0].numel() if rule.dim() == 4 else 0
+    if right is None:
+        return rule, left, left, MODE_PHM, rule.shape[-1], 1, (t_rule, left[0].numel(), left[0].numel())
+    return (rule, left, right, MODE_PHM_FACTORED, rule.shape[-1], left.shape[-1],
+            (t_rule, left[0].numel(), right[0].numel()))
+
+
+def _grouped_fwd(x, residual, ids, T, down, bias_down, up, bias_up, activation, scale, out_dtype):
+    """y for 2-D x (M, d) whose row i goes through task ids[i]'s adapter (stacked parameters,
+    see `multitask_entry_points`): the rows grouped by task (a stable sort and the count per
+    task, torch ops on the device, no read back to the host), then one launch of the forward
+    kernel for every task; z is not written."""
+    M, D = x.shape
+    K = bias_down.shape[-1] if bias_down is not None else (
+        down[1].shape[-1] if down[0] is None else down[0].shape[-1] * (down[1] if down[2] is None else down[2]).shape[-1])
+    y = empty((M, D), dtype=out_dtype, device=x.device)
+    if M == 0:
+        return y
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids, minlength=T)
+    BM, BD, KP, warps = _blocks(D, K, x.dtype)
+    rd, ld, rgd, mode_d, n_d, r_d, (t_rd, t_ld, t_rgd) = _task_args(*down, x.dtype, KP)
+    ru, lu, rgu, mode_u, n_u, r_u, (t_ru, t_lu, t_rgu) = _task_args(*up, x.dtype, KP)
+    r2 = residual if residual is not None else x
+    with LAUNCH_LOCK:
+        _adapter_fwd_kernel[(cdiv(M, BM) + T,)](  # each task's last block may be short: T more at most
+            x, r2, y, x, rd, ld, rgd, bias_down if bias_down is not None else x, ru, lu, rgu,
+            bias_up if bias_up is not None else x, M, D, K, x.stride(0), r2.stride(0), scale,
+            order, counts, T, t_rd, t_ld, t_rgd, K, t_ru, t_lu, t_rgu, D,
+            MODE_D=mode_d, N_D=n_d, R_D=r_d, MODE_U=mode_u, N_U=n_u, R_U=r_u,
+            HAS_BD=bias_down is not None, HAS_BU=bias_up is not None, HAS_RES=residual is not None,
+            ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP, IEEE=x.dtype == torch.float32,
+            GROUPED=True, TP=max(2, pow2(T)), STORE_Z=False, num_warps=warps)
+    return y
+
+
 # ---- backend entry points (signatures of compacter_kernels.reference) -------------------------
 
 compacter_adapter, adapter = adapter_entry_points(
     register_adapter_op(adapter_fwd, _adapter_fwd, adapter_bwd, _adapter_bwd, h_shapes))
+multitask_compacter_adapter, multitask_adapter = multitask_entry_points(compacter_adapter, adapter, _grouped_fwd)
