@@ -41,7 +41,7 @@ def compile_kernel(kernel, constexprs: dict, dtype: str, arch: int, num_warps: i
     for name in kernel.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in ("order_ptr", "counts_ptr"):  # the row grouping of mixed-task batches
+        elif name in ("order_ptr", "counts_ptr"):  # the row grouping of mixed-task batches (i64)
             sig[name] = "*i64"
         elif name.endswith("_ptr") or name in POINTERS:
             # partial sums and column sums are fp32 whatever the input dtype
@@ -78,8 +78,10 @@ def small_kernel_cases(kernel_name: str):
             (bp1, qp1), (bp2, qp2) = common.grads_tile(4096 // 4, k // 4), common.grads_tile(k // 4, 4096 // 4)
             c = dict(N1=4, R1=1, RP1=1, RULE1=True, FACT1=True, BP1=bp1, QP1=qp1,
                      N2=4, R2=1, RP2=1, RULE2=True, FACT2=True, BP2=bp2, QP2=qp2,
-                     TWO=True, SHARED=True, HAS_B1=True, HAS_B2=True, NP=4)
+                     TWO=True, SHARED=True, HAS_B1=True, HAS_B2=True, NP=4, GROUPED=False, TP=1)
             yield f"k={k} n=4 r=1 shared rule", common._factor_grads_kernel, c, 4
+            yield f"k={k} n=4 r=1 shared rule, 64 tasks", common._factor_grads_kernel, {**c, "GROUPED": True,
+                                                                                      "TP": 64}, 4
     elif kernel_name == "build_h":
         c = dict(MODE1=common.MODE_PHM_FACTORED, N1=8, R1=1, MODE2=common.MODE_PHM_FACTORED, N2=8, R2=1, TWO=True,
                  BR=32, BC=32)
@@ -98,12 +100,17 @@ def adapter_cases(kernel_name: str, dtype: str):
         mode, N, R = (common.MODE_PHM_FACTORED, n, r) if inkernel else (common.MODE_DENSE, 1, 1)
         if kernel_name == "cols":  # as adapter._columns launches it
             BA, BM, warps = adapter.columns_blocks(k)
-            c = dict(MODE_D=mode, N_D=N, R_D=R, HAS_RES=False, BA=BA, BM=BM, KP=KP, IEEE=False)
+            c = dict(MODE_D=mode, N_D=N, R_D=R, HAS_RES=False, BA=BA, BM=BM, KP=KP, IEEE=False, GROUPED=False, TP=1)
             yield f"k={k} n={n} r={r} {'in-kernel H' if inkernel else 'prebuilt H'} BA={BA} BM={BM}", kernel, c, warps
+            if k == 24:
+                yield f"k={k} n={n} r={r} 64 tasks grouped BA={BA} BM={BM}", kernel, {**c, "GROUPED": True, "TP": 64}, warps
             continue
-        c = dict(MODE_U=mode, N_U=N, R_U=R, HAS_RES=False, ACT=0, BM=BM, BD=BD, KP=KP, IEEE=False)
+        c = dict(MODE_U=mode, N_U=N, R_U=R, HAS_RES=False, ACT=0, BM=BM, BD=BD, KP=KP, IEEE=False, GROUPED=False, TP=1)
+        if kernel_name == "bwd" and k == 24:
+            for tp in (16, 64):
+                yield f"k={k} n={n} r={r} {tp} tasks grouped BM={BM} BD={BD}", kernel, {**c, "GROUPED": True, "TP": tp}, warps
         if kernel_name == "fwd":
-            c.update(MODE_D=mode, N_D=N, R_D=R, HAS_BD=True, HAS_BU=True, GROUPED=False, TP=1, STORE_Z=True)
+            c.update(MODE_D=mode, N_D=N, R_D=R, HAS_BD=True, HAS_BU=True, STORE_Z=True)
         yield f"k={k} n={n} r={r} {'in-kernel H' if inkernel else 'prebuilt H'} BM={BM} BD={BD}", kernel, c, warps
         if kernel_name == "fwd" and k == 24:  # a mixed-task batch of 64 tasks, no z (inference)
             c = {**c, "GROUPED": True, "TP": 64, "STORE_Z": False}

@@ -226,7 +226,7 @@ def test_bank_arguments_are_checked():
         cknn.HoulsbyAdapterBank.from_adapters([cknn.HoulsbyAdapter(16, 4), cknn.HoulsbyAdapter(16, 8)])
 
 
-# ---- the fused forward for all tasks at once (triton, where no gradient is wanted) ----------------
+# ---- every task in one launch per kernel (triton): the forward alone, and with autograd ------------
 
 triton_only = pytest.mark.skipif(why_backend_cannot_run("triton") is not None,
                                  reason=str(why_backend_cannot_run("triton")))
@@ -276,10 +276,16 @@ def test_grouped_forward_is_one_launch_and_writes_no_z():
         with torch.no_grad(), traffic() as moved:
             y = ck.multitask_compacter_adapter(x, ids, *params, backend="triton")
         assert moved.of(y) == (0, 1) and moved.of(x) == (2, 0)  # y written once; no z at all
-    # Where a gradient is wanted: one fused single-task forward per task present.
-    with counting() as counts:
-        ck.multitask_compacter_adapter(x, ids, *(p.detach().requires_grad_() for p in params), backend="triton")
-    assert sum(counts.launches.values()) == len(ids.unique())
+    # Training: the same one launch forward (z written), and the single-task backward's three.
+    from counters import forward_backward_counts
+
+    leaves = {id(p): p.detach().requires_grad_() for p in params if p is not None}
+    trained = [None if p is None else leaves[id(p)] for p in params]
+    fwd, bwd = forward_backward_counts(lambda x: ck.multitask_compacter_adapter(x, ids, *trained, backend="triton"),
+                                       (x.requires_grad_(),), [x, *leaves.values()])
+    assert dict(fwd.launches) == {"_adapter_fwd_kernel": 1}
+    assert dict(bwd.launches) == {"_adapter_bwd_kernel": 1, "_adapter_cols_kernel": 1, "_factor_grads_kernel": 1}
+    assert not bwd.aten, bwd.aten
 
 
 @triton_only
@@ -295,3 +301,25 @@ def test_grouped_dense_forward_under_autocast_like_the_loop():
         loop = ck.multitask_adapter(x, ids, *w, backend="reference")
     assert fused.dtype == loop.dtype == torch.float32
     torch.testing.assert_close(fused, loop, rtol=2e-2, atol=2e-2)
+
+
+@triton_only
+@pytest.mark.parametrize("shared", [True, False])
+def test_grouped_gradients_are_bit_identical_and_differentiable_twice(shared):
+    T = 4
+    params = _compacter_args(T, dtype=torch.float32, shared=shared, per_task_rule=not shared)
+    leaves = list({id(p): p for p in params if p is not None}.values())
+    x = torch.randn(90, 32, device=DEVICE, requires_grad=True)
+    ids = torch.randint(0, T, (90,), device=DEVICE)
+    fn = lambda: ck.multitask_compacter_adapter(x, ids, *params, scale=0.5, backend="triton")  # noqa: E731
+    dy = torch.randn(90, 32, device=DEVICE)
+    first = torch.autograd.grad(fn(), [x, *leaves], dy)
+    again = torch.autograd.grad(fn(), [x, *leaves], dy)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    # create_graph=True: a gradient penalty on dx, against the reference's
+    def penalty(backend):
+        y = ck.multitask_compacter_adapter(x, ids, *params, scale=0.5, backend=backend)
+        (dx,) = torch.autograd.grad(y, x, dy, create_graph=True)
+        return torch.autograd.grad(dx.square().sum(), leaves, allow_unused=True, materialize_grads=True)
+    for a, b in zip(penalty("triton"), penalty("reference")):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, b.abs().max().item()))

@@ -311,38 +311,41 @@ def _needs_grad(tensors) -> bool:
 
 def multitask_entry_points(compacter_adapter: Callable, adapter: Callable, grouped: Optional[Callable] = None):
     """(multitask_compacter_adapter, multitask_adapter) of a backend, with the reference's
-    signatures plus ``task_ids``: where no gradient is wanted (no_grad, inference_mode, frozen
-    weights) and the backend has a ``grouped`` forward, one fused launch for all the tasks
-    (``grouped(x2d, residual2d, ids, T, down, bias_down, up, bias_up, activation, scale,
-    out_dtype)``, the rows grouped by task, no z written); otherwise one call of the backend's
-    single-task op per task present (`reference.per_task`), which autograd differentiates."""
+    signatures plus ``task_ids``. With a ``grouped`` implementation, every task in one launch
+    per kernel: ``grouped(x2d, residual2d, ids, T, down, bias_down, up, bias_up, activation,
+    scale, out_dtype, train)`` (the rows grouped by task; with autograd where ``train``, else no
+    z written: no_grad, inference_mode, frozen weights). Without one, and for what it cannot
+    take (torch.compile, torch.func, tensor subclasses, an empty width): one call of the
+    backend's single-task op per task present (`reference.per_task`)."""
 
-    def fused(x, task_ids, residual, down, bias_down, up, bias_up, activation, scale, T):
+    def fused(x, task_ids, residual, down, bias_down, up, bias_up, activation, scale, T, train):
         shape = x.shape
         ids = task_ids.expand(shape[:-1]).reshape(-1)
         x, residual, out_dtype = autocast_inputs(x, residual, bias_up)
         y = grouped(rows(x), None if residual is None else rows(residual), ids, T, tuple(map(dense, down)),
-                    dense(bias_down), tuple(map(dense, up)), dense(bias_up), activation, float(scale), out_dtype)
+                    dense(bias_down), tuple(map(dense, up)), dense(bias_up), activation, float(scale), out_dtype,
+                    train)
         return y.reshape(shape)
 
-    def usable(x, tensors) -> bool:
-        return (grouped is not None and not _needs_grad(tensors) and not torch.compiler.is_compiling()
-                and type(x) is torch.Tensor and x.shape[-1] > 0)
+    def usable(x) -> bool:
+        return (grouped is not None and not torch.compiler.is_compiling() and not _functorch_active()
+                and type(x) is torch.Tensor and x.device.type != "meta" and x.shape[-1] > 0)
 
     def multitask_compacter_adapter(x, task_ids, rule_down, left_down, right_down, bias_down, rule_up, left_up,
                                     right_up, bias_up, *, activation="gelu", scale=1.0, residual=None):
         tensors = (x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up, residual)
-        if usable(x, tensors):
+        if usable(x):
             return fused(x, task_ids, residual, (rule_down, left_down, right_down), bias_down,
-                         (rule_up, left_up, right_up), bias_up, activation, scale, left_down.shape[0])
+                         (rule_up, left_up, right_up), bias_up, activation, scale, left_down.shape[0],
+                         _needs_grad(tensors))
         return reference.multitask_compacter_adapter(
             x, task_ids, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
             activation=activation, scale=scale, residual=residual, single=compacter_adapter)
 
     def multitask_adapter(x, task_ids, w_down, b_down, w_up, b_up, *, activation="gelu", scale=1.0, residual=None):
-        if usable(x, (x, w_down, b_down, w_up, b_up, residual)):
+        if usable(x):
             return fused(x, task_ids, residual, (None, w_down, None), b_down, (None, w_up, None), b_up, activation,
-                         scale, w_down.shape[0])
+                         scale, w_down.shape[0], _needs_grad((x, w_down, b_down, w_up, b_up, residual)))
         return reference.multitask_adapter(x, task_ids, w_down, b_down, w_up, b_up, activation=activation,
                                            scale=scale, residual=residual, single=adapter)
 

@@ -31,8 +31,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..autograd import (ACT_CODE, adapter_entry_points, multitask_entry_points, no_autocast, out_features,
-                        register_adapter_op, rows)
+from ... import reference
+from ..autograd import (ACT_CODE, adapter_entry_points, adapter_math, create_graph_grads, multitask_entry_points,
+                        no_autocast, out_features, register_adapter_op, rows)
 from .common import (LAUNCH_LOCK, MODE_DENSE, MODE_PHM, MODE_PHM_FACTORED, Partials, Projection, act_bwd, act_fwd,
                      build_h, cdiv, device_index, empty, pow2,
                      factor_grads, h_args, h_tile, interpreting, num_programs_target, padded, prebuilds_h,
@@ -68,7 +69,7 @@ def _task_block(pid, order_ptr, counts_ptr, T, BLK, TP: tl.constexpr):
     rows order[lo:hi] of task ``task``. Programs past the last block get valid False (and a task
     clamped to T - 1, so that its parameters' pointers stay in bounds)."""
     tasks = tl.arange(0, TP)
-    cnt = tl.load(counts_ptr + tasks, mask=tasks < T, other=0)
+    cnt = tl.load(counts_ptr + tasks, mask=tasks < T, other=0).to(tl.int32)  # int32: fewer registers
     blocks = (cnt + BLK - 1) // BLK
     ends = tl.cumsum(blocks, axis=0)
     task = tl.sum((ends <= pid).to(tl.int32))
@@ -157,15 +158,27 @@ def _adapter_fwd_kernel(
 def _adapter_bwd_kernel(
     dy_ptr, z_ptr, dres_ptr, g_ptr, dz_ptr, ru_ptr, lu_ptr, rgu_ptr,
     M, D, K, sdy, scale,
+    order_ptr, counts_ptr, T, t_ru, t_lu, t_rgu,
     MODE_U: tl.constexpr, N_U: tl.constexpr, R_U: tl.constexpr,
     HAS_RES: tl.constexpr, ACT: tl.constexpr,
     BM: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, IEEE: tl.constexpr,
+    GROUPED: tl.constexpr = False, TP: tl.constexpr = 1,
 ):
     """The rows kernel: per block of BM rows, dg = du @ H_up^T, dz = dg * act'(z), g = act(z)
-    (both written, M*k each) and, with a residual, d residual = dy."""
+    (both written, M*k each) and, with a residual, d residual = dy. GROUPED: as the forward's."""
     pid = tl.program_id(0)
-    offs_m = (pid * BM + tl.arange(0, BM)).to(tl.int64)
-    mask_m = offs_m < M
+    if GROUPED:
+        task, lo, hi, _ = _task_block(pid, order_ptr, counts_ptr, T, BM, TP)
+        idx = lo + tl.arange(0, BM)
+        mask_m = idx < hi
+        offs_m = tl.load(order_ptr + idx, mask=mask_m, other=0).to(tl.int64)
+        task = task.to(tl.int64)
+        ru_ptr += task * t_ru
+        lu_ptr += task * t_lu
+        rgu_ptr += task * t_rgu
+    else:
+        offs_m = (pid * BM + tl.arange(0, BM)).to(tl.int64)
+        mask_m = offs_m < M
     offs_k = tl.arange(0, KP)
     mask_k = offs_k < K
     mask_mk = mask_m[:, None] & mask_k[None, :]
@@ -191,8 +204,10 @@ def _adapter_bwd_kernel(
 def _adapter_cols_kernel(
     x_ptr, dy_ptr, g_ptr, dz_ptr, dx_ptr, part_ptr, csum_ptr, rd_ptr, ld_ptr, rgd_ptr,
     M, D, K, sx, sdy, rows_per_split, scale,
+    order_ptr, counts_ptr, T, t_rd, t_ld, t_rgd,
     MODE_D: tl.constexpr, N_D: tl.constexpr, R_D: tl.constexpr, HAS_RES: tl.constexpr,
     BA: tl.constexpr, BM: tl.constexpr, KP: tl.constexpr, IEEE: tl.constexpr,
+    GROUPED: tl.constexpr = False, TP: tl.constexpr = 1,
 ):
     """The columns kernel: per (BA columns of d, split of the rows), one pass over the rows that
     reads x, dy, g and dz once for all three products:
@@ -202,8 +217,20 @@ def _adapter_cols_kernel(
         part[split, 1, cols, :]   = scale * dy^T @ g    (dH_up^T)
         csum[split, :K]           = sum_rows dz         (db_down; column tile 0)
         csum[split, K + cols]     = scale * sum_rows dy (db_up)
+
+    GROUPED: each split is rows_per_split rows of one task (`_task_block`), read through order_ptr,
+    with that task's H_down.
     """
     pid_a, split = tl.program_id(0), tl.program_id(1)
+    if GROUPED:
+        task, m_lo, m_hi, _ = _task_block(split, order_ptr, counts_ptr, T, rows_per_split, TP)
+        task = task.to(tl.int64)
+        rd_ptr += task * t_rd
+        ld_ptr += task * t_ld
+        rgd_ptr += task * t_rgd
+    else:
+        m_lo = split * rows_per_split
+        m_hi = tl.minimum(m_lo + rows_per_split, M)
     offs_a = pid_a * BA + tl.arange(0, BA)
     mask_a = offs_a < D
     offs_k = tl.arange(0, KP)
@@ -216,11 +243,13 @@ def _adapter_cols_kernel(
     acc_u = tl.zeros((BA, KP), tl.float32)
     cs_dz = tl.zeros((KP,), tl.float32)
     cs_dy = tl.zeros((BA,), tl.float32)
-    m_lo = split * rows_per_split
-    m_hi = tl.minimum(m_lo + rows_per_split, M)
     for m0 in range(m_lo, m_hi, BM):
-        offs_m = (m0 + tl.arange(0, BM)).to(tl.int64)
-        mask_m = offs_m < m_hi
+        idx = m0 + tl.arange(0, BM)
+        mask_m = idx < m_hi
+        if GROUPED:
+            offs_m = tl.load(order_ptr + idx, mask=mask_m, other=0).to(tl.int64)
+        else:
+            offs_m = idx.to(tl.int64)
         mk = mask_m[:, None] & mask_k[None, :]
         ma = mask_m[:, None] & mask_a[None, :]
         dzt = tl.load(dz_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mk, other=0.0)
@@ -346,7 +375,7 @@ def _columns(x2, dy2, g, dz, dx, down, scale: float, has_residual: bool, *, read
     with LAUNCH_LOCK:
         _adapter_cols_kernel[(tiles, splits)](
             x2, dy2, g, dz, dx, part, csum, rd, ld, rgd, M, D, K, x2.stride(0), dy2.stride(0), rows_per_split,
-            scale, MODE_D=mode, N_D=n, R_D=r, HAS_RES=has_residual, BA=BA, BM=BM, KP=KP,
+            scale, x2, x2, 1, 0, 0, 0, MODE_D=mode, N_D=n, R_D=r, HAS_RES=has_residual, BA=BA, BM=BM, KP=KP,
             IEEE=x2.dtype == torch.float32, num_warps=warps)
     return Partials(part, csum)
 
@@ -387,7 +416,7 @@ def _adapter_bwd(
     with LAUNCH_LOCK:
         _adapter_bwd_kernel[(cdiv(M, BM),)](
             dy2, z, dres if has_residual else dy2, g, dz, ru, lu, rgu, M, D, K, dy2.stride(0), scale,
-            MODE_U=mode_u, N_U=n_u, R_U=r_u, HAS_RES=has_residual, ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP,
+            dy2, dy2, 1, 0, 0, 0, MODE_U=mode_u, N_U=n_u, R_U=r_u, HAS_RES=has_residual, ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP,
             IEEE=x.dtype == torch.float32, num_warps=warps)
     # dx, dH_down = x^T dz, dH_up^T = scale * dy^T g (both (D, K)), db_down = sum dz, db_up = scale * sum dy.
     n = max(1 if rule_down is None else rule_down.shape[0], 1 if rule_up is None else rule_up.shape[0])
@@ -414,7 +443,13 @@ def _(dy, x, z, h_down, h_up, rule_down, left_down, right_down, bias_down, rule_
             like(right_up), like(bias_up))
 
 
-# ---- mixed-task batches: the forward for all tasks in one launch (no gradient wanted) ----------
+# ---- mixed-task batches: every task in one launch per kernel ------------------------------------
+#
+# The rows are grouped by task on the device (a stable sort of the ids and the count per task,
+# torch ops, no read back to the host). Each kernel's GROUPED mode maps its programs to blocks
+# (or splits) of one task's rows (`_task_block`), reads and writes those rows through the sort's
+# order (so z, g, dz, dx and y stay in the rows' own order) and offsets that task's parameters.
+# Forward 1 launch; backward the same 3 as one task (factor_grads loops over the tasks).
 
 def _stacked_h(rule, left, right, dtype: torch.dtype) -> Tensor:
     """Every task's H (T, I, O) in ``dtype``, summed in fp32 from the stacked factors and rounded
@@ -426,13 +461,22 @@ def _stacked_h(rule, left, right, dtype: torch.dtype) -> Tensor:
         return torch.einsum("tiac,tipq->tapcq", A, B).reshape(T, n * P, n * Q).to(dtype).contiguous()
 
 
-def _task_args(rule, left, right, dtype: torch.dtype, KP: int):
+def _task_h(rule, left, right, dtype: torch.dtype, KP: int) -> Optional[Tensor]:
+    """The stacked dense H (T, I, O) a projection is read from in GROUPED mode: a dense weight
+    in another dtype converted, or every task's H past INKERNEL_H_BUDGET; None: built in the kernels."""
+    if rule is None:
+        return None if left.dtype == dtype else left.to(dtype).contiguous()
+    if prebuilds_h(rule[0] if rule.dim() == 4 else rule, left[0], None if right is None else right[0], KP):
+        return _stacked_h(rule, left, right, dtype)
+    return None
+
+
+def _task_args(rule, left, right, H: Optional[Tensor]):
     """(rule, left, right, MODE, N, R, task strides of the three) of one stacked projection for
-    _adapter_fwd_kernel's GROUPED mode: H built in the kernel, or (past INKERNEL_H_BUDGET, and
-    for a dense weight in another dtype) a stacked dense H per task."""
-    if rule is None or prebuilds_h(rule[0] if rule.dim() == 4 else rule, left[0], None if right is None else right[0],
-                                   KP):
-        H = left.to(dtype).contiguous() if rule is None else _stacked_h(rule, left, right, dtype)
+    the kernels' GROUPED mode; H its stacked dense matrices (`_task_h`) or None."""
+    if rule is None and H is None:
+        H = left
+    if H is not None:
         s = H[0].numel()
         return H, H, H, MODE_DENSE, 1, 1, (s, s, s)
     t_rule = rule[0].numel() if rule.dim() == 4 else 0
@@ -442,37 +486,143 @@ def _task_args(rule, left, right, dtype: torch.dtype, KP: int):
             (t_rule, left[0].numel(), right[0].numel()))
 
 
-def _grouped_fwd(x, residual, ids, T, down, bias_down, up, bias_up, activation, scale, out_dtype):
-    """y for 2-D x (M, d) whose row i goes through task ids[i]'s adapter (stacked parameters,
-    see `multitask_entry_points`): the rows grouped by task (a stable sort and the count per
-    task, torch ops on the device, no read back to the host), then one launch of the forward
-    kernel for every task; z is not written."""
+def _stacked_k(down, bias_down) -> int:
+    rule, left, right = down
+    if bias_down is not None:
+        return bias_down.shape[-1]
+    return left.shape[-1] if rule is None else rule.shape[-1] * (left if right is None else right).shape[-1]
+
+
+def _grouped_fwd(x, residual, order, counts, T, down, bias_down, up, bias_up, activation, scale, out_dtype,
+                 store_z: bool):
+    """(y, z or None, H_down, H_up) of a mixed-task batch, one launch: row order[j] of x (M, d)
+    goes through the adapter of the task whose block of the grouped rows holds j; the H's the
+    kernel read (stacked, or None where it built them) are kept for backward."""
     M, D = x.shape
-    K = bias_down.shape[-1] if bias_down is not None else (
-        down[1].shape[-1] if down[0] is None else down[0].shape[-1] * (down[1] if down[2] is None else down[2]).shape[-1])
+    K = _stacked_k(down, bias_down)
     y = empty((M, D), dtype=out_dtype, device=x.device)
-    if M == 0:
-        return y
-    order = torch.argsort(ids, stable=True)
-    counts = torch.bincount(ids, minlength=T)
+    z = empty((M, K), dtype=x.dtype, device=x.device) if store_z else None
     BM, BD, KP, warps = _blocks(D, K, x.dtype)
-    rd, ld, rgd, mode_d, n_d, r_d, (t_rd, t_ld, t_rgd) = _task_args(*down, x.dtype, KP)
-    ru, lu, rgu, mode_u, n_u, r_u, (t_ru, t_lu, t_rgu) = _task_args(*up, x.dtype, KP)
+    hd, hu = _task_h(*down, x.dtype, KP), _task_h(*up, x.dtype, KP)
+    if M == 0:
+        return y, z, hd, hu
+    rd, ld, rgd, mode_d, n_d, r_d, (t_rd, t_ld, t_rgd) = _task_args(*down, hd)
+    ru, lu, rgu, mode_u, n_u, r_u, (t_ru, t_lu, t_rgu) = _task_args(*up, hu)
     r2 = residual if residual is not None else x
     with LAUNCH_LOCK:
         _adapter_fwd_kernel[(cdiv(M, BM) + T,)](  # each task's last block may be short: T more at most
-            x, r2, y, x, rd, ld, rgd, bias_down if bias_down is not None else x, ru, lu, rgu,
+            x, r2, y, x if z is None else z, rd, ld, rgd, bias_down if bias_down is not None else x, ru, lu, rgu,
             bias_up if bias_up is not None else x, M, D, K, x.stride(0), r2.stride(0), scale,
             order, counts, T, t_rd, t_ld, t_rgd, K, t_ru, t_lu, t_rgu, D,
             MODE_D=mode_d, N_D=n_d, R_D=r_d, MODE_U=mode_u, N_U=n_u, R_U=r_u,
             HAS_BD=bias_down is not None, HAS_BU=bias_up is not None, HAS_RES=residual is not None,
             ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP, IEEE=x.dtype == torch.float32,
-            GROUPED=True, TP=max(2, pow2(T)), STORE_Z=False, num_warps=warps)
-    return y
+            GROUPED=True, TP=max(2, pow2(T)), STORE_Z=store_z, num_warps=warps)
+    return y, z, hd, hu
+
+
+def _grouped_bwd(dy, x, z, order, counts, T, hd, hu, down, bias_down, up, bias_up, activation, scale,
+                 has_residual: bool, shared_rule: bool):
+    """(dx, d residual or None, d rule_down, d left_down, d right_down, d bias_down, d rule_up,
+    d left_up, d right_up, d bias_up) of `_grouped_fwd`, in the single-task backward's three
+    launches; each gradient stacked per task like its parameter (a rule the tasks share gets
+    their summed gradient), None for an absent one (and for d rule_up with shared_rule)."""
+    M, D = x.shape
+    K = z.shape[1]
+    dx = empty((M, D), dtype=x.dtype, device=x.device)
+    dres = empty((M, D), dtype=dy.dtype, device=x.device) if has_residual else None
+    params = (*down, bias_down, *up, bias_up)
+    if M == 0:
+        grads = [None if t is None else torch.zeros_like(t) for t in params]
+        if shared_rule:
+            grads[4] = None
+        return (dx, dres, *grads)
+    dy2 = rows(dy)
+    g = empty((M, K), dtype=x.dtype, device=x.device)
+    dz = empty((M, K), dtype=x.dtype, device=x.device)
+    BM, BD, KP, warps = _blocks(D, K, x.dtype, backward=True)
+    rd, ld, rgd, mode_d, n_d, r_d, t_down = _task_args(*down, hd)
+    ru, lu, rgu, mode_u, n_u, r_u, t_up = _task_args(*up, hu)
+    TP = max(2, pow2(T))
+    with LAUNCH_LOCK:
+        _adapter_bwd_kernel[(cdiv(M, BM) + T,)](
+            dy2, z, dres if has_residual else dy2, g, dz, ru, lu, rgu, M, D, K, dy2.stride(0), scale,
+            order, counts, T, *t_up, MODE_U=mode_u, N_U=n_u, R_U=r_u, HAS_RES=has_residual,
+            ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP, IEEE=x.dtype == torch.float32, GROUPED=True, TP=TP,
+            num_warps=warps)
+    n = max(1 if down[0] is None else down[0].shape[-1], 1 if up[0] is None else up[0].shape[-1])
+    BA, BMc, warps_c, tiles, splits, rows_per_split = _columns_plan(M, D, K, x.element_size(), n,
+                                                                    num_programs_target(device_index(x)))
+    splits = cdiv(M, rows_per_split) + T  # each task's last split may be short: T more at most
+    part = empty((splits, 2, D, K), dtype=torch.float32, device=x.device)
+    csum = empty((splits, K + D), dtype=torch.float32, device=x.device)
+    with LAUNCH_LOCK:
+        _adapter_cols_kernel[(tiles, splits)](
+            x, dy2, g, dz, dx, part, csum, rd, ld, rgd, M, D, K, x.stride(0), dy2.stride(0), rows_per_split,
+            scale, order, counts, T, *t_down, MODE_D=mode_d, N_D=n_d, R_D=r_d, HAS_RES=has_residual, BA=BA,
+            BM=BMc, KP=KP, IEEE=x.dtype == torch.float32, GROUPED=True, TP=TP, num_warps=warps_c)
+    (g_rd, g_ld, g_rgd), (g_ru, g_lu, g_rgu), (g_bd, g_bu) = factor_grads(
+        Partials(part, csum), Projection(*down, 0, K, 1), Projection(*up, D * K, 1, K),
+        biases=(None if bias_down is None else (bias_down, 0, K), None if bias_up is None else (bias_up, K, D)),
+        shared_rule=shared_rule, grouping=(counts, T, rows_per_split))
+    return dx, dres, g_rd, g_ld, g_rgd, g_bd, g_ru, g_lu, g_rgu, g_bu
+
+
+def _grouping(ids: Tensor, T: int) -> tuple[Tensor, Tensor]:
+    return torch.argsort(ids, stable=True), torch.bincount(ids, minlength=T)
+
+
+class _GroupedAdapter(torch.autograd.Function):
+    """A mixed-task batch with autograd (eager tensors; torch.compile and torch.func take the
+    per-task loop). Under create_graph=True the backward is the per-task loop's torch ops."""
+
+    @staticmethod
+    def forward(ctx, x, residual, ids, T, rd, ld, rgd, bd, ru, lu, rgu, bu, activation, scale, out_dtype):
+        order, counts = _grouping(ids, T)
+        down, up = (rd, ld, rgd), (ru, lu, rgu)
+        y, z, hd, hu = _grouped_fwd(x, residual, order, counts, T, down, bd, up, bu, activation, scale, out_dtype,
+                                    store_z=True)
+        ctx.save_for_backward(x, z, order, counts, hd, hu, rd, ld, rgd, bd, ru, lu, rgu, bu, residual, ids)
+        ctx.consts = (T, activation, scale, out_dtype)
+        ctx.shared_rule = rd is not None and rd is ru
+        ctx.has_residual = residual is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, z, order, counts, hd, hu, rd, ld, rgd, bd, ru, lu, rgu, bu, residual, ids = ctx.saved_tensors
+        T, activation, scale, out_dtype = ctx.consts
+        if torch.is_grad_enabled():  # create_graph=True: differentiable torch ops, one task at a time
+            def math(x, residual, _ids, _T, *params):
+                return _grouped_math(x, residual, ids, params, activation, scale, out_dtype)
+            return create_graph_grads(ctx, math, (x, residual, None, None, rd, ld, rgd, bd, ru, lu, rgu, bu), (), dy)
+        dx, dres, *grads = _grouped_bwd(dy, x, z, order, counts, T, hd, hu, (rd, ld, rgd), bd, (ru, lu, rgu), bu,
+                                        activation, scale, ctx.has_residual, ctx.shared_rule)
+        return (dx, dres, None, None, *grads, None, None, None)
+
+
+def _grouped_math(x, residual, ids, params, activation, scale, out_dtype):
+    """What _GroupedAdapter computes, in the single-task adapter_math per task (a second derivative)."""
+    def single(x, rd, ld, rgd, bd, ru, lu, rgu, bu, *, activation, scale, residual):
+        return adapter_math(x, residual, rd, ld, rgd, bd, ru, lu, rgu, bu, activation, scale, out_dtype)[0]
+
+    return reference.multitask_compacter_adapter(x, ids, *params, activation=activation, scale=scale,
+                                                 residual=residual, single=single)
+
+
+def _grouped(x, residual, ids, T, down, bias_down, up, bias_up, activation, scale, out_dtype, train: bool):
+    """y of a mixed-task batch (see `multitask_entry_points`): with autograd where ``train``, else
+    the forward alone, z not written."""
+    if train:
+        return _GroupedAdapter.apply(x, residual, ids, T, *down, bias_down, *up, bias_up, activation, scale,
+                                     out_dtype)
+    order, counts = _grouping(ids, T)
+    return _grouped_fwd(x, residual, order, counts, T, down, bias_down, up, bias_up, activation, scale, out_dtype,
+                        store_z=False)[0]
 
 
 # ---- backend entry points (signatures of compacter_kernels.reference) -------------------------
 
 compacter_adapter, adapter = adapter_entry_points(
     register_adapter_op(adapter_fwd, _adapter_fwd, adapter_bwd, _adapter_bwd, h_shapes))
-multitask_compacter_adapter, multitask_adapter = multitask_entry_points(compacter_adapter, adapter, _grouped_fwd)
+multitask_compacter_adapter, multitask_adapter = multitask_entry_points(compacter_adapter, adapter, _grouped)

@@ -392,57 +392,100 @@ def _factor_grads_kernel(
     # projection 2 (with TWO): at part_ptr + off2
     off2, s_row2, s_col2, rule2, left2, right2, drule2, dleft2, dright2, P2, Q2, rows2,
     db1_ptr, n_b1, db2_ptr, off_b2, n_b2,
+    # GROUPED (mixed-task batches): the tasks' row counts, rows per split, and each parameter's
+    # task stride (0 for a rule the tasks share: its gradient is summed over them)
+    counts_ptr, T, rows_per_split, t_r1, t_l1, t_rg1, t_r2, t_l2, t_rg2, t_b1, t_b2,
     N1: tl.constexpr, R1: tl.constexpr, RP1: tl.constexpr, RULE1: tl.constexpr, FACT1: tl.constexpr,
     BP1: tl.constexpr, QP1: tl.constexpr,
     N2: tl.constexpr, R2: tl.constexpr, RP2: tl.constexpr, RULE2: tl.constexpr, FACT2: tl.constexpr,
     BP2: tl.constexpr, QP2: tl.constexpr,
     TWO: tl.constexpr, SHARED: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, NP: tl.constexpr,
+    GROUPED: tl.constexpr = False, TP: tl.constexpr = 1,
 ):
     """Program (i, chunk): slice i of each projection (rows chunk*rows..(chunk+1)*rows of B_i; a
     projection with a rule takes all its rows in chunk 0, as d rule and d right sum over them);
     program (0, 0) also sums the biases. SHARED: both projections share one rule, whose gradient
-    (both contributions) goes to drule1."""
+    (both contributions) goes to drule1. GROUPED: the same for each task in turn, from that
+    task's splits (each task's rows cut into splits of rows_per_split, in task order), its
+    parameters and gradients at t times their task strides."""
     i, chunk = tl.program_id(0), tl.program_id(1)
     ra = tl.arange(0, NP)[:, None]
     rc = tl.arange(0, NP)[None, :]
-    dA1 = tl.zeros((NP, NP), tl.float32)
-    if i < N1:
-        p_lo = chunk * rows1
-        if p_lo < P1:
-            dA1 = _proj_grads(part_ptr, s_row1, s_col1, split_stride, S, rule1, left1, right1, dleft1, dright1, i,
-                              p_lo, tl.minimum(p_lo + rows1, P1), P1, Q1, N1, NP, R1, RP1, RULE1, FACT1, BP1, QP1)
-    if TWO:
-        dA2 = tl.zeros((NP, NP), tl.float32)
-        if i < N2:
-            p_lo = chunk * rows2
-            if p_lo < P2:
-                dA2 = _proj_grads(part_ptr + off2, s_row2, s_col2, split_stride, S, rule2, left2, right2, dleft2,
-                                  dright2, i, p_lo, tl.minimum(p_lo + rows2, P2), P2, Q2, N2, NP, R2, RP2, RULE2,
-                                  FACT2, BP2, QP2)
-        if RULE2:
-            if SHARED:
-                dA1 += dA2
+    tot1 = tl.zeros((NP, NP), tl.float32)  # d rule of a rule the tasks share, summed over them
+    tot2 = tl.zeros((NP, NP), tl.float32)
+    if GROUPED:
+        tasks = tl.arange(0, TP)
+        cnt = tl.load(counts_ptr + tasks, mask=tasks < T, other=0)
+        splits = (cnt + rows_per_split - 1) // rows_per_split
+        n_tasks = T
+    else:
+        n_tasks = 1
+    for t in range(0, n_tasks):
+        if GROUPED:
+            s_lo = tl.sum(tl.where(tasks < t, splits, 0))
+            S_t = tl.sum(tl.where(tasks == t, splits, 0))
+        else:
+            s_lo = 0
+            S_t = S
+        part_t = part_ptr + s_lo * split_stride
+        dA1 = tl.zeros((NP, NP), tl.float32)
+        if i < N1:
+            p_lo = chunk * rows1
+            if p_lo < P1:
+                dA1 = _proj_grads(part_t, s_row1, s_col1, split_stride, S_t, rule1 + t * t_r1, left1 + t * t_l1,
+                                  right1 + t * t_rg1, dleft1 + t * t_l1, dright1 + t * t_rg1, i, p_lo,
+                                  tl.minimum(p_lo + rows1, P1), P1, Q1, N1, NP, R1, RP1, RULE1, FACT1, BP1, QP1)
+        if TWO:
+            dA2 = tl.zeros((NP, NP), tl.float32)
+            if i < N2:
+                p_lo = chunk * rows2
+                if p_lo < P2:
+                    dA2 = _proj_grads(part_t + off2, s_row2, s_col2, split_stride, S_t, rule2 + t * t_r2,
+                                      left2 + t * t_l2, right2 + t * t_rg2, dleft2 + t * t_l2,
+                                      dright2 + t * t_rg2, i, p_lo, tl.minimum(p_lo + rows2, P2), P2, Q2, N2, NP,
+                                      R2, RP2, RULE2, FACT2, BP2, QP2)
+            if RULE2:
+                if SHARED:
+                    dA1 += dA2
+                elif t_r2 == 0:
+                    tot2 += dA2
+                elif chunk == 0:
+                    if i < N2:
+                        tl.store(drule2 + t * t_r2 + (i * N2 + ra) * N2 + rc, dA2.to(drule2.dtype.element_ty),
+                                 mask=(ra < N2) & (rc < N2))
+        if RULE1:
+            if t_r1 == 0:
+                tot1 += dA1
             elif chunk == 0:
-                if i < N2:
-                    tl.store(drule2 + (i * N2 + ra) * N2 + rc, dA2.to(drule2.dtype.element_ty),
-                             mask=(ra < N2) & (rc < N2))
-    if RULE1:
-        if chunk == 0:
-            if i < N1:
-                tl.store(drule1 + (i * N1 + ra) * N1 + rc, dA1.to(drule1.dtype.element_ty),
-                         mask=(ra < N1) & (rc < N1))
-    if i == 0:
-        if chunk == 0:
-            if HAS_B1:
-                _bias_sum(csum_ptr, CS, S, 0, n_b1, 1.0, db1_ptr, 256)
-            if HAS_B2:
-                _bias_sum(csum_ptr, CS, S, off_b2, n_b2, 1.0, db2_ptr, 256)
+                if i < N1:
+                    tl.store(drule1 + t * t_r1 + (i * N1 + ra) * N1 + rc, dA1.to(drule1.dtype.element_ty),
+                             mask=(ra < N1) & (rc < N1))
+        if i == 0:
+            if chunk == 0:
+                if HAS_B1:
+                    _bias_sum(csum_ptr + s_lo * CS, CS, S_t, 0, n_b1, 1.0, db1_ptr + t * t_b1, 256)
+                if HAS_B2:
+                    _bias_sum(csum_ptr + s_lo * CS, CS, S_t, off_b2, n_b2, 1.0, db2_ptr + t * t_b2, 256)
+    if chunk == 0:
+        if RULE1:
+            if t_r1 == 0:
+                if i < N1:
+                    tl.store(drule1 + (i * N1 + ra) * N1 + rc, tot1.to(drule1.dtype.element_ty),
+                             mask=(ra < N1) & (rc < N1))
+        if TWO:
+            if RULE2:
+                if not SHARED:
+                    if t_r2 == 0:
+                        if i < N2:
+                            tl.store(drule2 + (i * N2 + ra) * N2 + rc, tot2.to(drule2.dtype.element_ty),
+                                     mask=(ra < N2) & (rc < N2))
 
 
 class Projection(NamedTuple):
     """One projection's factors as factor_grads takes them: (rule, left, right) with rule None for
     a dense (I, O) matrix (left); its dH's partials at ``offset`` in the partial buffer, element
-    H[row, col] at row * s_row + col * s_col."""
+    H[row, col] at row * s_row + col * s_col. For a mixed-task batch (factor_grads' ``grouping``)
+    left and right (and the rule, or one shared by the tasks) carry the task dimension first."""
     rule: Optional[torch.Tensor]
     left: torch.Tensor
     right: Optional[torch.Tensor]
@@ -459,15 +502,25 @@ def grads_tile(P: int, Q: int) -> tuple[int, int]:
     return max(1, min(pow2(P), 1024 // QP)), QP
 
 
-def _projection_args(pr: Optional[Projection], placeholder: torch.Tensor, rule_grad: bool = True):
-    """(runtime args, constexprs, gradients, programs along the rows) of one projection of
-    _factor_grads_kernel; ``rule_grad`` False: its rule's gradient goes elsewhere (shared)."""
+def _projection_args(pr: Optional[Projection], placeholder: torch.Tensor, rule_grad: bool = True,
+                     tasks: bool = False):
+    """(runtime args, constexprs, gradients, programs along the rows, task strides (rule, left,
+    right)) of one projection of _factor_grads_kernel; ``rule_grad`` False: its rule's gradient
+    goes elsewhere (shared); ``tasks``: the factors are stacked per task."""
     if pr is None:
         z = placeholder
         return (0, 0, 0, z, z, z, z, z, z, 1, 1, 1), dict(N=1, R=1, RP=1, RULE=False, FACT=False, BP=1, QP=1), \
-            (None, None, None), 1
+            (None, None, None), 1, (0, 0, 0)
     rule, left, right = pr.rule, pr.left, pr.right
     dleft = torch.empty_like(left)
+    strides = (0, 0, 0)
+    if tasks:  # shapes from task 0; a rule of 3 dimensions is shared by the tasks (stride 0)
+        strides = (0 if rule is None or rule.dim() == 3 else rule[0].numel(), left[0].numel(),
+                   0 if right is None else right[0].numel())
+        rule_shape = None if rule is None else rule.shape[-3:]
+        left, right = left[0], None if right is None else right[0]
+    else:
+        rule_shape = None if rule is None else rule.shape
     if rule is None:  # dense: dW = dH, as the slice of a rule-less N = 1 projection, split into row chunks
         (P, Q), N, R, fact = left.shape, 1, 1, False
         BP, QP = grads_tile(P, Q)
@@ -475,33 +528,38 @@ def _projection_args(pr: Optional[Projection], placeholder: torch.Tensor, rule_g
         drule = dright = placeholder
         grads = (None, dleft, None)
     else:
-        N, P = left.shape[0], left.shape[1]
+        N, P = rule_shape[0], left.shape[1]
         fact = right is not None
         R = left.shape[2] if fact else 1
         Q = right.shape[2] if fact else left.shape[2]
         BP, QP = grads_tile(P, Q)
         rows = P  # d rule and d right sum over every row of B_i: one program along them
         drule = torch.empty_like(rule) if rule_grad else placeholder
-        dright = torch.empty_like(right) if fact else placeholder
+        dright = torch.empty_like(pr.right) if fact else placeholder
         grads = (drule if rule_grad else None, dleft, dright if fact else None)
-    args = (pr.offset, pr.s_row, pr.s_col, placeholder if rule is None else rule, left,
-            placeholder if right is None else right, drule, dleft, dright, P, Q, rows)
+    args = (pr.offset, pr.s_row, pr.s_col, placeholder if rule is None else rule, pr.left,
+            placeholder if pr.right is None else pr.right, drule, dleft, dright, P, Q, rows)
     const = dict(N=N, R=R, RP=pow2(R), RULE=rule is not None, FACT=fact, BP=BP, QP=QP)
-    return args, const, grads, cdiv(P, rows)
+    return args, const, grads, cdiv(P, rows), strides
 
 
 def factor_grads(partials: Partials, first: Projection, second: Optional[Projection] = None, *,
-                 biases=(None, None), shared_rule: bool = False):
+                 biases=(None, None), shared_rule: bool = False, grouping=None):
     """Every parameter gradient from a reduction's partials, in one launch: for each projection
     (d rule, d left, d right), None where a factor is absent; then (d bias1, d bias2) for the
     biases given as (like-tensor, offset into csum, length) or None. With shared_rule the rule's
     whole gradient is the first projection's d rule (the second's is None). Each gradient has
-    its parameter's dtype and layout (contiguous)."""
+    its parameter's dtype and layout (contiguous). ``grouping`` (counts, T, rows_per_split): a
+    mixed-task batch, whose partials hold each task's splits in task order and whose parameters
+    (the biases' like-tensors too) are stacked per task."""
     part, csum = partials.part, partials.csum
     assert first.offset == 0, "the first projection's partials start the buffer"
-    a1, c1, g1, chunks1 = _projection_args(first, part)
-    a2, c2, g2, chunks2 = _projection_args(second, part, rule_grad=not shared_rule)
+    tasks = grouping is not None
+    a1, c1, g1, chunks1, t1 = _projection_args(first, part, tasks=tasks)
+    a2, c2, g2, chunks2, t2 = _projection_args(second, part, rule_grad=not shared_rule, tasks=tasks)
     db = [None if b is None else torch.empty_like(b[0]) for b in biases]
+    t_b = [0 if b is None or not tasks else b[0][0].numel() for b in biases]
+    counts, T, rows_per_split = grouping if tasks else (part, 1, 1)
     bias_args = []
     for out, b in zip(db, biases):  # (out, offset into csum, length)
         bias_args += [part, 0, 0] if b is None else [out, b[1], b[2]]
@@ -510,8 +568,9 @@ def factor_grads(partials: Partials, first: Projection, second: Optional[Project
         _factor_grads_kernel[(n_i, max(chunks1, chunks2))](
             part, csum, part.shape[0], part[0].numel(), csum.shape[1], *a1[1:], *a2,
             bias_args[0], bias_args[2], bias_args[3], bias_args[4], bias_args[5],
+            counts, T, rows_per_split, *t1, *t2, *t_b,
             N1=c1["N"], R1=c1["R"], RP1=c1["RP"], RULE1=c1["RULE"], FACT1=c1["FACT"], BP1=c1["BP"], QP1=c1["QP"],
             N2=c2["N"], R2=c2["R"], RP2=c2["RP"], RULE2=c2["RULE"], FACT2=c2["FACT"], BP2=c2["BP"], QP2=c2["QP"],
             TWO=second is not None, SHARED=shared_rule, HAS_B1=db[0] is not None, HAS_B2=db[1] is not None,
-            NP=pow2(n_i), num_warps=4)
+            NP=pow2(n_i), GROUPED=tasks, TP=max(2, pow2(T)), num_warps=4)
     return g1, g2, tuple(db)
