@@ -334,3 +334,27 @@ def test_host_benchmark_runs_and_reports_both_bare_ratios(tmp_path):
         for mode in ("fwd", "fwd+bwd"):
             assert {(op, mode, p) for p in ("ours", "reference", "bare", "bare-grads")} <= providers
     assert all(r["x_bare"] > 0 and r["x_bare_grads"] > 0 for r in rows)
+
+
+def test_multitask_benchmark_counts_launches_fused_against_the_loop(tmp_path):
+    """compacter-bench --multitask in a process of its own (it stubs Triton's launches for the
+    host-time pass): one launch forward and four forward+backward fused, one (four) per task
+    present for the loop."""
+    import subprocess
+    import sys
+
+    from utils import checkout_env
+
+    env = {**checkout_env(), "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-m", "compacter_kernels.bench.multitask", "--tasks", "1,4", "--reps", "1",
+                          "--calls", "1", "--out", str(tmp_path)], capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (path,) = tmp_path.glob("compacter-multitask-*.json")
+    rows = {(r["tasks"], r["mode"], r["provider"]): r for r in json.loads(path.read_text())["rows"]}
+    for T in (1, 4):
+        assert rows[(T, "fwd", "fused")]["launches"] == 1 and rows[(T, "fwd+bwd", "fused")]["launches"] == 4
+    assert rows[(1, "fwd", "loop")]["launches"] == 1
+    assert 1 < rows[(4, "fwd", "loop")]["launches"] <= 4  # one per task present
+    assert rows[(4, "fwd+bwd", "loop")]["launches"] == 4 * rows[(4, "fwd", "loop")]["launches"]
+    assert all(r["host_median_us"] > 0 and r["gpu_median_ms"] is None for r in rows.values())

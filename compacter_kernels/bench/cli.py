@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
     p.add_argument("--plot-json", type=Path, metavar="JSON",
                    help="time nothing: draw the PNGs of a results JSON this command wrote, next to it")
+    p.add_argument("--multitask", action="store_true",
+                   help="mixed-task batches, T = 1, 4, 16, 64: one fused call against a per-task loop (launches, "
+                        "host time; GPU time on a GPU)")
     p.add_argument("--host", action="store_true",
                    help="host time per call with the kernel launches stubbed, ours beside the eager reference and a "
                         "bare autograd.Function (any machine; a benchmark of dispatch, not of kernels)")
@@ -241,11 +244,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = shlex.join(["compacter-bench", *argv])
     if args.plot_json:
         return _plot_json(args.plot_json, parser)
-    if args.host:  # a process of its own: the launches are stubbed, and without a GPU Triton's launch path
-        env = dict(os.environ)  # is its interpreter's, which is chosen at import
+    if args.host or args.multitask:  # a process of its own: the launches are stubbed, and without a GPU
+        env = dict(os.environ)  # Triton's launch path is its interpreter's, which is chosen at import
         if not torch.cuda.is_available():
             env["TRITON_INTERPRET"] = "1"
-        return subprocess.call([sys.executable, "-m", "compacter_kernels.bench.host", "--out", str(args.out)], env=env)
+        module = "compacter_kernels.bench." + ("host" if args.host else "multitask")
+        return subprocess.call([sys.executable, "-m", module, "--out", str(args.out)], env=env)
     gpu = torch.cuda.is_available()
     device = torch.device("cuda") if gpu else torch.device("cpu")
     args.preset = args.preset or ("full" if gpu else "quick")

@@ -334,6 +334,11 @@ def multitask_entry_points(compacter_adapter: Callable, adapter: Callable, group
     def multitask_compacter_adapter(x, task_ids, rule_down, left_down, right_down, bias_down, rule_up, left_up,
                                     right_up, bias_up, *, activation="gelu", scale=1.0, residual=None):
         tensors = (x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up, residual)
+        if left_down.shape[0] == 1:  # one task: the single-task op, no grouping
+            first = lambda t, per=True: None if t is None else t[0] if per else t  # noqa: E731
+            return compacter_adapter(x, first(rule_down, rule_down.dim() == 4), left_down[0], first(right_down),
+                                     first(bias_down), first(rule_up, rule_up.dim() == 4), left_up[0], first(right_up),
+                                     first(bias_up), activation=activation, scale=scale, residual=residual)
         if usable(x):
             return fused(x, task_ids, residual, (rule_down, left_down, right_down), bias_down,
                          (rule_up, left_up, right_up), bias_up, activation, scale, left_down.shape[0],
@@ -343,6 +348,9 @@ def multitask_entry_points(compacter_adapter: Callable, adapter: Callable, group
             activation=activation, scale=scale, residual=residual, single=compacter_adapter)
 
     def multitask_adapter(x, task_ids, w_down, b_down, w_up, b_up, *, activation="gelu", scale=1.0, residual=None):
+        if w_down.shape[0] == 1:  # one task: the single-task op, no grouping
+            return adapter(x, w_down[0], None if b_down is None else b_down[0], w_up[0],
+                           None if b_up is None else b_up[0], activation=activation, scale=scale, residual=residual)
         if usable(x):
             return fused(x, task_ids, residual, (None, w_down, None), b_down, (None, w_up, None), b_up, activation,
                          scale, w_down.shape[0], _needs_grad((x, w_down, b_down, w_up, b_up, residual)))

@@ -1,0 +1,181 @@
+"""Mixed-task batches: every task in one fused launch per kernel against a per-task loop of the
+fused single-task op (what a user, or AdapterHub's BatchSplit over fused adapters, runs today).
+
+Per number of tasks T, per mode (fwd: inference under no_grad; fwd+bwd: training), per provider
+("fused": ck.multitask_compacter_adapter; "loop": one ck.compacter_adapter call per task on its
+rows): the Triton launches per call (counted, any machine), the host time per call with every
+launch stubbed (any machine: a benchmark, not a test), and on a GPU the time per call (CUDA
+events, medians). Sequences (of 128 tokens on a GPU) are spread over the tasks at random.
+
+Run as ``compacter-bench --multitask`` (a process of its own: the host-time pass stubs Triton's
+launches; without a GPU the kernels run in Triton's interpreter, at small sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import torch
+import triton
+import triton.runtime.interpreter as triton_interpreter
+
+import compacter_kernels as ck
+
+from . import report, timing
+
+TASKS = (1, 4, 16, 64)
+_GETITEMS = {cls: cls.__getitem__ for cls in (triton_interpreter.InterpretedFunction,
+                                             triton.runtime.jit.KernelInterface)}
+
+
+def _inputs(T: int, M: int, d: int, k: int, n: int, dtype, device, seq: int):
+    g = torch.Generator().manual_seed(T)
+
+    def rand(*shape, std=0.3):
+        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype).requires_grad_()
+
+    rule = rand(n, n, n)
+    params = (rule, rand(T, n, d // n, 1), rand(T, n, 1, k // n), rand(T, k), rule, rand(T, n, k // n, 1),
+              rand(T, n, 1, d // n), rand(T, d))
+    x = rand(M // seq, seq, d, std=1.0)
+    ids = torch.randint(0, T, (M // seq, 1), generator=g).to(device)
+    return x, ids, params
+
+
+def _loop(x, ids, params):
+    """One fused single-task call per task present, on its rows (the per-task loop)."""
+    rd, ld, rgd, bd, ru, lu, rgu, bu = params
+    return ck.reference.multitask_compacter_adapter(
+        x, ids, rd, ld, rgd, bd, ru, lu, rgu, bu,
+        single=lambda xt, *p, **kw: ck.compacter_adapter(xt, *p, **kw, backend="triton"))
+
+
+def _fused(x, ids, params):
+    return ck.multitask_compacter_adapter(x, ids, *params, backend="triton")
+
+
+PROVIDERS = {"fused": _fused, "loop": _loop}
+
+
+def _call(provider: Callable, mode: str, x, ids, params) -> Callable[[], object]:
+    leaves = [x, *dict.fromkeys(params)]
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return provider(x, ids, params)
+    else:
+        dy = torch.randn_like(x)
+
+        def run():
+            return torch.autograd.grad(provider(x, ids, params), leaves, dy)
+    return run
+
+
+def _launches(run: Callable[[], object]) -> int:
+    counts = Counter()
+
+    def counted(cls):
+        def getitem(self, grid):
+            launch = _GETITEMS[cls](self, grid)
+
+            def go(*args, **kwargs):
+                counts["launches"] += 1
+                return launch(*args, **kwargs)
+            return go
+        return getitem
+
+    for cls in _GETITEMS:
+        cls.__getitem__ = counted(cls)
+    try:
+        run()
+    finally:
+        for cls, fn in _GETITEMS.items():
+            cls.__getitem__ = fn
+    return counts["launches"]
+
+
+def _host_us(run: Callable[[], object], reps: int, calls: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            run()
+        out.append((time.perf_counter() - t0) / calls * 1e6)
+    return out
+
+
+def measure(tasks, M: int, d: int, k: int, n: int, dtype, device, reps: int, calls: int, seq: int) -> list[dict]:
+    cases = {}
+    for T in tasks:
+        x, ids, params = _inputs(T, M, d, k, n, dtype, device, seq)
+        for mode in ("fwd", "fwd+bwd"):
+            for name, provider in PROVIDERS.items():
+                cases[(T, mode, name)] = _call(provider, mode, x, ids, params)
+    rows = []
+    for (T, mode, name), run in cases.items():  # real launches: counts, and GPU time
+        row = dict(tasks=T, mode=mode, provider=name, M=M, d=d, k=k, n=n, seq=seq, dtype=str(dtype).replace("torch.", ""),
+                   launches=_launches(run), gpu_median_ms=None, gpu_p20_ms=None, gpu_p80_ms=None)
+        if device.type == "cuda":
+            t = timing.measure(lambda: None, lambda _: run(), device)
+            row.update(gpu_median_ms=t.median_ms, gpu_p20_ms=t.p20_ms, gpu_p80_ms=t.p80_ms)
+        rows.append(row)
+    noop = lambda self, grid: (lambda *args, **kwargs: None)  # noqa: E731
+    for cls in _GETITEMS:  # host time: launches stubbed from here on
+        cls.__getitem__ = noop
+    for run in cases.values():
+        for _ in range(3):
+            run()
+    host = {key: [] for key in cases}
+    for _ in range(reps):  # interleaved: every variant sees the same machine state
+        for key, run in cases.items():
+            host[key] += _host_us(run, 1, calls)
+    for row, key in zip(rows, cases):
+        row["host_median_us"] = statistics.median(host[key])
+    by = {(r["tasks"], r["mode"], r["provider"]): r for r in rows}
+    for r in rows:
+        loop = by[(r["tasks"], r["mode"], "loop")]
+        r["host_x_loop"] = r["host_median_us"] / loop["host_median_us"]
+        r["gpu_x_loop"] = (r["gpu_median_ms"] / loop["gpu_median_ms"]) if r["gpu_median_ms"] else None
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="mixed-task batches: fused against a per-task loop (module docstring)")
+    p.add_argument("--out", type=Path, default=Path("bench-results"))
+    p.add_argument("--tasks", default=",".join(map(str, TASKS)), help="numbers of tasks (default 1,4,16,64)")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--calls", type=int, default=5, help="calls per timed host rep (default 5)")
+    args = p.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    tasks = [int(t) for t in args.tasks.split(",")]
+    # Sequences of 128 tokens on a GPU; on the CPU the interpreter runs the kernels: small, 16 sequences of 8.
+    M, d, k, seq = (8192, 768, 24, 128) if gpu else (128, 32, 16, 8)
+    dtype = torch.bfloat16 if gpu else torch.float32
+    torch.set_num_threads(1)
+    rows = measure(tasks, M, d, k, 4, dtype, device, args.reps, args.calls, seq)
+    print(f"mixed-task batches, M={M} d={d} k={k} n=4 {rows[0]['dtype']} on {device.type}; host time with "
+          "launches stubbed" + ("" if gpu else "; no GPU: no GPU time"))
+    print(f"{'T':>3} {'mode':>8} {'provider':>8} {'launches':>8} {'host us':>9} {'x loop':>7} {'GPU ms':>8} {'x loop':>7}")
+    for r in rows:
+        gpu_ms = "-" if r["gpu_median_ms"] is None else f"{r['gpu_median_ms']:.4f}"
+        gpu_x = "-" if r["gpu_x_loop"] is None else f"{r['gpu_x_loop']:.2f}"
+        print(f"{r['tasks']:>3} {r['mode']:>8} {r['provider']:>8} {r['launches']:>8} {r['host_median_us']:9.1f} "
+              f"{r['host_x_loop']:7.2f} {gpu_ms:>8} {gpu_x:>7}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"compacter-multitask-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    meta = report.metadata(device, "compacter-bench --multitask", shape=dict(M=M, d=d, k=k, n=4))
+    path.write_text(json.dumps({"metadata": meta, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
