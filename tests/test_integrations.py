@@ -374,3 +374,46 @@ def test_core_package_imports_no_integration_dependency():
     code = ("import sys, compacter_kernels, compacter_kernels.integrations; "
             "assert not {'adapters', 'transformers'} & set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, env=checkout_env())
+
+
+@pytest.mark.parametrize("config_name", ["compacter", "pfeiffer", "compacter-own-rules-gelu_new-scaling"])
+def test_batch_split_and_multi_task_run_as_one_multitask_op(config_name, op_calls):
+    """A BatchSplit (and a MultiTask, which the library runs as one) of fused adapters of one kind:
+    one multitask call per adapter layer, outputs, loss and every gradient as the library's."""
+    adapters, hub = _hub()
+    config = _hub_configs()[config_name]
+    model = _hub_model(config)
+    for name in ("b", "c"):
+        model.add_adapter(name, config=config)
+    model.train_adapter(["a", "b", "c"])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.3)
+    model.to(torch.float64).train()
+    model.active_adapters = adapters.BatchSplit("a", "b", "c", batch_sizes=[2, 0, 1])
+    batch = _batch()
+    library = _run(model, batch)
+    switched = hub.fuse_adapters(model)
+    fused = _run(model, batch)
+    _assert_same(fused, library, **F64)
+    op = "multitask_compacter_adapter" if config["phm_layer"] else "multitask_adapter"
+    n_layers = len(switched) // 3
+    assert op_calls == [("reference", op)] * n_layers
+    # MultiTask: the library sorts the rows by task and hands a BatchSplit to the layer.
+    model.active_adapters = adapters.MultiTask("a", "b", "c")
+    task_ids = torch.tensor([2, 0, 2])
+    hub.unfuse_adapters(model)
+    library = _run_with(model, batch, task_ids=task_ids)
+    hub.fuse_adapters(model)
+    op_calls.clear()
+    _assert_same(_run_with(model, batch, task_ids=task_ids), library, **F64)
+    assert op_calls == [("reference", op)] * n_layers
+
+
+def _run_with(model, batch, **extra):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, **extra)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), out.loss.detach(), grads

@@ -4,7 +4,8 @@
     adapters.init(model)
     model.add_adapter("task", config=adapters.CompacterConfig())
     model.train_adapter("task")
-    fuse_adapters(model)          # Compacter / Houlsby / Pfeiffer adapters now run one fused op
+    fuse_adapters(model)          # Compacter / Houlsby / Pfeiffer adapters now run one fused op,
+                                  # a BatchSplit / MultiTask of them one multitask op
 
 Only each adapter module's ``forward`` is overridden (an instance attribute), and the override
 computes with the library's OWN parameters (PHM factors, the shared ``phm_rule`` looked up in the
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from adapters.composition import AdapterCompositionBlock, Fuse
+from adapters.composition import AdapterCompositionBlock, BatchSplit, Fuse
 from adapters.context import AdapterSetup, ForwardContext
 from adapters.methods.bottleneck import BottleneckLayer
 from adapters.methods.modeling import Adapter, PHMLayer
@@ -146,6 +147,68 @@ def _fused_forward(self: Adapter, x: Tensor, residual_input: Tensor, output_gati
     return out, None, None
 
 
+def _same_kind(adapters: list) -> bool:
+    """Fused adapters one multitask call can run together: one activation, scaling, backend and
+    layer kind, and parameters of the same shapes."""
+    a0 = adapters[0]
+
+    def kind(a):
+        layers = (a.adapter_down[0], a.adapter_up)
+        if isinstance(a.adapter_up, PHMLayer):
+            shapes = tuple(None if t is None else tuple(t.shape) for m in layers for t in _phm_args(m))
+        else:
+            shapes = tuple(None if t is None else tuple(t.shape) for m in layers for t in (m.weight, m.bias))
+        return (a._ck_fused.activation, a._ck_fused.backend, float(a.scaling), type(a.adapter_up), shapes)
+
+    return all("_ck_fused" in vars(a) for a in adapters) and all(kind(a) == kind(a0) for a in adapters)
+
+
+def _stack(tensors: list, shared_as_is: bool = False) -> Optional[Tensor]:
+    """The tasks' tensors stacked, task dimension first (None for absent ones); with
+    ``shared_as_is``, one tensor they all share is passed as it is (a rule the tasks share)."""
+    if tensors[0] is None:
+        return None
+    if shared_as_is and all(t is tensors[0] for t in tensors):
+        return tensors[0]
+    return torch.stack(tensors)
+
+
+def _fused_batch_split(self: BottleneckLayer, adapter_setup: BatchSplit, state, lvl: int = 0):
+    """BottleneckLayer.compose_batch_split on one multitask call: a BatchSplit (and so a MultiTask,
+    which the library turns into one) of fused adapters of one kind runs as
+    ck.multitask_compacter_adapter / ck.multitask_adapter over stacked parameters, each slice of
+    the batch through its adapter; anything else takes the library's path."""
+    names = list(adapter_setup)
+    adapters = [self.adapters[c] if isinstance(c, str) and c in self.adapter_modules else None for c in names]
+    library = lambda: BottleneckLayer.compose_batch_split(self, adapter_setup, state, lvl)  # noqa: E731
+    if (None in adapters or not _same_kind(adapters) or sum(adapter_setup.batch_sizes) != self._bsz(state)
+            or _fuse_active(adapters[0]._ck_fused.adapters_config)
+            or any(a.training and a.dropout.p > 0 for a in adapters)):
+        return library()
+    pre = self.pre_block(adapter_setup, state)  # the first adapter's, for the whole batch (as the library)
+    x, residual = pre.hidden_states, pre.adapter_residual
+    if residual is None or residual.shape != x.shape:
+        return library()
+    sizes = torch.tensor(adapter_setup.batch_sizes, device=x.device)
+    ids = torch.repeat_interleave(torch.arange(len(names), device=x.device), sizes)
+    ids = ids.reshape(-1, *([1] * (x.dim() - 2)))  # one task per sequence
+    spec, a0 = adapters[0]._ck_fused, adapters[0]
+    kwargs = dict(activation=spec.activation, scale=float(a0.scaling), backend=spec.backend,
+                  residual=None if residual is x else residual)
+    if isinstance(a0.adapter_up, PHMLayer):
+        args = []
+        for projection in ([_phm_args(a.adapter_down[0]) for a in adapters], [_phm_args(a.adapter_up) for a in adapters]):
+            rule, left, right, bias = zip(*projection)
+            args += [_stack(list(rule), shared_as_is=True), _stack(list(left)), _stack(list(right)), _stack(list(bias))]
+        out = F.multitask_compacter_adapter(x, ids, *args, **kwargs)
+    else:  # nn.Linear stores (out, in): the op takes the (in, out) transposes
+        layers = [(a.adapter_down[0], a.adapter_up) for a in adapters]
+        out = F.multitask_adapter(x, ids, _stack([d.weight.t() for d, _ in layers]), _stack([d.bias for d, _ in layers]),
+                                  _stack([u.weight.t() for _, u in layers]), _stack([u.bias for _, u in layers]),
+                                  **kwargs)
+    return pre._replace(hidden_states=out, bottleneck_up=None, last=names[-1])
+
+
 def _bottleneck_adapters(model: nn.Module):
     """(path, adapter name, adapter module, owning BottleneckLayer) for every bottleneck adapter."""
     for path, layer in model.named_modules():
@@ -176,6 +239,7 @@ def fuse_adapters(model: nn.Module, backend: str = "auto") -> list[str]:
         # Instance attribute: nn.Module.__call__ picks it over Adapter.forward; deleting it undoes.
         adapter._ck_fused = _Fused(_activation(adapter), backend, layer.adapters_config)
         adapter.forward = types.MethodType(_fused_forward, adapter)
+        layer.compose_batch_split = types.MethodType(_fused_batch_split, layer)
         switched.append(path)
         if adapter.dropout.p > 0:
             eval_only[name, adapter.dropout.p].append(path)
@@ -191,8 +255,9 @@ def fuse_adapters(model: nn.Module, backend: str = "auto") -> list[str]:
 def unfuse_adapters(model: nn.Module) -> list[str]:
     """Undo :func:`fuse_adapters`: every adapter runs the library's own forward again."""
     restored = []
-    for path, _, adapter, _ in _bottleneck_adapters(model):
+    for path, _, adapter, layer in _bottleneck_adapters(model):
         if "_ck_fused" in vars(adapter):
             del adapter.forward, adapter._ck_fused
             restored.append(path)
+        vars(layer).pop("compose_batch_split", None)
     return restored
