@@ -106,3 +106,19 @@ def test_partials_stay_within_two_percent_of_the_floor_at_32768_rows(d, k):
     tiles = -(-d // adapter.columns_blocks(k)[0])
     splits, rows = _triton_common.split_rows(M, 64, tiles, per_split, floor, 264)
     assert splits * rows >= M and splits * per_split <= 0.02 * floor, (splits, per_split, floor)
+
+
+@pytest.mark.parametrize("d,k,rank", CASES, ids=IDS)
+def test_inference_writes_y_and_no_z(d, k, rank):
+    """Under no_grad (or inference_mode, or with frozen weights) the forward skips z: y is the
+    same, written once, and nothing else per row is stored."""
+    inp = compacter_inputs(lead=(37,), d=d, k=k, n=4, rank=rank, dtype=torch.float32)
+    with_z = ck.compacter_adapter(*inp.args(), backend="triton")
+    for context in (torch.no_grad, torch.inference_mode):
+        with context(), traffic() as fwd:
+            y = ck.compacter_adapter(*inp.args(), backend="triton")
+        assert torch.equal(y, with_z.detach())
+        assert fwd.of(y) == (0, 1) and fwd.of(inp.x) == (2, 0)
+        written = {key for key, stored in fwd.stored.items() if stored}
+        built_h = {key for key, names in fwd.names.items() if any(n.startswith("_build_h_kernel.h") for n in names)}
+        assert written - built_h == {y.untyped_storage().data_ptr()}  # y, and a prebuilt H if any: no z

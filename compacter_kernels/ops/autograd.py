@@ -121,6 +121,18 @@ def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(dev)
 
 
+def _needs_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
+def _eager_inference(args) -> bool:
+    """No gradient wanted, plain tensors, eager: the forward may skip what only backward reads."""
+    x = args[0]
+    return (not _needs_grad(args) and type(x) is torch.Tensor and x.device.type != "meta"
+            and not torch.compiler.is_compiling() and not _functorch_active()
+            and torch._C._len_torch_dispatch_stack() == 0)
+
+
 def autocast_inputs(x: Tensor, residual: Optional[Tensor], bias_up: Optional[Tensor]):
     """(x, residual, out dtype) as a fused adapter takes them: under autocast x in the autocast
     dtype, the residual r (x itself when none is given) kept, and y promoted as eager promotes
@@ -132,11 +144,13 @@ def autocast_inputs(x: Tensor, residual: Optional[Tensor], bias_up: Optional[Ten
     return x.to(amp), r, torch.promote_types(r.dtype, amp if bias_up is None else bias_up.dtype)
 
 
-def adapter_entry_points(forward: Callable):
+def adapter_entry_points(forward: Callable, inference: Optional[Callable] = None):
     """(compacter_adapter, adapter) with the reference's signatures, on a backend's forward
     ``forward(x2d, residual2d, *down, bias_down, *up, bias_up, activation, scale, out_dtype)``
     (what `register_adapter_op` returns; down and up are (rule, left, right) triples, rule
-    None meaning a dense matrix).
+    None meaning a dense matrix). Where no gradient is wanted (no_grad, inference_mode, frozen
+    weights; plain tensors, eager) ``inference`` (same arguments, returns y), if given, runs
+    instead: the forward without z.
 
     Under autocast they behave as the eager reference: matmuls in the autocast dtype and
     y = r + scale * (g @ H_up + b_up) promoted as eager promotes it (an fp32 b_up or r gives an
@@ -151,8 +165,12 @@ def adapter_entry_points(forward: Callable):
         args = (rows(x), None if residual is None else rows(residual), *map(dense, down), dense(bias_down),
                 *map(dense, up), dense(bias_up), activation, float(scale), out_dtype)
         # Empty feature widths (d = 0, or a dense bottleneck k = 0): no kernel to launch.
-        op = adapter_math if shape[-1] == 0 or out_features(*down) == 0 else forward
-        y = op(*args)[0]
+        if shape[-1] == 0 or out_features(*down) == 0:
+            y = adapter_math(*args)[0]
+        elif inference is not None and _eager_inference(args):
+            y = inference(*args)
+        else:
+            y = forward(*args)[0]
         return y if y.shape == shape else y.reshape(shape)
 
     def compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
@@ -305,8 +323,6 @@ def phm_linear_entry_point(forward: Callable) -> Callable:
     return phm_linear
 
 
-def _needs_grad(tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def multitask_entry_points(compacter_adapter: Callable, adapter: Callable, grouped: Optional[Callable] = None):

@@ -303,10 +303,23 @@ def _adapter_fwd(
     autocast the parameters may be in another dtype than x's (fp32: H built in fp32, rounded
     once to x's dtype; biases added in fp32) and out_dtype may be wider than x's (y = fp32
     residual + ...)."""
+    return _forward(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
+                    activation, scale, out_dtype, store_z=True)
+
+
+def _inference(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
+               activation, scale, out_dtype):
+    """y alone, where no gradient is wanted (no_grad, inference_mode, frozen weights): z not written."""
+    return _forward(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
+                    activation, scale, out_dtype, store_z=False)[0]
+
+
+def _forward(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
+             activation, scale, out_dtype, store_z: bool):
     M, D = x.shape
     K = bias_down.shape[0] if bias_down is not None else out_features(rule_down, left_down, right_down)
     y = empty((M, D), dtype=out_dtype, device=x.device)
-    z = empty((M, K), dtype=x.dtype, device=x.device)
+    z = empty((M, K) if store_z else (0,), dtype=x.dtype, device=x.device)
     down, up = (rule_down, left_down, right_down), (rule_up, left_up, right_up)
     hd, hu = _saved_h(down, up, K, x.dtype)
     saved = tuple(x.new_empty(0) if h is None else h for h in (hd, hu))  # outputs may not alias: one each
@@ -319,11 +332,12 @@ def _adapter_fwd(
     ru, lu, rgu, mode_u, n_u, r_u = h_args(*up, hu, x.dtype)
     with LAUNCH_LOCK:
         _adapter_fwd_kernel[(cdiv(M, BM),)](
-            x2, r2, y, z, rd, ld, rgd, bias_down if bias_down is not None else x2, ru, lu, rgu,
+            x2, r2, y, z if store_z else x2, rd, ld, rgd, bias_down if bias_down is not None else x2, ru, lu, rgu,
             bias_up if bias_up is not None else x2, M, D, K, x2.stride(0), r2.stride(0), scale,
             x2, x2, 1, 0, 0, 0, 0, 0, 0, 0, 0, MODE_D=mode_d, N_D=n_d, R_D=r_d, MODE_U=mode_u, N_U=n_u, R_U=r_u,
             HAS_BD=bias_down is not None, HAS_BU=bias_up is not None, HAS_RES=residual is not None,
-            ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP, IEEE=x.dtype == torch.float32, num_warps=warps)
+            ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP, IEEE=x.dtype == torch.float32, STORE_Z=store_z,
+            num_warps=warps)
     return y, z, *saved
 
 
@@ -624,5 +638,5 @@ def _grouped(x, residual, ids, T, down, bias_down, up, bias_up, activation, scal
 # ---- backend entry points (signatures of compacter_kernels.reference) -------------------------
 
 compacter_adapter, adapter = adapter_entry_points(
-    register_adapter_op(adapter_fwd, _adapter_fwd, adapter_bwd, _adapter_bwd, h_shapes))
+    register_adapter_op(adapter_fwd, _adapter_fwd, adapter_bwd, _adapter_bwd, h_shapes), _inference)
 multitask_compacter_adapter, multitask_adapter = multitask_entry_points(compacter_adapter, adapter, _grouped)
