@@ -41,7 +41,7 @@ def compile_kernel(kernel, constexprs: dict, dtype: str, arch: int, num_warps: i
     for name in kernel.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in ("order_ptr", "counts_ptr"):  # the row grouping of mixed-task batches (i64)
+        elif name in ("order_ptr", "counts_ptr", "ids_ptr"):  # the row grouping of mixed-task batches (i64)
             sig[name] = "*i64"
         elif name.endswith("_ptr") or name in POINTERS:
             # partial sums and column sums are fp32 whatever the input dtype
@@ -82,6 +82,9 @@ def small_kernel_cases(kernel_name: str):
             yield f"k={k} n=4 r=1 shared rule", common._factor_grads_kernel, c, 4
             yield f"k={k} n=4 r=1 shared rule, 64 tasks", common._factor_grads_kernel, {**c, "GROUPED": True,
                                                                                       "TP": 64}, 4
+    elif kernel_name == "group":  # the row grouping of a mixed-task batch (one program)
+        for tp in (2, 16, 64):
+            yield f"{tp} tasks", adapter._group_rows_kernel, dict(C=max(16, 4096 // tp), TP=tp), 8
     elif kernel_name == "build_h":
         c = dict(MODE1=common.MODE_PHM_FACTORED, N1=8, R1=1, MODE2=common.MODE_PHM_FACTORED, N2=8, R2=1, TWO=True,
                  BR=32, BC=32)
@@ -121,8 +124,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="SM version, e.g. 80 or 90")
     p.add_argument("--dtype", default="bf16", choices=sorted(TYPES))
-    p.add_argument("--kernel", default="fwd,bwd,cols,grads,build_h,reduce",
-                   help="comma list of fwd, bwd (the rows kernel), cols, grads (factor_grads), build_h, reduce")
+    p.add_argument("--kernel", default="fwd,bwd,cols,grads,build_h,reduce,group",
+                   help="comma list of fwd, bwd (the rows kernel), cols, grads (factor_grads), build_h, reduce, "
+                        "group (the rows of a mixed-task batch)")
     p.add_argument("--json", action="store_true", help="one JSON list on stdout instead of the table")
     args = p.parse_args()
     rows = []

@@ -338,8 +338,8 @@ def test_host_benchmark_runs_and_reports_both_bare_ratios(tmp_path):
 
 def test_multitask_benchmark_counts_launches_fused_against_the_loop(tmp_path):
     """compacter-bench --multitask in a process of its own (it stubs Triton's launches for the
-    host-time pass): one launch forward and four forward+backward fused, one (four) per task
-    present for the loop."""
+    host-time pass): fused, the grouping and then one launch forward (three more backward); the
+    loop, one (four) per task present."""
     import subprocess
     import sys
 
@@ -352,8 +352,9 @@ def test_multitask_benchmark_counts_launches_fused_against_the_loop(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     (path,) = tmp_path.glob("compacter-multitask-*.json")
     rows = {(r["tasks"], r["mode"], r["provider"]): r for r in json.loads(path.read_text())["rows"]}
-    for T in (1, 4):
-        assert rows[(T, "fwd", "fused")]["launches"] == 1 and rows[(T, "fwd+bwd", "fused")]["launches"] == 4
+    # Fused: one task is the single-task op; more, the grouping launch and then the same kernels.
+    assert rows[(1, "fwd", "fused")]["launches"] == 1 and rows[(1, "fwd+bwd", "fused")]["launches"] == 4
+    assert rows[(4, "fwd", "fused")]["launches"] == 2 and rows[(4, "fwd+bwd", "fused")]["launches"] == 5
     assert rows[(1, "fwd", "loop")]["launches"] == 1
     assert 1 < rows[(4, "fwd", "loop")]["launches"] <= 4  # one per task present
     assert rows[(4, "fwd+bwd", "loop")]["launches"] == 4 * rows[(4, "fwd", "loop")]["launches"]

@@ -26,10 +26,10 @@ def _compile(arch: int, dtype: str):
 @pytest.mark.parametrize("arch,dtype", [(90, "bf16"), (80, "fp16")])
 def test_adapter_kernels_compile_on_tensor_cores_without_spills(arch, dtype):
     rows = _compile(arch, dtype)
-    assert {r["kernel"] for r in rows} == {"fwd", "bwd", "cols", "grads", "build_h", "reduce"}
+    assert {r["kernel"] for r in rows} == {"fwd", "bwd", "cols", "grads", "build_h", "reduce", "group"}
     for r in rows:
         what = f"sm_{arch} {dtype} {r['kernel']} {r['case']}"
-        if r["kernel"] not in ("grads", "build_h"):  # those two make no matrix product
+        if r["kernel"] not in ("grads", "build_h", "group"):  # those make no matrix product
             assert r["HGMMA"] + r["HMMA"] > 0, f"{what}: no tensor-core instructions"
         # The widest bottleneck's backward may keep a few bytes of stack; anything more is a spill.
         assert r["STACK"] <= (32 if "k=256" in r["case"] else 0), f"{what}: {r['STACK']} bytes of stack"

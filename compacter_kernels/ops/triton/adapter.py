@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ... import reference
 from ..autograd import (ACT_CODE, adapter_entry_points, adapter_math, create_graph_grads, multitask_entry_points,
-                        no_autocast, out_features, register_adapter_op, rows)
+                        out_features, register_adapter_op, rows)
 from .common import (LAUNCH_LOCK, MODE_DENSE, MODE_PHM, MODE_PHM_FACTORED, Partials, Projection, act_bwd, act_fwd,
                      build_h, cdiv, device_index, empty, pow2,
                      factor_grads, h_args, h_tile, interpreting, num_programs_target, padded, prebuilds_h,
@@ -459,35 +459,31 @@ def _(dy, x, z, h_down, h_up, rule_down, left_down, right_down, bias_down, rule_
 
 # ---- mixed-task batches: every task in one launch per kernel ------------------------------------
 #
-# The rows are grouped by task on the device (a stable sort of the ids and the count per task,
-# torch ops, no read back to the host). Each kernel's GROUPED mode maps its programs to blocks
+# The rows are grouped by task on the device (a stable counting sort and the count per task, one
+# launch of one program, no read back to the host). Each kernel's GROUPED mode maps its programs to blocks
 # (or splits) of one task's rows (`_task_block`), reads and writes those rows through the sort's
 # order (so z, g, dz, dx and y stay in the rows' own order) and offsets that task's parameters.
 # Forward 1 launch; backward the same 3 as one task (factor_grads loops over the tasks).
 
-def _stacked_h(rule, left, right, dtype: torch.dtype) -> Tensor:
-    """Every task's H (T, I, O) in ``dtype``, summed in fp32 from the stacked factors and rounded
-    once (the prebuilt-H case: torch ops, as the single-task build_h's values)."""
-    with no_autocast(left):
-        B = left.float() if right is None else left.float() @ right.float()  # (T, n, P, Q)
-        A = rule.float() if rule.dim() == 4 else rule.float().expand(left.shape[0], *rule.shape)
-        T, n, P, Q = B.shape
-        return torch.einsum("tiac,tipq->tapcq", A, B).reshape(T, n * P, n * Q).to(dtype).contiguous()
+def _task_hs(down, up, dtype: torch.dtype, KP: int) -> tuple:
+    """(H_down, H_up): the stacked dense H's (T, I, O) the GROUPED kernels read instead of
+    building tiles: a dense weight in another dtype converted; a PHM projection's past
+    INKERNEL_H_BUDGET, every task's in one build_h launch for both; None: built in the kernels."""
+    T = down[1].shape[0]
 
+    def prebuilt(rule, left, right):
+        return rule is not None and prebuilds_h(rule[0] if rule.dim() == 4 else rule, left[0],
+                                                None if right is None else right[0], KP)
 
-def _task_h(rule, left, right, dtype: torch.dtype, KP: int) -> Optional[Tensor]:
-    """The stacked dense H (T, I, O) a projection is read from in GROUPED mode: a dense weight
-    in another dtype converted, or every task's H past INKERNEL_H_BUDGET; None: built in the kernels."""
-    if rule is None:
-        return None if left.dtype == dtype else left.to(dtype).contiguous()
-    if prebuilds_h(rule[0] if rule.dim() == 4 else rule, left[0], None if right is None else right[0], KP):
-        return _stacked_h(rule, left, right, dtype)
-    return None
+    need = [prebuilt(*p) for p in (down, up)]
+    built = iter(build_h([p for p, n in zip((down, up), need) if n], dtype, tasks=T) if any(need) else ())
+    return tuple(next(built) if n else (p[1].to(dtype).contiguous() if p[0] is None and p[1].dtype != dtype
+                                        else None) for n, p in zip(need, (down, up)))
 
 
 def _task_args(rule, left, right, H: Optional[Tensor]):
     """(rule, left, right, MODE, N, R, task strides of the three) of one stacked projection for
-    the kernels' GROUPED mode; H its stacked dense matrices (`_task_h`) or None."""
+    the kernels' GROUPED mode; H its stacked dense matrices (`_task_hs`) or None."""
     if rule is None and H is None:
         H = left
     if H is not None:
@@ -517,7 +513,7 @@ def _grouped_fwd(x, residual, order, counts, T, down, bias_down, up, bias_up, ac
     y = empty((M, D), dtype=out_dtype, device=x.device)
     z = empty((M, K), dtype=x.dtype, device=x.device) if store_z else None
     BM, BD, KP, warps = _blocks(D, K, x.dtype)
-    hd, hu = _task_h(*down, x.dtype, KP), _task_h(*up, x.dtype, KP)
+    hd, hu = _task_hs(down, up, x.dtype, KP)
     if M == 0:
         return y, z, hd, hu
     rd, ld, rgd, mode_d, n_d, r_d, (t_rd, t_ld, t_rgd) = _task_args(*down, hd)
@@ -582,8 +578,38 @@ def _grouped_bwd(dy, x, z, order, counts, T, hd, hu, down, bias_down, up, bias_u
     return dx, dres, g_rd, g_ld, g_rgd, g_bd, g_ru, g_lu, g_rgu, g_bu
 
 
+@triton.jit
+def _group_rows_kernel(ids_ptr, order_ptr, counts_ptr, M, T, C: tl.constexpr, TP: tl.constexpr):
+    """One program: counts[t] = rows of task t, and order = the rows sorted by task, stably (a
+    counting sort in two passes over the ids, C at a time): what the grouped kernels read."""
+    tasks = tl.arange(0, TP)
+    counts = tl.zeros((TP,), tl.int32)
+    for m0 in range(0, M, C):
+        offs = m0 + tl.arange(0, C)
+        ids = tl.load(ids_ptr + offs, mask=offs < M, other=-1).to(tl.int32)
+        counts += tl.sum((ids[:, None] == tasks[None, :]).to(tl.int32), axis=0)
+    tl.store(counts_ptr + tasks, counts.to(tl.int64), mask=tasks < T)
+    next_pos = tl.cumsum(counts, axis=0) - counts  # where each task's next row goes
+    for m0 in range(0, M, C):
+        offs = m0 + tl.arange(0, C)
+        ids = tl.load(ids_ptr + offs, mask=offs < M, other=-1).to(tl.int32)
+        hit = (ids[:, None] == tasks[None, :]).to(tl.int32)  # (C, TP) one-hot
+        rank = tl.cumsum(hit, axis=0) - hit  # same-task rows before this one in the chunk
+        pos = tl.sum(hit * (next_pos[None, :] + rank), axis=1)
+        tl.store(order_ptr + pos, offs.to(tl.int64), mask=offs < M)
+        next_pos += tl.sum(hit, axis=0)
+
+
 def _grouping(ids: Tensor, T: int) -> tuple[Tensor, Tensor]:
-    return torch.argsort(ids, stable=True), torch.bincount(ids, minlength=T)
+    """(order, counts) of the rows grouped by task: one launch of one program."""
+    ids = ids.contiguous()  # the kernel reads them packed (task_ids may be strided or expanded)
+    M = ids.shape[0]
+    order = empty((M,), dtype=torch.int64, device=ids.device)
+    counts = empty((T,), dtype=torch.int64, device=ids.device)
+    TP = max(2, pow2(T))
+    with LAUNCH_LOCK:
+        _group_rows_kernel[(1,)](ids, order, counts, M, T, C=max(16, 4096 // TP), TP=TP, num_warps=8)
+    return order, counts
 
 
 class _GroupedAdapter(torch.autograd.Function):

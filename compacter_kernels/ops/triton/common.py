@@ -189,38 +189,47 @@ def _build_h_tile(rule_ptr, left_ptr, right_ptr, h_ptr, tile, I, O, BR: tl.const
 
 @triton.jit
 def _build_h_kernel(r1, l1, rg1, h1, I1, O1, tiles1, r2, l2, rg2, h2, I2, O2,
+                    t_r1, t_l1, t_rg1, t_r2, t_l2, t_rg2,
                     MODE1: tl.constexpr, N1: tl.constexpr, R1: tl.constexpr,
                     MODE2: tl.constexpr, N2: tl.constexpr, R2: tl.constexpr, TWO: tl.constexpr,
                     BR: tl.constexpr, BC: tl.constexpr):
     """H = sum_i kron(A_i, B_i) of one or two projections, summed in fp32 and rounded once to
-    the output's dtype; one (BR, BC) tile per program, the first projection's tiles first."""
-    pid = tl.program_id(0)
+    the output's dtype; one (BR, BC) tile per program, the first projection's tiles first.
+    Along grid axis 1, the tasks of stacked factors (task t's at t times its stride, its H at
+    t * I * O)."""
+    pid, t = tl.program_id(0), tl.program_id(1)
     if pid < tiles1:
-        _build_h_tile(r1, l1, rg1, h1, pid, I1, O1, BR, BC, MODE1, N1, R1)
+        _build_h_tile(r1 + t * t_r1, l1 + t * t_l1, rg1 + t * t_rg1, h1 + t * I1 * O1, pid, I1, O1, BR, BC, MODE1,
+                      N1, R1)
     elif TWO:
-        _build_h_tile(r2, l2, rg2, h2, pid - tiles1, I2, O2, BR, BC, MODE2, N2, R2)
+        _build_h_tile(r2 + t * t_r2, l2 + t * t_l2, rg2 + t * t_rg2, h2 + t * I2 * O2, pid - tiles1, I2, O2, BR, BC,
+                      MODE2, N2, R2)
 
 
-def build_h(projections, dtype: torch.dtype) -> list:
+def build_h(projections, dtype: torch.dtype, tasks: int = 0) -> list:
     """The H (I, O) in ``dtype`` of each (rule, left, right) of ``projections`` (one or two), in
-    one launch."""
+    one launch. ``tasks`` T > 0: the factors are stacked per task (a rule of three dimensions
+    shared by the tasks), and each H is (T, I, O)."""
     BR, BC = 32, 32
-    args, consts, hs, tiles = [], {}, [], []
+    args, strides, consts, hs, tiles = [], [], {}, [], []
     for j, (rule, left, right) in enumerate(projections, start=1):
-        n = rule.shape[0]
-        I, O = n * left.shape[1], n * (left if right is None else right).shape[2]
-        H = torch.empty((I, O), dtype=dtype, device=left.device)
+        n = rule.shape[-1]
+        I, O = n * left.shape[-2], n * (left if right is None else right).shape[-1]
+        H = torch.empty((tasks, I, O) if tasks else (I, O), dtype=dtype, device=left.device)
         hs.append(H)
         tiles.append(cdiv(I, BR) * cdiv(O, BC))
         mode = MODE_PHM if right is None else MODE_PHM_FACTORED
         args.append((rule, left, left if right is None else right, H, I, O))
-        consts.update({f"MODE{j}": mode, f"N{j}": n, f"R{j}": 1 if right is None else left.shape[2]})
+        strides.append((rule[0].numel() if tasks and rule.dim() == 4 else 0, left[0].numel() if tasks else 0,
+                        (left if right is None else right)[0].numel() if tasks else 0))
+        consts.update({f"MODE{j}": mode, f"N{j}": n, f"R{j}": 1 if right is None else left.shape[-1]})
     if len(projections) == 1:
         args.append(args[0])
+        strides.append(strides[0])
         consts.update(MODE2=consts["MODE1"], N2=consts["N1"], R2=consts["R1"])
     with LAUNCH_LOCK:
-        _build_h_kernel[(sum(tiles),)](*args[0], tiles[0], *args[1], TWO=len(projections) == 2, BR=BR, BC=BC,
-                                       **consts, num_warps=4)
+        _build_h_kernel[(sum(tiles), max(1, tasks))](*args[0], tiles[0], *args[1], *strides[0], *strides[1],
+                                                      TWO=len(projections) == 2, BR=BR, BC=BC, **consts, num_warps=4)
     return hs
 
 
