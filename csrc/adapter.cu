@@ -112,13 +112,14 @@ CudaLauncher launcher_for(const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor> cuda_adapter_fwd(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                                                     const at::Tensor& h_down, const std::optional<at::Tensor>& bias_down,
                                                     const at::Tensor& h_up, const std::optional<at::Tensor>& bias_up,
-                                                    int64_t activation, double scale, at::ScalarType out_dtype) {
+                                                    int64_t activation, double scale, at::ScalarType out_dtype,
+                                                    bool store_z) {
   CHECK_DEVICE(x);
   c10::cuda::CUDAGuard device_guard{x.device()};
   check_devices(x, {{"residual", opt(residual)}, {"h_down", &h_down}, {"bias_down", opt(bias_down)},
                     {"h_up", &h_up}, {"bias_up", opt(bias_up)}}, "cuda_adapter_fwd");
   CudaLauncher launch = launcher_for(x);
-  return adapter_fwd(launch, x, residual, h_down, bias_down, h_up, bias_up, activation, scale, out_dtype);
+  return adapter_fwd(launch, x, residual, h_down, bias_down, h_up, bias_up, activation, scale, out_dtype, store_z);
 }
 
 AdapterGrads cuda_adapter_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& z, const at::Tensor& h_down,

@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(kThreads) adapter_fwd_kernel(const FwdArgs a) 
     if (c < a.k) {
       if (a.b_down != nullptr) v += load1_dyn(a.b_down, a.b_down_dt, c);
       const T zt = T(v);
-      if (gr < a.M) z[gr * a.k + c] = zt;
+      if (gr < a.M && z != nullptr) z[gr * a.k + c] = zt;  // nullptr: no backward will read z
       g = act_fwd(static_cast<float>(zt), a.act);
     }
     gs[r * L.ldk + c] = T(g);

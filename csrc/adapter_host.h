@@ -138,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor> adapter_fwd(Launcher& launch, const at::Tenso
                                                const std::optional<at::Tensor>& residual_in, const at::Tensor& h_down,
                                                const std::optional<at::Tensor>& bias_down, const at::Tensor& h_up,
                                                const std::optional<at::Tensor>& bias_up, int64_t activation,
-                                               double scale, at::ScalarType out_dtype) {
+                                               double scale, at::ScalarType out_dtype, bool store_z = true) {
   constexpr const char* op = "cuda_adapter_fwd";
   check_kernel_dtype(x_in, op);
   TORCH_CHECK(x_in.dim() == 2, op, ": x must be 2-D (rows, d), got shape ", x_in.sizes());
@@ -157,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor> adapter_fwd(Launcher& launch, const at::Tenso
   }
 
   at::Tensor y = launch.empty({M, d}, x_in.options().dtype(out_dtype));
-  at::Tensor z = launch.empty({M, k}, x_in.options());
+  at::Tensor z = launch.empty(store_z ? std::vector<int64_t>{M, k} : std::vector<int64_t>{0}, x_in.options());
   if (M == 0) return {y, z};
   const at::Tensor x = rows_view(x_in);
   at::Tensor residual;  // undefined: r = x
@@ -171,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor> adapter_fwd(Launcher& launch, const at::Tenso
   args.h_up = h_up.data_ptr();
   args.b_up = bias_up.has_value() ? bias_up->data_ptr() : nullptr;
   args.y = y.data_ptr();
-  args.z = z.data_ptr();
+  args.z = store_z ? z.data_ptr() : nullptr;  // store_z false: inference, z not written
   args.sx = x.stride(0);
   args.sr = residual.defined() ? residual.stride(0) : 0;
   args.M = M;

@@ -23,9 +23,9 @@ TORCH_LIBRARY(compacter_kernels, m) {
   m.def("phm_weight(Tensor rule, Tensor left, Tensor? right) -> Tensor",
         {at::Tag::pt2_compliant_tag});
   // The fused adapter on dense H (impls in adapter.cu). activation: 0 gelu,
-  // 1 gelu_tanh, 2 relu, 3 silu, 4 identity.
+  // 1 gelu_tanh, 2 relu, 3 silu, 4 identity. store_z false: z is not written (an empty tensor).
   m.def("cuda_adapter_fwd(Tensor x, Tensor? residual, Tensor h_down, Tensor? bias_down, Tensor h_up, "
-        "Tensor? bias_up, int activation, float scale, ScalarType out_dtype) -> (Tensor, Tensor)",
+        "Tensor? bias_up, int activation, float scale, ScalarType out_dtype, bool store_z=True) -> (Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
   // Backward in three launches: (dx, d residual, then each parameter's gradient in its dtype:
   // d rule_down, d left_down, d right_down, d bias_down, d rule_up, d left_up, d right_up,

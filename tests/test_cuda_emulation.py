@@ -175,6 +175,18 @@ def test_a_bad_knob_value_says_what_is_expected(monkeypatch, value):
         _fwd(torch.randn(M, D), torch.randn(D, K), torch.randn(K, D))
 
 
+def test_inference_writes_no_z():
+    """store_z=False (what the entry point passes under no_grad / inference_mode): the same y, no z."""
+    x, h_down, h_up = torch.randn(M, D), torch.randn(D, K), torch.randn(K, D)
+    y, z = _fwd(x, h_down, h_up)
+    y0, z0 = torch.ops.compacter_kernels.cuda_adapter_fwd(x, None, h_down, None, h_up, None, 0, 1.0, x.dtype, False)
+    assert torch.equal(y0, y) and z0.numel() == 0 and z.shape == (M, K)
+    inp = compacter_inputs(lead=(19,), d=64, k=16, n=4, rank=1, dtype=torch.float32)
+    with_z = ck.compacter_adapter(*inp.args(), backend="cuda")
+    with torch.inference_mode():
+        assert torch.equal(ck.compacter_adapter(*inp.args(), backend="cuda"), with_z.detach())
+
+
 # ---- the launch budget (tests/test_counts.py's, for the cuda backend) ----------------------------
 
 def _counts(fn, args, leaves):

@@ -226,7 +226,7 @@ def test_phm_weight_cuda_rejects_bad_inputs(ext):
 ADAPTER_SCHEMAS = {
     "cuda_adapter_fwd": "compacter_kernels::cuda_adapter_fwd(Tensor x, Tensor? residual, Tensor h_down, "
                         "Tensor? bias_down, Tensor h_up, Tensor? bias_up, int activation, float scale, "
-                        "ScalarType out_dtype) -> (Tensor, Tensor)",
+                        "ScalarType out_dtype, bool store_z=True) -> (Tensor, Tensor)",
     "cuda_adapter_bwd": "compacter_kernels::cuda_adapter_bwd(Tensor dy, Tensor x, Tensor z, Tensor h_down, "
                         "Tensor h_up, Tensor? rule_down, Tensor left_down, Tensor? right_down, Tensor? bias_down, "
                         "Tensor? rule_up, Tensor left_up, Tensor? right_up, Tensor? bias_up, int activation, "

@@ -20,9 +20,10 @@ std::tuple<at::Tensor, at::Tensor> emulated_adapter_fwd(const at::Tensor& x, con
                                                         const at::Tensor& h_down,
                                                         const std::optional<at::Tensor>& bias_down,
                                                         const at::Tensor& h_up, const std::optional<at::Tensor>& bias_up,
-                                                        int64_t activation, double scale, at::ScalarType out_dtype) {
+                                                        int64_t activation, double scale, at::ScalarType out_dtype,
+                                                        bool store_z) {
   EmulatedLauncher launch;
-  return adapter_fwd(launch, x, residual, h_down, bias_down, h_up, bias_up, activation, scale, out_dtype);
+  return adapter_fwd(launch, x, residual, h_down, bias_down, h_up, bias_up, activation, scale, out_dtype, store_z);
 }
 
 AdapterGrads emulated_adapter_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& z,

@@ -62,10 +62,10 @@ def _bias(b: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 # ---- fake (meta) impls of the C++ ops: shapes and dtypes only, for torch.compile / FakeTensor ----
 
 @torch.library.register_fake("compacter_kernels::cuda_adapter_fwd")
-def _cuda_adapter_fwd_fake(x, residual, h_down, bias_down, h_up, bias_up, activation, scale, out_dtype):
+def _cuda_adapter_fwd_fake(x, residual, h_down, bias_down, h_up, bias_up, activation, scale, out_dtype, store_z=True):
     torch._check(x.dim() == 2 and h_down.dim() == 2, lambda: "cuda_adapter_fwd: x and h_down must be 2-D")
     M, k = x.shape[0], h_down.shape[1]
-    return x.new_empty((M, x.shape[1]), dtype=out_dtype), x.new_empty((M, k))
+    return x.new_empty((M, x.shape[1]), dtype=out_dtype), x.new_empty((M, k) if store_z else (0,))
 
 
 @torch.library.register_fake("compacter_kernels::cuda_adapter_bwd")
@@ -108,12 +108,25 @@ def _adapter_fwd(
     empty placeholder for a dense weight in x's dtype, which backward reads as it is). rule_* None
     means the projection is dense (left_* is the matrix). Under autocast x comes in the autocast
     dtype while the parameters keep theirs, and out_dtype may be wider than x's."""
+    return _forward(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
+                    activation, scale, out_dtype, store_z=True)
+
+
+def _inference(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
+               activation, scale, out_dtype):
+    """y alone, where no gradient is wanted (no_grad, inference_mode, frozen weights): z not written."""
+    return _forward(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
+                    activation, scale, out_dtype, store_z=False)[0]
+
+
+def _forward(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
+             activation, scale, out_dtype, store_z: bool):
     check_device(x)
     down, up = (rule_down, left_down, right_down), (rule_up, left_up, right_up)
     h_down, h_up = build_h((down, up), x.dtype)  # empty where the kernels read a dense weight as it is
     y, z = torch.ops.compacter_kernels.cuda_adapter_fwd(
         x, residual, h_down if h_down.numel() else left_down, _bias(bias_down, x.dtype),
-        h_up if h_up.numel() else left_up, _bias(bias_up, x.dtype), ACT_CODE[activation], scale, out_dtype)
+        h_up if h_up.numel() else left_up, _bias(bias_up, x.dtype), ACT_CODE[activation], scale, out_dtype, store_z)
     return y, z, h_down, h_up
 
 
@@ -137,6 +150,6 @@ def _kernels_bwd(dy, x, z, h_down, h_up, rd, ld, rgd, bd, ru, lu, rgu, bu, activ
 
 # The backward calls the C++ ops directly either way: no Python op of its own to bypass.
 compacter_adapter, adapter = adapter_entry_points(
-    register_adapter_op(adapter_fwd, _adapter_fwd, _kernels_bwd, _kernels_bwd, h_shapes))
+    register_adapter_op(adapter_fwd, _adapter_fwd, _kernels_bwd, _kernels_bwd, h_shapes), _inference)
 # Mixed-task batches: one call of the fused single-task op per task present (no grouped kernel yet).
 multitask_compacter_adapter, multitask_adapter = multitask_entry_points(compacter_adapter, adapter)
