@@ -82,6 +82,15 @@ def _task_block(pid, order_ptr, counts_ptr, T, BLK, TP: tl.constexpr):
 
 
 @triton.jit
+def _task_rows(pid, order_ptr, counts_ptr, T, BM: tl.constexpr, TP: tl.constexpr):
+    """(task as int64, row ids, mask) of block ``pid`` of BM grouped rows (`_task_block`)."""
+    task, lo, hi, _ = _task_block(pid, order_ptr, counts_ptr, T, BM, TP)
+    idx = lo + tl.arange(0, BM)
+    mask_m = idx < hi
+    return task.to(tl.int64), tl.load(order_ptr + idx, mask=mask_m, other=0).to(tl.int64), mask_m
+
+
+@triton.jit
 def _adapter_fwd_kernel(
     x_ptr, r_ptr, y_ptr, z_ptr,
     rd_ptr, ld_ptr, rgd_ptr, bd_ptr, ru_ptr, lu_ptr, rgu_ptr, bu_ptr,
@@ -99,11 +108,7 @@ def _adapter_fwd_kernel(
     is not written (no backward will read it)."""
     pid = tl.program_id(0)
     if GROUPED:
-        task, lo, hi, _ = _task_block(pid, order_ptr, counts_ptr, T, BM, TP)
-        idx = lo + tl.arange(0, BM)
-        mask_m = idx < hi
-        offs_m = tl.load(order_ptr + idx, mask=mask_m, other=0).to(tl.int64)
-        task = task.to(tl.int64)
+        task, offs_m, mask_m = _task_rows(pid, order_ptr, counts_ptr, T, BM, TP)
         rd_ptr += task * t_rd
         ld_ptr += task * t_ld
         rgd_ptr += task * t_rgd
@@ -168,11 +173,7 @@ def _adapter_bwd_kernel(
     (both written, M*k each) and, with a residual, d residual = dy. GROUPED: as the forward's."""
     pid = tl.program_id(0)
     if GROUPED:
-        task, lo, hi, _ = _task_block(pid, order_ptr, counts_ptr, T, BM, TP)
-        idx = lo + tl.arange(0, BM)
-        mask_m = idx < hi
-        offs_m = tl.load(order_ptr + idx, mask=mask_m, other=0).to(tl.int64)
-        task = task.to(tl.int64)
+        task, offs_m, mask_m = _task_rows(pid, order_ptr, counts_ptr, T, BM, TP)
         ru_ptr += task * t_ru
         lu_ptr += task * t_lu
         rgu_ptr += task * t_rgu
