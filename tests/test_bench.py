@@ -359,3 +359,8 @@ def test_multitask_benchmark_counts_launches_fused_against_the_loop(tmp_path):
     assert 1 < rows[(4, "fwd", "loop")]["launches"] <= 4  # one per task present
     assert rows[(4, "fwd+bwd", "loop")]["launches"] == 4 * rows[(4, "fwd", "loop")]["launches"]
     assert all(r["host_median_us"] > 0 and r["gpu_median_ms"] is None for r in rows.values())
+    # The eager per-task loop (AdapterHub's unfused BatchSplit computation): no Triton launch,
+    # torch ops per task instead; fused, at most a few (validation) whatever T.
+    assert rows[(4, "fwd+bwd", "eager-loop")]["launches"] == 0
+    assert rows[(4, "fwd+bwd", "eager-loop")]["aten_ops"] > rows[(1, "fwd+bwd", "eager-loop")]["aten_ops"] > 0
+    assert rows[(4, "fwd+bwd", "fused")]["aten_ops"] <= 8 < rows[(4, "fwd+bwd", "eager-loop")]["aten_ops"]

@@ -1,9 +1,13 @@
 """Mixed-task batches: every task in one fused launch per kernel against a per-task loop of the
-fused single-task op (what a user, or AdapterHub's BatchSplit over fused adapters, runs today).
+fused single-task op (what a user, or AdapterHub's BatchSplit over fused adapters, runs today)
+and against a per-task loop of the eager reference (the unfused computation AdapterHub's own
+BatchSplit runs: each task's slice through the PHM construction, matmuls, activation and add
+as separate torch ops; the library's code itself is not what is timed here).
 
 Per number of tasks T, per mode (fwd: inference under no_grad; fwd+bwd: training), per provider
 ("fused": ck.multitask_compacter_adapter; "loop": one ck.compacter_adapter call per task on its
-rows): the Triton launches per call (counted, any machine), the host time per call with every
+rows; "eager-loop": one reference call per task): the Triton launches and the aten ops that
+compute, per call (counted, any machine), the host time per call with every
 launch stubbed (any machine: a benchmark, not a test), and on a GPU the time per call (CUDA
 events, medians). Sequences (of 128 tokens on a GPU) are spread over the tasks at random.
 
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 import triton
 import triton.runtime.interpreter as triton_interpreter
 
@@ -57,11 +62,16 @@ def _loop(x, ids, params):
         single=lambda xt, *p, **kw: ck.compacter_adapter(xt, *p, **kw, backend="triton"))
 
 
+def _eager_loop(x, ids, params):
+    """One eager reference call per task present (the unfused per-task loop)."""
+    return ck.multitask_compacter_adapter(x, ids, *params, backend="reference")
+
+
 def _fused(x, ids, params):
     return ck.multitask_compacter_adapter(x, ids, *params, backend="triton")
 
 
-PROVIDERS = {"fused": _fused, "loop": _loop}
+PROVIDERS = {"fused": _fused, "loop": _loop, "eager-loop": _eager_loop}
 
 
 def _call(provider: Callable, mode: str, x, ids, params) -> Callable[[], object]:
@@ -76,6 +86,31 @@ def _call(provider: Callable, mode: str, x, ids, params) -> Callable[[], object]
         def run():
             return torch.autograd.grad(provider(x, ids, params), leaves, dy)
     return run
+
+
+class _AtenOps(TorchDispatchMode):
+    """Counts the aten ops that compute (views and allocations left out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        returns = func._schema.returns
+        view = bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+        if name.startswith("aten::") and not view and name[6:] not in _ALLOCATIONS:
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+_ALLOCATIONS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"}
+
+
+def _aten_ops(run: Callable[[], object]) -> int:
+    with _AtenOps() as mode:
+        run()
+    return mode.ops
 
 
 def _launches(run: Callable[[], object]) -> int:
@@ -129,7 +164,8 @@ def measure(tasks, M: int, d: int, k: int, n: int, dtype, device, reps: int, cal
     noop = lambda self, grid: (lambda *args, **kwargs: None)  # noqa: E731
     for cls in _GETITEMS:  # host time: launches stubbed from here on
         cls.__getitem__ = noop
-    for run in cases.values():
+    for row, run in zip(rows, cases.values()):
+        row["aten_ops"] = _aten_ops(run)  # stubbed: the interpreter's own tensor ops left out
         for _ in range(3):
             run()
     host = {key: [] for key in cases}
@@ -163,11 +199,12 @@ def main(argv=None) -> int:
     rows = measure(tasks, M, d, k, 4, dtype, device, args.reps, args.calls, seq)
     print(f"mixed-task batches, M={M} d={d} k={k} n=4 {rows[0]['dtype']} on {device.type}; host time with "
           "launches stubbed" + ("" if gpu else "; no GPU: no GPU time"))
-    print(f"{'T':>3} {'mode':>8} {'provider':>8} {'launches':>8} {'host us':>9} {'x loop':>7} {'GPU ms':>8} {'x loop':>7}")
+    print(f"{'T':>3} {'mode':>8} {'provider':>10} {'launches':>8} {'aten ops':>8} {'host us':>9} {'x loop':>7} {'GPU ms':>8} {'x loop':>7}")
     for r in rows:
         gpu_ms = "-" if r["gpu_median_ms"] is None else f"{r['gpu_median_ms']:.4f}"
         gpu_x = "-" if r["gpu_x_loop"] is None else f"{r['gpu_x_loop']:.2f}"
-        print(f"{r['tasks']:>3} {r['mode']:>8} {r['provider']:>8} {r['launches']:>8} {r['host_median_us']:9.1f} "
+        print(f"{r['tasks']:>3} {r['mode']:>8} {r['provider']:>10} {r['launches']:>8} {r['aten_ops']:>8} "
+              f"{r['host_median_us']:9.1f} "
               f"{r['host_x_loop']:7.2f} {gpu_ms:>8} {gpu_x:>7}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"compacter-multitask-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
