@@ -216,6 +216,7 @@ def _fsdp_worker(rank, backend, init_file, out_file):
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}  # every rank joins the gather
         if rank == 0:
             torch.save({"loss": mean / WORLD, "grads": grads}, out_file)
+        dist.barrier()  # no rank tears gloo down while another is still in a collective (a SIGABRT seen in CI)
     finally:
         dist.destroy_process_group()
 
