@@ -15,13 +15,7 @@ import triton
 import triton.runtime.interpreter as triton_interpreter
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-ALLOCATIONS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"}
-
-
-def _is_view(func) -> bool:
-    returns = func._schema.returns
-    return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
-
+from compacter_kernels.bench.counts import computes
 
 @dataclass
 class Counts:
@@ -47,8 +41,8 @@ class _Recorder(TorchDispatchMode):
         if name in self.impls:
             with self:
                 return self.impls[name](*args, **kwargs)
-        if func.namespace == "aten" and not _is_view(func) and func._schema.name.split("::")[1] not in ALLOCATIONS:
-            self.counts.aten[func._schema.name.split("::")[1]] += 1
+        if computes(func):
+            self.counts.aten[name.split("::")[1]] += 1
         return func(*args, **kwargs)
 
 

@@ -45,3 +45,15 @@ def flops(op: str, mode: str, M: int, d: int, k: int) -> int:
     _check(op, mode)
     fwd = (2 if op == "phm_linear" else 4) * M * d * k
     return {"fwd": fwd, "bwd": 2 * fwd, "fwd+bwd": 3 * fwd}[mode]
+
+
+_ALLOCATIONS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"}
+
+
+def computes(func) -> bool:
+    """Whether an op seen by a dispatch mode is an aten op that computes: not a view, not an
+    allocation (what a count of kernels launched counts)."""
+    name = func._schema.name
+    returns = func._schema.returns
+    view = bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+    return name.startswith("aten::") and not view and name[len("aten::"):] not in _ALLOCATIONS

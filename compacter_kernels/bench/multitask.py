@@ -33,7 +33,7 @@ import triton.runtime.interpreter as triton_interpreter
 
 import compacter_kernels as ck
 
-from . import report, timing
+from . import counts, report, timing
 
 TASKS = (1, 4, 16, 64)
 _GETITEMS = {cls: cls.__getitem__ for cls in (triton_interpreter.InterpretedFunction,
@@ -89,22 +89,15 @@ def _call(provider: Callable, mode: str, x, ids, params) -> Callable[[], object]
 
 
 class _AtenOps(TorchDispatchMode):
-    """Counts the aten ops that compute (views and allocations left out)."""
+    """Counts the aten ops that compute (`counts.computes`)."""
 
     def __init__(self):
         super().__init__()
         self.ops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
-        returns = func._schema.returns
-        view = bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
-        if name.startswith("aten::") and not view and name[6:] not in _ALLOCATIONS:
-            self.ops += 1
+        self.ops += counts.computes(func)
         return func(*args, **(kwargs or {}))
-
-
-_ALLOCATIONS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"}
 
 
 def _aten_ops(run: Callable[[], object]) -> int:
@@ -114,14 +107,14 @@ def _aten_ops(run: Callable[[], object]) -> int:
 
 
 def _launches(run: Callable[[], object]) -> int:
-    counts = Counter()
+    seen = Counter()
 
     def counted(cls):
         def getitem(self, grid):
             launch = _GETITEMS[cls](self, grid)
 
             def go(*args, **kwargs):
-                counts["launches"] += 1
+                seen["launches"] += 1
                 return launch(*args, **kwargs)
             return go
         return getitem
@@ -133,7 +126,7 @@ def _launches(run: Callable[[], object]) -> int:
     finally:
         for cls, fn in _GETITEMS.items():
             cls.__getitem__ = fn
-    return counts["launches"]
+    return seen["launches"]
 
 
 def _host_us(run: Callable[[], object], reps: int, calls: int) -> list[float]:
@@ -204,8 +197,7 @@ def main(argv=None) -> int:
         gpu_ms = "-" if r["gpu_median_ms"] is None else f"{r['gpu_median_ms']:.4f}"
         gpu_x = "-" if r["gpu_x_loop"] is None else f"{r['gpu_x_loop']:.2f}"
         print(f"{r['tasks']:>3} {r['mode']:>8} {r['provider']:>10} {r['launches']:>8} {r['aten_ops']:>8} "
-              f"{r['host_median_us']:9.1f} "
-              f"{r['host_x_loop']:7.2f} {gpu_ms:>8} {gpu_x:>7}")
+              f"{r['host_median_us']:9.1f} {r['host_x_loop']:7.2f} {gpu_ms:>8} {gpu_x:>7}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"compacter-multitask-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     meta = report.metadata(device, "compacter-bench --multitask", shape=dict(M=M, d=d, k=k, n=4))
