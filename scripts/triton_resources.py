@@ -84,11 +84,13 @@ def small_kernel_cases(kernel_name: str):
                                                                                       "TP": 64}, 4
     elif kernel_name == "group":  # the row grouping of a mixed-task batch (one program)
         for tp in (2, 16, 64):
-            yield f"{tp} tasks", adapter._group_rows_kernel, dict(C=max(16, 4096 // tp), TP=tp), 8
+            yield f"{tp} tasks", adapter._group_rows_kernel, common.grouping_consts(tp), 8
     elif kernel_name == "build_h":
         c = dict(MODE1=common.MODE_PHM_FACTORED, N1=8, R1=1, MODE2=common.MODE_PHM_FACTORED, N2=8, R2=1, TWO=True,
-                 BR=32, BC=32)
+                 BR=32, BC=32, GROUP=False, C=16, TP=2)
         yield "two projections n=8 r=1", common._build_h_kernel, c, 4
+        yield "two projections n=8 r=1, grouping 64 tasks", common._build_h_kernel, {
+            **c, "GROUP": True, **common.grouping_consts(64)}, 4
     elif kernel_name == "reduce":
         yield "phm_linear dH, BA=64 BB=128", common._reduce_rows_kernel, dict(COLSUM=True, BA=64, BB=128, BM=64,
                                                                             IEEE=False), 8

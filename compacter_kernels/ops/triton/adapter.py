@@ -35,9 +35,8 @@ from ... import reference
 from ..autograd import (ACT_CODE, adapter_entry_points, adapter_math, create_graph_grads, multitask_entry_points,
                         out_features, register_adapter_op, rows)
 from .common import (LAUNCH_LOCK, MODE_DENSE, MODE_PHM, MODE_PHM_FACTORED, Partials, Projection, act_bwd, act_fwd,
-                     build_h, cdiv, device_index, empty, pow2,
-                     factor_grads, h_args, h_tile, interpreting, num_programs_target, padded, prebuilds_h,
-                     split_rows)
+                     build_h, cdiv, device_index, empty, factor_grads, group_rows, grouping_consts, h_args, h_tile,
+                     interpreting, num_programs_target, padded, pow2, prebuilds_h, split_rows)
 
 
 @functools.lru_cache(maxsize=1024)  # pure: computed once per shape (host time)
@@ -466,20 +465,29 @@ def _(dy, x, z, h_down, h_up, rule_down, left_down, right_down, bias_down, rule_
 # order (so z, g, dz, dx and y stay in the rows' own order) and offsets that task's parameters.
 # Forward 1 launch; backward the same 3 as one task (factor_grads loops over the tasks).
 
-def _task_hs(down, up, dtype: torch.dtype, KP: int) -> tuple:
-    """(H_down, H_up): the stacked dense H's (T, I, O) the GROUPED kernels read instead of
-    building tiles: a dense weight in another dtype converted; a PHM projection's past
-    INKERNEL_H_BUDGET, every task's in one build_h launch for both; None: built in the kernels."""
-    T = down[1].shape[0]
+def _task_hs(down, up, dtype: torch.dtype, KP: int, ids: Tensor, T: int) -> tuple:
+    """(order, counts, H_down, H_up): the rows grouped by task (`group_rows`), and the stacked dense
+    H's (T, I, O) the GROUPED kernels read instead of building tiles: a dense weight in another
+    dtype converted; a PHM projection's past INKERNEL_H_BUDGET, every task's in one build_h
+    launch for both, which also groups the rows; None: built in the kernels. One launch."""
+    ids = ids.contiguous()  # the kernels read them packed (task_ids may be strided or expanded)
+    order = empty((ids.shape[0],), dtype=torch.int64, device=ids.device)
+    counts = empty((T,), dtype=torch.int64, device=ids.device)
 
     def prebuilt(rule, left, right):
         return rule is not None and prebuilds_h(rule[0] if rule.dim() == 4 else rule, left[0],
                                                 None if right is None else right[0], KP)
 
     need = [prebuilt(*p) for p in (down, up)]
-    built = iter(build_h([p for p, n in zip((down, up), need) if n], dtype, tasks=T) if any(need) else ())
-    return tuple(next(built) if n else (p[1].to(dtype).contiguous() if p[0] is None and p[1].dtype != dtype
-                                        else None) for n, p in zip(need, (down, up)))
+    if any(need):
+        built = iter(build_h([p for p, n in zip((down, up), need) if n], dtype, tasks=T,
+                             grouping=(ids, order, counts)))
+    else:
+        with LAUNCH_LOCK:
+            _group_rows_kernel[(1,)](ids, order, counts, ids.shape[0], T, **grouping_consts(T), num_warps=8)
+    hs = tuple(next(built) if n else (p[1].to(dtype).contiguous() if p[0] is None and p[1].dtype != dtype
+                                      else None) for n, p in zip(need, (down, up)))
+    return (order, counts, *hs)
 
 
 def _task_args(rule, left, right, H: Optional[Tensor]):
@@ -504,19 +512,20 @@ def _stacked_k(down, bias_down) -> int:
     return left.shape[-1] if rule is None else rule.shape[-1] * (left if right is None else right).shape[-1]
 
 
-def _grouped_fwd(x, residual, order, counts, T, down, bias_down, up, bias_up, activation, scale, out_dtype,
-                 store_z: bool):
-    """(y, z or None, H_down, H_up) of a mixed-task batch, one launch: row order[j] of x (M, d)
-    goes through the adapter of the task whose block of the grouped rows holds j; the H's the
-    kernel read (stacked, or None where it built them) are kept for backward."""
+def _grouped_fwd(x, residual, ids, T, down, bias_down, up, bias_up, activation, scale, out_dtype, store_z: bool):
+    """(y, z or None, order, counts, H_down, H_up) of a mixed-task batch, in two launches (the
+    grouping, or build_h with the grouping; `_task_hs`) and the forward kernel: row order[j] of
+    x (M, d) goes through the adapter of the task whose block of the grouped rows holds j; the
+    grouping and the H's the kernel read (stacked, or None where it built them) are kept for
+    backward."""
     M, D = x.shape
     K = _stacked_k(down, bias_down)
     y = empty((M, D), dtype=out_dtype, device=x.device)
     z = empty((M, K), dtype=x.dtype, device=x.device) if store_z else None
     BM, BD, KP, warps = _blocks(D, K, x.dtype)
-    hd, hu = _task_hs(down, up, x.dtype, KP)
+    order, counts, hd, hu = _task_hs(down, up, x.dtype, KP, ids, T)
     if M == 0:
-        return y, z, hd, hu
+        return y, z, order, counts, hd, hu
     rd, ld, rgd, mode_d, n_d, r_d, (t_rd, t_ld, t_rgd) = _task_args(*down, hd)
     ru, lu, rgu, mode_u, n_u, r_u, (t_ru, t_lu, t_rgu) = _task_args(*up, hu)
     r2 = residual if residual is not None else x
@@ -529,7 +538,7 @@ def _grouped_fwd(x, residual, order, counts, T, down, bias_down, up, bias_up, ac
             HAS_BD=bias_down is not None, HAS_BU=bias_up is not None, HAS_RES=residual is not None,
             ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP, IEEE=x.dtype == torch.float32,
             GROUPED=True, TP=max(2, pow2(T)), STORE_Z=store_z, num_warps=warps)
-    return y, z, hd, hu
+    return y, z, order, counts, hd, hu
 
 
 def _grouped_bwd(dy, x, z, order, counts, T, hd, hu, down, bias_down, up, bias_up, activation, scale,
@@ -581,36 +590,8 @@ def _grouped_bwd(dy, x, z, order, counts, T, hd, hu, down, bias_down, up, bias_u
 
 @triton.jit
 def _group_rows_kernel(ids_ptr, order_ptr, counts_ptr, M, T, C: tl.constexpr, TP: tl.constexpr):
-    """One program: counts[t] = rows of task t, and order = the rows sorted by task, stably (a
-    counting sort in two passes over the ids, C at a time): what the grouped kernels read."""
-    tasks = tl.arange(0, TP)
-    counts = tl.zeros((TP,), tl.int32)
-    for m0 in range(0, M, C):
-        offs = m0 + tl.arange(0, C)
-        ids = tl.load(ids_ptr + offs, mask=offs < M, other=-1).to(tl.int32)
-        counts += tl.sum((ids[:, None] == tasks[None, :]).to(tl.int32), axis=0)
-    tl.store(counts_ptr + tasks, counts.to(tl.int64), mask=tasks < T)
-    next_pos = tl.cumsum(counts, axis=0) - counts  # where each task's next row goes
-    for m0 in range(0, M, C):
-        offs = m0 + tl.arange(0, C)
-        ids = tl.load(ids_ptr + offs, mask=offs < M, other=-1).to(tl.int32)
-        hit = (ids[:, None] == tasks[None, :]).to(tl.int32)  # (C, TP) one-hot
-        rank = tl.cumsum(hit, axis=0) - hit  # same-task rows before this one in the chunk
-        pos = tl.sum(hit * (next_pos[None, :] + rank), axis=1)
-        tl.store(order_ptr + pos, offs.to(tl.int64), mask=offs < M)
-        next_pos += tl.sum(hit, axis=0)
-
-
-def _grouping(ids: Tensor, T: int) -> tuple[Tensor, Tensor]:
-    """(order, counts) of the rows grouped by task: one launch of one program."""
-    ids = ids.contiguous()  # the kernel reads them packed (task_ids may be strided or expanded)
-    M = ids.shape[0]
-    order = empty((M,), dtype=torch.int64, device=ids.device)
-    counts = empty((T,), dtype=torch.int64, device=ids.device)
-    TP = max(2, pow2(T))
-    with LAUNCH_LOCK:
-        _group_rows_kernel[(1,)](ids, order, counts, M, T, C=max(16, 4096 // TP), TP=TP, num_warps=8)
-    return order, counts
+    """`group_rows` alone: a mixed-task batch with no H to prebuild."""
+    group_rows(ids_ptr, order_ptr, counts_ptr, M, T, C, TP)
 
 
 class _GroupedAdapter(torch.autograd.Function):
@@ -619,10 +600,9 @@ class _GroupedAdapter(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, ids, T, rd, ld, rgd, bd, ru, lu, rgu, bu, activation, scale, out_dtype):
-        order, counts = _grouping(ids, T)
         down, up = (rd, ld, rgd), (ru, lu, rgu)
-        y, z, hd, hu = _grouped_fwd(x, residual, order, counts, T, down, bd, up, bu, activation, scale, out_dtype,
-                                    store_z=True)
+        y, z, order, counts, hd, hu = _grouped_fwd(x, residual, ids, T, down, bd, up, bu, activation, scale,
+                                                   out_dtype, store_z=True)
         ctx.save_for_backward(x, z, order, counts, hd, hu, rd, ld, rgd, bd, ru, lu, rgu, bu, residual, ids)
         ctx.consts = (T, activation, scale, out_dtype)
         ctx.shared_rule = rd is not None and rd is ru
@@ -657,8 +637,7 @@ def _grouped(x, residual, ids, T, down, bias_down, up, bias_up, activation, scal
     if train:
         return _GroupedAdapter.apply(x, residual, ids, T, *down, bias_down, *up, bias_up, activation, scale,
                                      out_dtype)
-    order, counts = _grouping(ids, T)
-    return _grouped_fwd(x, residual, order, counts, T, down, bias_down, up, bias_up, activation, scale, out_dtype,
+    return _grouped_fwd(x, residual, ids, T, down, bias_down, up, bias_up, activation, scale, out_dtype,
                         store_z=False)[0]
 
 

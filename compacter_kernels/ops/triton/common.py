@@ -188,17 +188,50 @@ def _build_h_tile(rule_ptr, left_ptr, right_ptr, h_ptr, tile, I, O, BR: tl.const
 
 
 @triton.jit
+def group_rows(ids_ptr, order_ptr, counts_ptr, M, T, C: tl.constexpr, TP: tl.constexpr):
+    """In one program: counts[t] = rows of task t, and order = the rows sorted by task, stably (a
+    counting sort in two passes over the ids, C at a time): what the grouped kernels read."""
+    tasks = tl.arange(0, TP)
+    counts = tl.zeros((TP,), tl.int32)
+    for m0 in range(0, M, C):
+        offs = m0 + tl.arange(0, C)
+        ids = tl.load(ids_ptr + offs, mask=offs < M, other=-1).to(tl.int32)
+        counts += tl.sum((ids[:, None] == tasks[None, :]).to(tl.int32), axis=0)
+    tl.store(counts_ptr + tasks, counts.to(tl.int64), mask=tasks < T)
+    next_pos = tl.cumsum(counts, axis=0) - counts  # where each task's next row goes
+    for m0 in range(0, M, C):
+        offs = m0 + tl.arange(0, C)
+        ids = tl.load(ids_ptr + offs, mask=offs < M, other=-1).to(tl.int32)
+        hit = (ids[:, None] == tasks[None, :]).to(tl.int32)  # (C, TP) one-hot
+        rank = tl.cumsum(hit, axis=0) - hit  # same-task rows before this one in the chunk
+        pos = tl.sum(hit * (next_pos[None, :] + rank), axis=1)
+        tl.store(order_ptr + pos, offs.to(tl.int64), mask=offs < M)
+        next_pos += tl.sum(hit, axis=0)
+
+
+def grouping_consts(T: int) -> dict:
+    """The constexprs of `group_rows` for T tasks."""
+    TP = max(2, pow2(T))
+    return dict(C=max(16, 4096 // TP), TP=TP)
+
+
+@triton.jit
 def _build_h_kernel(r1, l1, rg1, h1, I1, O1, tiles1, r2, l2, rg2, h2, I2, O2,
-                    t_r1, t_l1, t_rg1, t_r2, t_l2, t_rg2,
+                    t_r1, t_l1, t_rg1, t_r2, t_l2, t_rg2, ids_ptr, order_ptr, counts_ptr, M, T,
                     MODE1: tl.constexpr, N1: tl.constexpr, R1: tl.constexpr,
                     MODE2: tl.constexpr, N2: tl.constexpr, R2: tl.constexpr, TWO: tl.constexpr,
-                    BR: tl.constexpr, BC: tl.constexpr):
+                    BR: tl.constexpr, BC: tl.constexpr, GROUP: tl.constexpr, C: tl.constexpr, TP: tl.constexpr):
     """H = sum_i kron(A_i, B_i) of one or two projections, summed in fp32 and rounded once to
     the output's dtype; one (BR, BC) tile per program, the first projection's tiles first.
     Along grid axis 1, the tasks of stacked factors (task t's at t times its stride, its H at
-    t * I * O)."""
-    pid, t = tl.program_id(0), tl.program_id(1)
-    if pid < tiles1:
+    t * I * O). With GROUP, program (0, 0) groups a mixed-task batch's rows (`group_rows`)
+    and the tiles start at program 1: the grouping needs no launch of its own."""
+    pid, t = tl.program_id(0) - GROUP, tl.program_id(1)
+    if pid < 0:
+        if GROUP:
+            if t == 0:
+                group_rows(ids_ptr, order_ptr, counts_ptr, M, T, C, TP)
+    elif pid < tiles1:
         _build_h_tile(r1 + t * t_r1, l1 + t * t_l1, rg1 + t * t_rg1, h1 + t * I1 * O1, pid, I1, O1, BR, BC, MODE1,
                       N1, R1)
     elif TWO:
@@ -206,10 +239,11 @@ def _build_h_kernel(r1, l1, rg1, h1, I1, O1, tiles1, r2, l2, rg2, h2, I2, O2,
                       MODE2, N2, R2)
 
 
-def build_h(projections, dtype: torch.dtype, tasks: int = 0) -> list:
+def build_h(projections, dtype: torch.dtype, tasks: int = 0, grouping=None) -> list:
     """The H (I, O) in ``dtype`` of each (rule, left, right) of ``projections`` (one or two), in
     one launch. ``tasks`` T > 0: the factors are stacked per task (a rule of three dimensions
-    shared by the tasks), and each H is (T, I, O)."""
+    shared by the tasks), and each H is (T, I, O). ``grouping`` (ids, order, counts): the same
+    launch also groups a mixed-task batch's rows by task (`group_rows`), filling order and counts."""
     BR, BC = 32, 32
     args, strides, consts, hs, tiles = [], [], {}, [], []
     for j, (rule, left, right) in enumerate(projections, start=1):
@@ -227,9 +261,17 @@ def build_h(projections, dtype: torch.dtype, tasks: int = 0) -> list:
         args.append(args[0])
         strides.append(strides[0])
         consts.update(MODE2=consts["MODE1"], N2=consts["N1"], R2=consts["R1"])
+    if grouping is None:
+        H = hs[0]
+        rows_args, consts = (H, H, H, 0, 1), {**consts, "GROUP": False, "C": 16, "TP": 2}
+    else:
+        ids, order, counts = grouping
+        rows_args, consts = (ids, order, counts, ids.shape[0], tasks), {**consts, "GROUP": True,
+                                                                          **grouping_consts(tasks)}
     with LAUNCH_LOCK:
-        _build_h_kernel[(sum(tiles), max(1, tasks))](*args[0], tiles[0], *args[1], *strides[0], *strides[1],
-                                                      TWO=len(projections) == 2, BR=BR, BC=BC, **consts, num_warps=4)
+        _build_h_kernel[(sum(tiles) + (grouping is not None), max(1, tasks))](
+            *args[0], tiles[0], *args[1], *strides[0], *strides[1], *rows_args, TWO=len(projections) == 2, BR=BR,
+            BC=BC, **consts, num_warps=4)
     return hs
 
 
