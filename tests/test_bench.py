@@ -338,8 +338,8 @@ def test_host_benchmark_runs_and_reports_both_bare_ratios(tmp_path):
 
 def test_multitask_benchmark_counts_launches_fused_against_the_loop(tmp_path):
     """compacter-bench --multitask in a process of its own (it stubs Triton's launches for the
-    host-time pass): fused, the grouping and then one launch forward (three more backward); the
-    loop, one (four) per task present."""
+    host-time pass): fused, two launches forward (three more backward); the loop, one (four) per
+    task present; AdapterHub's BatchSplit before and after fuse_adapters."""
     import subprocess
     import sys
 
@@ -363,4 +363,12 @@ def test_multitask_benchmark_counts_launches_fused_against_the_loop(tmp_path):
     # torch ops per task instead; fused, at most a few (validation) whatever T.
     assert rows[(4, "fwd+bwd", "eager-loop")]["launches"] == 0
     assert rows[(4, "fwd+bwd", "eager-loop")]["aten_ops"] > rows[(1, "fwd+bwd", "eager-loop")]["aten_ops"] > 0
+    # AdapterHub's own BatchSplit (a one-layer BERT, two adapter sites): no Triton launch; after
+    # fuse_adapters each site is one fused call, so twice the fused op's launches, and fewer aten ops.
+    pytest.importorskip("adapters")
+    for T, mode in ((1, "fwd"), (4, "fwd"), (4, "fwd+bwd")):
+        library, fused = rows[(T, mode, "hub-batchsplit")], rows[(T, mode, "hub-fused")]
+        assert library["launches"] == 0 and fused["launches"] == 2 * rows[(T, mode, "fused")]["launches"]
+        assert fused["baseline"] == "hub-batchsplit" and fused["host_x_baseline"] > 0
+    assert rows[(4, "fwd+bwd", "hub-fused")]["aten_ops"] < rows[(4, "fwd+bwd", "hub-batchsplit")]["aten_ops"]
     assert rows[(4, "fwd+bwd", "fused")]["aten_ops"] <= 8 < rows[(4, "fwd+bwd", "eager-loop")]["aten_ops"]

@@ -2,12 +2,16 @@
 fused single-task op (what a user, or AdapterHub's BatchSplit over fused adapters, runs today)
 and against a per-task loop of the eager reference (the unfused computation AdapterHub's own
 BatchSplit runs: each task's slice through the PHM construction, matmuls, activation and add
-as separate torch ops; the library's code itself is not what is timed here).
+as separate torch ops), and, where `adapters` is installed, AdapterHub's BatchSplit itself.
 
 Per number of tasks T, per mode (fwd: inference under no_grad; fwd+bwd: training), per provider
 ("fused": ck.multitask_compacter_adapter; "loop": one ck.compacter_adapter call per task on its
-rows; "eager-loop": one reference call per task): the Triton launches and the aten ops that
-compute, per call (counted, any machine), the host time per call with every
+rows; "eager-loop": one reference call per task; "hub-batchsplit": a one-layer BERT of width d
+with T AdapterHub Compacter adapters (one at the attention output, one at the feed-forward
+output) under a BatchSplit of the same sequences, the library's own code; "hub-fused": the same
+model after `fuse_adapters`, each BatchSplit one multitask call; the two hub rows include the
+model's own layers, the same in both, and compare with each other): the Triton launches and
+the aten ops that compute, per call (counted, any machine), the host time per call with every
 launch stubbed (any machine: a benchmark, not a test), and on a GPU the time per call (CUDA
 events, medians). Sequences (of 128 tokens on a GPU) are spread over the tasks at random.
 
@@ -72,6 +76,42 @@ def _fused(x, ids, params):
 
 
 PROVIDERS = {"fused": _fused, "loop": _loop, "eager-loop": _eager_loop}
+HUB_PROVIDERS = ("hub-batchsplit", "hub-fused")
+
+
+def _hub_run(T: int, mode: str, ids, d: int, k: int, n: int, dtype, device, fused: bool) -> Callable[[], object]:
+    """A forward (or forward+backward) of a one-layer BERT whose T AdapterHub Compacter adapters run
+    under a BatchSplit of ``ids``' sequences (sorted by task: BatchSplit takes contiguous
+    slices), through the library's own code or, ``fused``, after `fuse_adapters`."""
+    import adapters
+    from transformers import BertConfig, BertModel
+
+    from ..integrations.adapterhub import fuse_adapters
+
+    B, seq = ids.shape[0], 128 if device.type == "cuda" else 8
+    torch.manual_seed(T)
+    model = BertModel(BertConfig(hidden_size=d, num_hidden_layers=1, num_attention_heads=max(1, d // 64),
+                                 intermediate_size=2 * d, vocab_size=100, max_position_embeddings=seq,
+                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    adapters.init(model)
+    names = [f"task{t}" for t in range(T)]
+    for name in names:
+        model.add_adapter(name, config=adapters.CompacterConfig(reduction_factor=d // k, phm_dim=n))
+    model.train_adapter(names)
+    sizes = torch.bincount(ids.reshape(-1).cpu(), minlength=T).tolist()
+    model.active_adapters = adapters.BatchSplit(*names, batch_sizes=sizes)
+    model.to(device=device, dtype=dtype).train()
+    if fused:
+        fuse_adapters(model, backend="triton")
+    tokens = torch.randint(0, 100, (B, seq), device=device)
+    leaves = [p for p in model.parameters() if p.requires_grad]
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return model(input_ids=tokens).last_hidden_state
+        return run
+    dy = torch.randn(B, seq, d, device=device, dtype=dtype)
+    return lambda: torch.autograd.grad(model(input_ids=tokens).last_hidden_state, leaves, dy)
 
 
 def _call(provider: Callable, mode: str, x, ids, params) -> Callable[[], object]:
@@ -139,13 +179,25 @@ def _host_us(run: Callable[[], object], reps: int, calls: int) -> list[float]:
     return out
 
 
-def measure(tasks, M: int, d: int, k: int, n: int, dtype, device, reps: int, calls: int, seq: int) -> list[dict]:
+def _has_adapters() -> bool:
+    try:
+        import adapters  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def measure(tasks, M: int, d: int, k: int, n: int, dtype, device, reps: int, calls: int, seq: int,
+            hub: bool = True) -> list[dict]:
     cases = {}
     for T in tasks:
         x, ids, params = _inputs(T, M, d, k, n, dtype, device, seq)
         for mode in ("fwd", "fwd+bwd"):
             for name, provider in PROVIDERS.items():
                 cases[(T, mode, name)] = _call(provider, mode, x, ids, params)
+            if hub:
+                for name in HUB_PROVIDERS:
+                    cases[(T, mode, name)] = _hub_run(T, mode, ids, d, k, n, dtype, device, name == "hub-fused")
     rows = []
     for (T, mode, name), run in cases.items():  # real launches: counts, and GPU time
         row = dict(tasks=T, mode=mode, provider=name, M=M, d=d, k=k, n=n, seq=seq, dtype=str(dtype).replace("torch.", ""),
@@ -168,10 +220,11 @@ def measure(tasks, M: int, d: int, k: int, n: int, dtype, device, reps: int, cal
     for row, key in zip(rows, cases):
         row["host_median_us"] = statistics.median(host[key])
     by = {(r["tasks"], r["mode"], r["provider"]): r for r in rows}
-    for r in rows:
-        loop = by[(r["tasks"], r["mode"], "loop")]
-        r["host_x_loop"] = r["host_median_us"] / loop["host_median_us"]
-        r["gpu_x_loop"] = (r["gpu_median_ms"] / loop["gpu_median_ms"]) if r["gpu_median_ms"] else None
+    for r in rows:  # the kernels' rows against the loop; the hub's against the library's BatchSplit
+        base = by[(r["tasks"], r["mode"], "hub-batchsplit" if r["provider"] in HUB_PROVIDERS else "loop")]
+        r["baseline"] = base["provider"]
+        r["host_x_baseline"] = r["host_median_us"] / base["host_median_us"]
+        r["gpu_x_baseline"] = (r["gpu_median_ms"] / base["gpu_median_ms"]) if r["gpu_median_ms"] else None
     return rows
 
 
@@ -189,15 +242,19 @@ def main(argv=None) -> int:
     M, d, k, seq = (8192, 768, 24, 128) if gpu else (128, 32, 16, 8)
     dtype = torch.bfloat16 if gpu else torch.float32
     torch.set_num_threads(1)
-    rows = measure(tasks, M, d, k, 4, dtype, device, args.reps, args.calls, seq)
+    hub = _has_adapters()
+    rows = measure(tasks, M, d, k, 4, dtype, device, args.reps, args.calls, seq, hub=hub)
     print(f"mixed-task batches, M={M} d={d} k={k} n=4 {rows[0]['dtype']} on {device.type}; host time with "
-          "launches stubbed" + ("" if gpu else "; no GPU: no GPU time"))
-    print(f"{'T':>3} {'mode':>8} {'provider':>10} {'launches':>8} {'aten ops':>8} {'host us':>9} {'x loop':>7} {'GPU ms':>8} {'x loop':>7}")
+          "launches stubbed" + ("" if gpu else "; no GPU: no GPU time")
+          + ("" if hub else "; `adapters` not installed: no hub rows"))
+    print("x base: against the loop (hub rows: against hub-batchsplit, the library's own BatchSplit)")
+    print(f"{'T':>3} {'mode':>8} {'provider':>14} {'launches':>8} {'aten ops':>8} {'host us':>9} {'x base':>7} "
+          f"{'GPU ms':>8} {'x base':>7}")
     for r in rows:
         gpu_ms = "-" if r["gpu_median_ms"] is None else f"{r['gpu_median_ms']:.4f}"
-        gpu_x = "-" if r["gpu_x_loop"] is None else f"{r['gpu_x_loop']:.2f}"
-        print(f"{r['tasks']:>3} {r['mode']:>8} {r['provider']:>10} {r['launches']:>8} {r['aten_ops']:>8} "
-              f"{r['host_median_us']:9.1f} {r['host_x_loop']:7.2f} {gpu_ms:>8} {gpu_x:>7}")
+        gpu_x = "-" if r["gpu_x_baseline"] is None else f"{r['gpu_x_baseline']:.2f}"
+        print(f"{r['tasks']:>3} {r['mode']:>8} {r['provider']:>14} {r['launches']:>8} {r['aten_ops']:>8} "
+              f"{r['host_median_us']:9.1f} {r['host_x_baseline']:7.2f} {gpu_ms:>8} {gpu_x:>7}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"compacter-multitask-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     meta = report.metadata(device, "compacter-bench --multitask", shape=dict(M=M, d=d, k=k, n=4))
