@@ -224,7 +224,8 @@ def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kerne
     """Fake impl and autograd of a backend's fused adapter op ``fwd_op`` (the custom op of the
     Python function ``fwd_impl``, taking what `adapter_entry_points` passes) over the factors;
     returns the forward to call (`_eager_or_op`). The forward gives (y, z, H_down, H_up): the H's
-    it built are kept for backward (empty tensors where there are none), their shapes
+    it built are kept for backward (empty tensors where there are none; ``fwd_impl``, which the
+    eager path calls without the op, may give None instead), their shapes
     ``h_shapes(D, K, down, up, x.dtype)`` for the fake impl.
 
     ``kernels_bwd(dy, x, z, H_down, H_up, *down, bias_down, *up, bias_up, activation, scale, has_residual, shared_rule)``
@@ -232,7 +233,7 @@ def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kerne
     arguments), where an absent parameter's gradient may be any placeholder, d residual a tensor
     of its own (autograd may keep it as residual.grad), and with shared_rule (one rule tensor for
     both projections) d rule_down is the rule's whole gradient. ``kernels_bwd_impl`` is the same
-    without the op dispatch (eager). Under create_graph=True the backward is `adapter_math`'s, so
+    without the op dispatch (eager; None for an absent gradient, H's None where ``fwd_impl`` gave None). Under create_graph=True the backward is `adapter_math`'s, so
     that it can be differentiated again. No gradient is made for z (not differentiable)."""
 
     def setup_context(ctx, inputs, output):
@@ -242,7 +243,7 @@ def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kerne
         ctx.has_residual = residual is not None
         ctx.shared_rule = rd is not None and rd is ru
         ctx.consts = (activation, scale, out_dtype)
-        ctx.mark_non_differentiable(*output[1:])
+        ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
         ctx.set_materialize_grads(False)  # no zeros for z's gradient
 
     @fwd_op.register_fake

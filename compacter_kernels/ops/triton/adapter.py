@@ -35,8 +35,9 @@ from ... import reference
 from ..autograd import (ACT_CODE, adapter_entry_points, adapter_math, create_graph_grads, multitask_entry_points,
                         out_features, register_adapter_op, rows)
 from .common import (LAUNCH_LOCK, MODE_DENSE, MODE_PHM, MODE_PHM_FACTORED, Partials, Projection, act_bwd, act_fwd,
-                     build_h, cdiv, device_index, empty, factor_grads, group_rows, grouping_consts, h_args, h_tile,
-                     interpreting, num_programs_target, padded, pow2, prebuilds_h, split_rows)
+                     build_h, cdiv, device_index, empty, factor_grads, group_rows, grouping_consts, h_consts, h_ptrs,
+                     h_tile, interpreting, num_programs_target, padded, pow2, prebuilds, prebuilds_h, proj_key,
+                     split_rows)
 
 
 @functools.lru_cache(maxsize=1024)  # pure: computed once per shape (host time)
@@ -276,13 +277,14 @@ def _adapter_cols_kernel(
 
 # ---- torch.library ops: opaque to torch.compile, with fake and autograd registrations ---------
 
-def _saved_h(down, up, K: int, dtype: torch.dtype, saved=(None, None)) -> tuple:
-    """(H_down, H_up): each projection's prebuilt H (the saved one, or built now, both in one
-    launch) where `prebuilds_h`, else None (its tiles are built inside the kernels)."""
-    KP = padded(K)
-    need = [prebuilds_h(*p, KP) and h is None for p, h in zip((down, up), saved)]
-    built = iter(build_h([p for p, n in zip((down, up), need) if n], dtype) if any(need) else ())
-    return tuple(next(built) if n else h for n, h in zip(need, saved))
+def _prebuilt_hs(down, up, need: tuple, dtype: torch.dtype, saved=(None, None)) -> tuple:
+    """(H_down, H_up): each projection's prebuilt H where ``need`` says so (the saved one, or
+    built now, both in one launch), else None (its tiles are built inside the kernels)."""
+    if not (need[0] or need[1]):
+        return None, None
+    build = [n and h is None for n, h in zip(need, saved)]
+    built = iter(build_h([p for p, b in zip((down, up), build) if b], dtype) if any(build) else ())
+    return tuple(next(built) if b else h for b, h in zip(build, saved))
 
 
 def h_shapes(D: int, K: int, down, up, dtype: torch.dtype) -> tuple:
@@ -291,54 +293,66 @@ def h_shapes(D: int, K: int, down, up, dtype: torch.dtype) -> tuple:
     return (D, K) if prebuilds_h(*down, KP) else (0,), (K, D) if prebuilds_h(*up, KP) else (0,)
 
 
+def _tensors(outs, like: Tensor) -> tuple:
+    """A custom op's outputs: tensors that do not alias, so an empty one for each None."""
+    return tuple(like.new_empty(0) if t is None else t for t in outs)
+
+
+@functools.lru_cache(maxsize=1024)  # computed once per key (host time)
+def _fwd_plan(M: int, D: int, K: int, dtype: torch.dtype, pd, pu, has_bd: bool, has_bu: bool, has_res: bool,
+              activation: str, store_z: bool):
+    """(grid, constexprs, (H_down prebuilt, H_up prebuilt)) of the forward kernel; pd / pu the
+    projections' `proj_key`s."""
+    BM, BD, KP, warps = _blocks(D, K, dtype)
+    need = (prebuilds(pd, KP), prebuilds(pu, KP))
+    (mode_d, n_d, r_d), (mode_u, n_u, r_u) = h_consts(pd, need[0]), h_consts(pu, need[1])
+    consts = dict(MODE_D=mode_d, N_D=n_d, R_D=r_d, MODE_U=mode_u, N_U=n_u, R_U=r_u, HAS_BD=has_bd, HAS_BU=has_bu,
+                  HAS_RES=has_res, ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP, IEEE=dtype == torch.float32,
+                  STORE_Z=store_z, num_warps=warps)
+    return (cdiv(M, BM),), consts, need
+
+
+def _forward(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
+             activation, scale, out_dtype, store_z: bool = True):
+    """(y in out_dtype, z or None, H_down or None, H_up or None) for 2-D x (M, d): one launch,
+    two where a projection's H is prebuilt (`prebuilds`), which is then returned to be kept for
+    backward. rule_* None means the projection is dense (left_* is the matrix). Under autocast
+    the parameters may be in another dtype than x's (fp32: H built in fp32, rounded once to x's
+    dtype; biases added in fp32) and out_dtype may be wider than x's (y = fp32 residual + ...).
+    Without store_z (no gradient wanted: no_grad, inference_mode, frozen weights) z is not written."""
+    M, D = x.shape
+    K = bias_down.shape[0] if bias_down is not None else out_features(rule_down, left_down, right_down)
+    down, up = (rule_down, left_down, right_down), (rule_up, left_up, right_up)
+    grid, consts, need = _fwd_plan(M, D, K, x.dtype, proj_key(*down), proj_key(*up), bias_down is not None,
+                                   bias_up is not None, residual is not None, activation, store_z)
+    y = empty((M, D), dtype=out_dtype, device=x.device)
+    z = empty((M, K), dtype=x.dtype, device=x.device) if store_z else None
+    hd, hu = _prebuilt_hs(down, up, need, x.dtype)
+    if M == 0:
+        return y, z, hd, hu
+    r = residual if residual is not None else x
+    with LAUNCH_LOCK:
+        _adapter_fwd_kernel[grid](
+            x, r, y, z if store_z else x, *h_ptrs(*down, hd, x.dtype), bias_down if bias_down is not None else x,
+            *h_ptrs(*up, hu, x.dtype), bias_up if bias_up is not None else x, M, D, K, x.stride(0), r.stride(0),
+            scale, x, x, 1, 0, 0, 0, 0, 0, 0, 0, 0, **consts)
+    return y, z, hd, hu
+
+
+def _inference(*args):
+    """y alone, where no gradient is wanted: z not written."""
+    return _forward(*args, store_z=False)[0]
+
+
 def _adapter_fwd(
     x: Tensor, residual: Optional[Tensor],
     rule_down: Optional[Tensor], left_down: Tensor, right_down: Optional[Tensor], bias_down: Optional[Tensor],
     rule_up: Optional[Tensor], left_up: Tensor, right_up: Optional[Tensor], bias_up: Optional[Tensor],
     activation: str, scale: float, out_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y in out_dtype, z, H_down, H_up) for 2-D x (M, d): one launch, two where a projection's
-    H is prebuilt (`prebuilds_h`), which is then returned to be kept for backward (else an empty
-    placeholder). rule_* None means the projection is dense (left_* is the matrix). Under
-    autocast the parameters may be in another dtype than x's (fp32: H built in fp32, rounded
-    once to x's dtype; biases added in fp32) and out_dtype may be wider than x's (y = fp32
-    residual + ...)."""
-    return _forward(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
-                    activation, scale, out_dtype, store_z=True)
-
-
-def _inference(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
-               activation, scale, out_dtype):
-    """y alone, where no gradient is wanted (no_grad, inference_mode, frozen weights): z not written."""
-    return _forward(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
-                    activation, scale, out_dtype, store_z=False)[0]
-
-
-def _forward(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
-             activation, scale, out_dtype, store_z: bool):
-    M, D = x.shape
-    K = bias_down.shape[0] if bias_down is not None else out_features(rule_down, left_down, right_down)
-    y = empty((M, D), dtype=out_dtype, device=x.device)
-    z = empty((M, K) if store_z else (0,), dtype=x.dtype, device=x.device)
-    down, up = (rule_down, left_down, right_down), (rule_up, left_up, right_up)
-    hd, hu = _saved_h(down, up, K, x.dtype)
-    saved = tuple(x.new_empty(0) if h is None else h for h in (hd, hu))  # outputs may not alias: one each
-    if M == 0:
-        return y, z, *saved
-    x2 = rows(x)
-    r2 = rows(residual) if residual is not None else x2
-    BM, BD, KP, warps = _blocks(D, K, x.dtype)
-    rd, ld, rgd, mode_d, n_d, r_d = h_args(*down, hd, x.dtype)
-    ru, lu, rgu, mode_u, n_u, r_u = h_args(*up, hu, x.dtype)
-    with LAUNCH_LOCK:
-        _adapter_fwd_kernel[(cdiv(M, BM),)](
-            x2, r2, y, z if store_z else x2, rd, ld, rgd, bias_down if bias_down is not None else x2, ru, lu, rgu,
-            bias_up if bias_up is not None else x2, M, D, K, x2.stride(0), r2.stride(0), scale,
-            x2, x2, 1, 0, 0, 0, 0, 0, 0, 0, 0, MODE_D=mode_d, N_D=n_d, R_D=r_d, MODE_U=mode_u, N_U=n_u, R_U=r_u,
-            HAS_BD=bias_down is not None, HAS_BU=bias_up is not None, HAS_RES=residual is not None,
-            ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP, IEEE=x.dtype == torch.float32, STORE_Z=store_z,
-            num_warps=warps)
-    return y, z, *saved
+    """`_forward` as the custom op: (y, z, H_down, H_up), an absent H an empty tensor."""
+    return _tensors(_forward(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up,
+                             bias_up, activation, scale, out_dtype), x)
 
 
 adapter_fwd = torch.library.custom_op("compacter_kernels::triton_adapter_fwd", _adapter_fwd, mutates_args=())
@@ -376,22 +390,78 @@ def counted_bytes(M: int, D: int, K: int, e: int, n: int, backward: bool, progra
     return 4 * M * D * e + M * K * e + 2 * M * K * e * (1 + tiles) + partials
 
 
-def _columns(x2, dy2, g, dz, dx, down, scale: float, has_residual: bool, *, reads: int) -> Partials:
-    """Launches the columns kernel: dx, and the split partials factor_grads finishes."""
-    M, D = x2.shape
+@functools.lru_cache(maxsize=1024)  # computed once per key (host time)
+def _bwd_plan(M: int, D: int, K: int, dtype: torch.dtype, pd, pu, has_res: bool, activation: str, programs: int):
+    """The backward's rows and columns kernels: (rows grid, rows constexprs, columns grid, columns
+    constexprs, rows per split, (H_down prebuilt, H_up prebuilt)); pd / pu the `proj_key`s."""
+    BM, BD, KP, warps = _blocks(D, K, dtype, backward=True)
+    need = (prebuilds(pd, KP), prebuilds(pu, KP))
+    (mode_d, n_d, r_d), (mode_u, n_u, r_u) = h_consts(pd, need[0]), h_consts(pu, need[1])
+    ieee = dtype == torch.float32
+    rows_consts = dict(MODE_U=mode_u, N_U=n_u, R_U=r_u, HAS_RES=has_res, ACT=ACT_CODE[activation], BM=BM, BD=BD,
+                       KP=KP, IEEE=ieee, num_warps=warps)
+    reads = max(1 if pd is None else pd[0], 1 if pu is None else pu[0])  # factor_grads' reads of the partials
+    BA, BMc, warps_c, tiles, splits, rows_per_split = _columns_plan(M, D, K, dtype.itemsize, reads, programs)
+    cols_consts = dict(MODE_D=mode_d, N_D=n_d, R_D=r_d, HAS_RES=has_res, BA=BA, BM=BMc, KP=KP, IEEE=ieee,
+                       num_warps=warps_c)
+    return (cdiv(M, BM),), rows_consts, (tiles, splits), cols_consts, rows_per_split, need
+
+
+def _columns(x, dy, g, dz, dx, down_ptrs, scale: float, grid, consts: dict, rows_per_split: int) -> Partials:
+    """Launches the columns kernel (`_bwd_plan`'s grid and constexprs): dx, and the split partials
+    factor_grads finishes."""
+    M, D = x.shape
     K = g.shape[1]
-    KP = padded(K)
-    BA, BM, warps, tiles, splits, rows_per_split = _columns_plan(M, D, K, x2.element_size(), reads,
-                                                                 num_programs_target(device_index(x2)))
-    part = empty((splits, 2, D, K), dtype=torch.float32, device=x2.device)
-    csum = empty((splits, K + D), dtype=torch.float32, device=x2.device)
-    rd, ld, rgd, mode, n, r = down
+    part = empty((grid[1], 2, D, K), dtype=torch.float32, device=x.device)
+    csum = empty((grid[1], K + D), dtype=torch.float32, device=x.device)
     with LAUNCH_LOCK:
-        _adapter_cols_kernel[(tiles, splits)](
-            x2, dy2, g, dz, dx, part, csum, rd, ld, rgd, M, D, K, x2.stride(0), dy2.stride(0), rows_per_split,
-            scale, x2, x2, 1, 0, 0, 0, MODE_D=mode, N_D=n, R_D=r, HAS_RES=has_residual, BA=BA, BM=BM, KP=KP,
-            IEEE=x2.dtype == torch.float32, num_warps=warps)
+        _adapter_cols_kernel[grid](x, dy, g, dz, dx, part, csum, *down_ptrs, M, D, K, x.stride(0), dy.stride(0),
+                                   rows_per_split, scale, x, x, 1, 0, 0, 0, **consts)
     return Partials(part, csum)
+
+
+def _backward(dy, x, z, h_down, h_up, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up,
+              bias_up, activation, scale, has_residual, shared_rule):
+    """(dx, d residual, d rule_down, d left_down, d right_down, d bias_down, d rule_up, d left_up,
+    d right_up, d bias_up), each parameter's gradient in its dtype, in three launches: the rows
+    kernel, the columns kernel and factor_grads. h_down / h_up are the H's the forward kept (None
+    or empty where it built them in its kernels). An absent parameter's gradient is None; with
+    shared_rule, d rule_down is the rule's whole gradient and d rule_up None.
+
+    With has_residual, dx excludes the residual's dy and d residual is a copy of dy, written by
+    the kernel as it reads dy; without, d residual is None.
+    """
+    M, D = x.shape
+    K = z.shape[1]
+    dx = empty((M, D), dtype=x.dtype, device=x.device)
+    dres = empty((M, D), dtype=dy.dtype, device=x.device) if has_residual else None
+    if M == 0:
+        grads = [None if t is None else torch.zeros_like(t)
+                 for t in (rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up)]
+        if shared_rule:
+            grads[4] = None
+        return (dx, dres, *grads)
+    down, up = (rule_down, left_down, right_down), (rule_up, left_up, right_up)
+    rows_grid, rows_consts, cols_grid, cols_consts, rows_per_split, need = _bwd_plan(
+        M, D, K, x.dtype, proj_key(*down), proj_key(*up), has_residual, activation,
+        num_programs_target(device_index(x)))
+    saved = tuple(None if h is None or not h.numel() else h for h in (h_down, h_up))
+    hd, hu = _prebuilt_hs(down, up, need, x.dtype, saved)
+    dy = rows(dy)
+    g = empty((M, K), dtype=x.dtype, device=x.device)
+    dz = empty((M, K), dtype=x.dtype, device=x.device)
+    with LAUNCH_LOCK:
+        _adapter_bwd_kernel[rows_grid](
+            dy, z, dres if has_residual else dy, g, dz, *h_ptrs(*up, hu, x.dtype), M, D, K, dy.stride(0), scale,
+            dy, dy, 1, 0, 0, 0, **rows_consts)
+    # dx, dH_down = x^T dz, dH_up^T = scale * dy^T g (both (D, K)), db_down = sum dz, db_up = scale * sum dy.
+    partials = _columns(x, dy, g, dz, dx, h_ptrs(*down, hd, x.dtype), scale, cols_grid, cols_consts, rows_per_split)
+    (g_rd, g_ld, g_rgd), (g_ru, g_lu, g_rgu), (g_bd, g_bu) = factor_grads(
+        partials, Projection(rule_down, left_down, right_down, 0, K, 1),
+        Projection(rule_up, left_up, right_up, D * K, 1, K),  # H_up[row, col] is (dy^T g)[col, row]
+        biases=(None if bias_down is None else (bias_down, 0, K), None if bias_up is None else (bias_up, K, D)),
+        shared_rule=shared_rule)
+    return dx, dres, g_rd, g_ld, g_rgd, g_bd, g_ru, g_lu, g_rgu, g_bu
 
 
 def _adapter_bwd(
@@ -400,48 +470,9 @@ def _adapter_bwd(
     rule_up: Optional[Tensor], left_up: Tensor, right_up: Optional[Tensor], bias_up: Optional[Tensor],
     activation: str, scale: float, has_residual: bool, shared_rule: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, d residual, d rule_down, d left_down, d right_down, d bias_down, d rule_up, d left_up,
-    d right_up, d bias_up), each parameter's gradient in its dtype, in three launches: the rows
-    kernel, the columns kernel and factor_grads. h_down / h_up are the H's the forward kept (empty where
-    it built them in its kernels). An absent parameter's gradient is an empty placeholder;
-    with shared_rule, d rule_down is the rule's whole gradient and d rule_up a placeholder.
-
-    With has_residual, dx excludes the residual's dy and d residual is a copy of dy, written by
-    the kernel as it reads dy; without, d residual is a placeholder.
-    """
-    M, D = x.shape
-    K = z.shape[1]
-    dx = empty((M, D), dtype=x.dtype, device=x.device)
-    dres = empty((M, D) if has_residual else (0,), dtype=dy.dtype, device=x.device)
-    params = (rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up)
-    if M == 0:
-        grads = [None if t is None else torch.zeros_like(t) for t in params]
-        if shared_rule:
-            grads[4] = None
-        return dx, dres, *(x.new_empty(0) if t is None else t for t in grads)  # outputs may not alias
-    dy2 = rows(dy)
-    g = empty((M, K), dtype=x.dtype, device=x.device)
-    dz = empty((M, K), dtype=x.dtype, device=x.device)
-    BM, BD, KP, warps = _blocks(D, K, x.dtype, backward=True)
-    down, up = (rule_down, left_down, right_down), (rule_up, left_up, right_up)
-    hd, hu = _saved_h(down, up, K, x.dtype, tuple(h if h.numel() else None for h in (h_down, h_up)))
-    rd, ld, rgd, mode_d, n_d, r_d = h_args(*down, hd, x.dtype)
-    ru, lu, rgu, mode_u, n_u, r_u = h_args(*up, hu, x.dtype)
-    with LAUNCH_LOCK:
-        _adapter_bwd_kernel[(cdiv(M, BM),)](
-            dy2, z, dres if has_residual else dy2, g, dz, ru, lu, rgu, M, D, K, dy2.stride(0), scale,
-            dy2, dy2, 1, 0, 0, 0, MODE_U=mode_u, N_U=n_u, R_U=r_u, HAS_RES=has_residual, ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP,
-            IEEE=x.dtype == torch.float32, num_warps=warps)
-    # dx, dH_down = x^T dz, dH_up^T = scale * dy^T g (both (D, K)), db_down = sum dz, db_up = scale * sum dy.
-    n = max(1 if rule_down is None else rule_down.shape[0], 1 if rule_up is None else rule_up.shape[0])
-    partials = _columns(rows(x), dy2, g, dz, dx, (rd, ld, rgd, mode_d, n_d, r_d), scale, has_residual, reads=n)
-    (g_rd, g_ld, g_rgd), (g_ru, g_lu, g_rgu), (g_bd, g_bu) = factor_grads(
-        partials, Projection(rule_down, left_down, right_down, 0, K, 1),
-        Projection(rule_up, left_up, right_up, D * K, 1, K),  # H_up[row, col] is (dy^T g)[col, row]
-        biases=(None if bias_down is None else (bias_down, 0, K), None if bias_up is None else (bias_up, K, D)),
-        shared_rule=shared_rule)
-    grads = (g_rd, g_ld, g_rgd, g_bd, g_ru, g_lu, g_rgu, g_bu)
-    return dx, dres, *(x.new_empty(0) if t is None else t for t in grads)  # outputs may not alias
+    """`_backward` as the custom op: an absent gradient an empty tensor."""
+    return _tensors(_backward(dy, x, z, h_down, h_up, rule_down, left_down, right_down, bias_down, rule_up, left_up,
+                              right_up, bias_up, activation, scale, has_residual, shared_rule), x)
 
 
 adapter_bwd = torch.library.custom_op("compacter_kernels::triton_adapter_bwd", _adapter_bwd, mutates_args=())
@@ -644,5 +675,5 @@ def _grouped(x, residual, ids, T, down, bias_down, up, bias_up, activation, scal
 # ---- backend entry points (signatures of compacter_kernels.reference) -------------------------
 
 compacter_adapter, adapter = adapter_entry_points(
-    register_adapter_op(adapter_fwd, _adapter_fwd, adapter_bwd, _adapter_bwd, h_shapes), _inference)
+    register_adapter_op(adapter_fwd, _forward, adapter_bwd, _backward, h_shapes), _inference)
 multitask_compacter_adapter, multitask_adapter = multitask_entry_points(compacter_adapter, adapter, _grouped)

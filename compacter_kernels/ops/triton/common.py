@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import threading
 from typing import NamedTuple, Optional
@@ -148,32 +149,52 @@ def h_tile(rule_ptr, left_ptr, right_ptr, ri, ci, mask, P, Q, O,
 INKERNEL_H_BUDGET = 256
 
 
+def proj_key(rule, left, right) -> Optional[tuple]:
+    """What a projection's kernel constants depend on: None for a dense matrix, else (n, r), r = 0
+    for the full B (no right factor)."""
+    return None if rule is None else (rule.shape[-1], 0 if right is None else left.shape[-1])
+
+
+def prebuilds(key: Optional[tuple], tile_cols: int) -> bool:
+    """Whether a PHM projection (`proj_key`) has its H built once per call (by build_h) rather
+    than tile by tile inside every program: past INKERNEL_H_BUDGET (``tile_cols`` is the width of
+    the H tiles a program builds per row block). Shapes only, so the fake impls decide alike."""
+    return key is not None and key[0] * (max(key[1], 1) + 1) * tile_cols > INKERNEL_H_BUDGET
+
+
 def prebuilds_h(rule, left, right, tile_cols: int) -> bool:
-    """Whether a PHM projection's H is built once per call (by build_h) rather than tile by tile
-    inside every program: past INKERNEL_H_BUDGET (``tile_cols`` is the width of the H tiles a
-    program builds per row block). Shapes only, so the fake impls decide alike."""
-    if rule is None:
-        return False
-    r = 1 if right is None else left.shape[2]
-    return rule.shape[0] * (r + 1) * tile_cols > INKERNEL_H_BUDGET
+    """`prebuilds` of the projection (rule, left, right)."""
+    return prebuilds(proj_key(rule, left, right), tile_cols)
 
 
-def h_args(rule, left, right, H: Optional[torch.Tensor], dtype: torch.dtype):
-    """(rule_ptr, left_ptr, right_ptr, MODE, N, R) of one projection; rule None = dense; H its
-    prebuilt matrix (build_h) or None to build its tiles inside the kernels.
+def h_consts(key: Optional[tuple], prebuilt: bool) -> tuple[int, int, int]:
+    """(MODE, N, R) of a projection (`proj_key`) in the kernels; prebuilt: its H is a dense matrix."""
+    if key is None or prebuilt:
+        return MODE_DENSE, 1, 1
+    n, r = key
+    return (MODE_PHM, n, 1) if r == 0 else (MODE_PHM_FACTORED, n, r)
+
+
+def h_ptrs(rule, left, right, H: Optional[torch.Tensor], dtype: torch.dtype) -> tuple:
+    """(rule, left, right) pointers of a projection for the kernels, `h_consts`' order: a dense
+    or prebuilt H three times; a dense matrix in another dtype than x's (autocast) is cast once
+    here, not per program.
 
     ``dtype`` is x's, the dtype of the tl.dot operands. The factors may be in another (fp32
     under autocast): the kernels read them as they are and build H tiles in fp32, rounded once
     to ``dtype`` before tl.dot; a dense or prebuilt H is passed in ``dtype``, rounded once.
     """
-    if rule is None:  # a dense matrix in another dtype (autocast) is cast once here, not per program
-        H = left.to(dtype).contiguous()
+    if rule is None:
+        H = left if left.dtype == dtype else left.to(dtype).contiguous()
     if H is not None:
-        return H, H, H, MODE_DENSE, 1, 1
-    n = rule.shape[0]
-    if right is None:
-        return rule, left, left, MODE_PHM, n, 1
-    return rule, left, right, MODE_PHM_FACTORED, n, left.shape[2]
+        return H, H, H
+    return rule, left, left if right is None else right
+
+
+def h_args(rule, left, right, H: Optional[torch.Tensor], dtype: torch.dtype):
+    """(rule_ptr, left_ptr, right_ptr, MODE, N, R) of one projection (`h_ptrs`, `h_consts`); rule
+    None = dense; H its prebuilt matrix (build_h) or None to build its tiles inside the kernels."""
+    return (*h_ptrs(rule, left, right, H, dtype), *h_consts(proj_key(rule, left, right), H is not None))
 
 
 @triton.jit
@@ -553,45 +574,66 @@ def grads_tile(P: int, Q: int) -> tuple[int, int]:
     return max(1, min(pow2(P), 1024 // QP)), QP
 
 
+_NO_PROJECTION = ((1, 1, 1, False, False, 1, 1), 1, 1, 1, 1, (0, 0, 0))  # an absent second projection
+
+
+@functools.lru_cache(maxsize=1024)  # computed once per shape (host time)
+def _projection_plan(rule_shape, left_shape, right_shape, tasks: bool):
+    """((N, R, RP, RULE, FACT, BP, QP), P, Q, rows per program, programs along the rows, task
+    strides (rule, left, right)) of one projection of _factor_grads_kernel, from its factors'
+    shapes (None for an absent one); ``tasks``: the factors are stacked per task (a rule of 3
+    dimensions shared by the tasks: stride 0)."""
+    strides = (0, 0, 0)
+    if tasks:
+        strides = (0 if rule_shape is None or len(rule_shape) == 3 else math.prod(rule_shape[1:]),
+                   math.prod(left_shape[1:]), 0 if right_shape is None else math.prod(right_shape[1:]))
+        left_shape, right_shape = left_shape[1:], None if right_shape is None else right_shape[1:]
+    fact = right_shape is not None
+    if rule_shape is None:  # dense: dW = dH, as the slice of a rule-less N = 1 projection, split into row chunks
+        (P, Q), N, R = left_shape, 1, 1
+        BP, QP = grads_tile(P, Q)
+        rows = BP
+    else:
+        N, P = rule_shape[-1], left_shape[1]
+        R = left_shape[2] if fact else 1
+        Q = right_shape[2] if fact else left_shape[2]
+        BP, QP = grads_tile(P, Q)
+        rows = P  # d rule and d right sum over every row of B_i: one program along them
+    return (N, R, pow2(R), rule_shape is not None, fact, BP, QP), P, Q, rows, cdiv(P, rows), strides
+
+
+def _shape(t: Optional[torch.Tensor]):
+    return None if t is None else t.shape
+
+
 def _projection_args(pr: Optional[Projection], placeholder: torch.Tensor, rule_grad: bool = True,
                      tasks: bool = False):
     """(runtime args, constexprs, gradients, programs along the rows, task strides (rule, left,
-    right)) of one projection of _factor_grads_kernel; ``rule_grad`` False: its rule's gradient
-    goes elsewhere (shared); ``tasks``: the factors are stacked per task."""
+    right)) of one projection of _factor_grads_kernel (`_projection_plan`); ``rule_grad`` False:
+    its rule's gradient goes elsewhere (shared); ``tasks``: the factors are stacked per task."""
     if pr is None:
+        const, P, Q, rows, chunks, strides = _NO_PROJECTION
         z = placeholder
-        return (0, 0, 0, z, z, z, z, z, z, 1, 1, 1), dict(N=1, R=1, RP=1, RULE=False, FACT=False, BP=1, QP=1), \
-            (None, None, None), 1, (0, 0, 0)
+        return (0, 0, 0, z, z, z, z, z, z, P, Q, rows), const, (None, None, None), chunks, strides
     rule, left, right = pr.rule, pr.left, pr.right
+    const, P, Q, rows, chunks, strides = _projection_plan(_shape(rule), left.shape, _shape(right), tasks)
     dleft = torch.empty_like(left)
-    strides = (0, 0, 0)
-    if tasks:  # shapes from task 0; a rule of 3 dimensions is shared by the tasks (stride 0)
-        strides = (0 if rule is None or rule.dim() == 3 else rule[0].numel(), left[0].numel(),
-                   0 if right is None else right[0].numel())
-        rule_shape = None if rule is None else rule.shape[-3:]
-        left, right = left[0], None if right is None else right[0]
-    else:
-        rule_shape = None if rule is None else rule.shape
-    if rule is None:  # dense: dW = dH, as the slice of a rule-less N = 1 projection, split into row chunks
-        (P, Q), N, R, fact = left.shape, 1, 1, False
-        BP, QP = grads_tile(P, Q)
-        rows = BP
-        drule = dright = placeholder
-        grads = (None, dleft, None)
-    else:
-        N, P = rule_shape[0], left.shape[1]
-        fact = right is not None
-        R = left.shape[2] if fact else 1
-        Q = right.shape[2] if fact else left.shape[2]
-        BP, QP = grads_tile(P, Q)
-        rows = P  # d rule and d right sum over every row of B_i: one program along them
-        drule = torch.empty_like(rule) if rule_grad else placeholder
-        dright = torch.empty_like(pr.right) if fact else placeholder
-        grads = (drule if rule_grad else None, dleft, dright if fact else None)
-    args = (pr.offset, pr.s_row, pr.s_col, placeholder if rule is None else rule, pr.left,
-            placeholder if pr.right is None else pr.right, drule, dleft, dright, P, Q, rows)
-    const = dict(N=N, R=R, RP=pow2(R), RULE=rule is not None, FACT=fact, BP=BP, QP=QP)
-    return args, const, grads, cdiv(P, rows), strides
+    drule = torch.empty_like(rule) if rule is not None and rule_grad else None
+    dright = torch.empty_like(right) if right is not None and rule is not None else None
+    args = (pr.offset, pr.s_row, pr.s_col, placeholder if rule is None else rule, left,
+            placeholder if right is None else right, placeholder if drule is None else drule, dleft,
+            placeholder if dright is None else dright, P, Q, rows)
+    return args, const, (drule, dleft, dright), chunks, strides
+
+
+@functools.lru_cache(maxsize=1024)  # computed once per key (host time)
+def _factor_grads_consts(c1: tuple, c2: tuple, two: bool, shared: bool, has_b1: bool, has_b2: bool, tasks: bool,
+                         T: int) -> dict:
+    n_i = max(c1[0], c2[0])
+    names = ("N", "R", "RP", "RULE", "FACT", "BP", "QP")
+    return dict(**{f"{k}1": v for k, v in zip(names, c1)}, **{f"{k}2": v for k, v in zip(names, c2)}, TWO=two,
+                SHARED=shared, HAS_B1=has_b1, HAS_B2=has_b2, NP=pow2(n_i), GROUPED=tasks, TP=max(2, pow2(T)),
+                num_warps=4)
 
 
 def factor_grads(partials: Partials, first: Projection, second: Optional[Projection] = None, *,
@@ -614,14 +656,11 @@ def factor_grads(partials: Partials, first: Projection, second: Optional[Project
     bias_args = []
     for out, b in zip(db, biases):  # (out, offset into csum, length)
         bias_args += [part, 0, 0] if b is None else [out, b[1], b[2]]
-    n_i = max(c1["N"], c2["N"])
+    consts = _factor_grads_consts(c1, c2, second is not None, shared_rule, db[0] is not None, db[1] is not None,
+                                  tasks, T)
     with LAUNCH_LOCK:
-        _factor_grads_kernel[(n_i, max(chunks1, chunks2))](
-            part, csum, part.shape[0], part[0].numel(), csum.shape[1], *a1[1:], *a2,
+        _factor_grads_kernel[(max(c1[0], c2[0]), max(chunks1, chunks2))](
+            part, csum, part.shape[0], math.prod(part.shape[1:]), csum.shape[1], *a1[1:], *a2,
             bias_args[0], bias_args[2], bias_args[3], bias_args[4], bias_args[5],
-            counts, T, rows_per_split, *t1, *t2, *t_b,
-            N1=c1["N"], R1=c1["R"], RP1=c1["RP"], RULE1=c1["RULE"], FACT1=c1["FACT"], BP1=c1["BP"], QP1=c1["QP"],
-            N2=c2["N"], R2=c2["R"], RP2=c2["RP"], RULE2=c2["RULE"], FACT2=c2["FACT"], BP2=c2["BP"], QP2=c2["QP"],
-            TWO=second is not None, SHARED=shared_rule, HAS_B1=db[0] is not None, HAS_B2=db[1] is not None,
-            NP=pow2(n_i), GROUPED=tasks, TP=max(2, pow2(T)), num_warps=4)
+            counts, T, rows_per_split, *t1, *t2, *t_b, **consts)
     return g1, g2, tuple(db)
