@@ -60,6 +60,34 @@ def test_houlsby_and_phm_linear_launch_budget():
     assert (fwd.total, bwd.total) == (1, 3) and not fwd.aten and not bwd.aten, (fwd, bwd)
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_linear_weights_are_read_transposed_without_a_copy(residual):
+    """nn.Linear stores (out, in); the dense adapter takes (in, out): weight.t(), read as it is
+    (no copy forward, none backward), every gradient as the reference's, and each weight's
+    gradient in the weight's own layout (so that autograd does not copy it to match)."""
+    M, d, k = 37, 48, 12
+    x = torch.randn(M, d, device=DEVICE, requires_grad=True)
+    w_down = (0.3 * torch.randn(k, d, device=DEVICE)).requires_grad_()  # (out, in), as nn.Linear
+    w_up = (0.3 * torch.randn(d, k, device=DEVICE)).requires_grad_()
+    b_down, b_up = (torch.randn(n, device=DEVICE, requires_grad=True) for n in (k, d))
+    r = torch.randn(M, d, device=DEVICE, requires_grad=True) if residual else None
+    leaves = [x, w_down, b_down, w_up, b_up] + ([r] if residual else [])
+    args = (x, w_down.t(), b_down, w_up.t(), b_up)
+    dy = torch.randn(M, d, device=DEVICE)
+
+    def run(backend):
+        y = ck.adapter(*args, residual=r, scale=0.5, backend=backend)
+        return (y, *torch.autograd.grad(y, leaves, dy))
+
+    for ours, want in zip(run("triton"), run("reference")):
+        torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4)
+        assert ours.stride() == want.stride()
+    fwd, bwd = forward_backward_counts(lambda *a: ck.adapter(*a, residual=r, scale=0.5, backend="triton"), args,
+                                       leaves)
+    assert dict(fwd.launches) == {"_adapter_fwd_kernel": 1} and not fwd.aten, fwd
+    assert sum(bwd.launches.values()) == 3 and not bwd.aten, bwd
+
+
 def test_the_eager_reference_runs_13_kernels_forward_and_22_backward():
     """The unfused path the kernels replace (the paper's code, AdapterHub): the counts the
     package's case rests on."""

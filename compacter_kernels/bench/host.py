@@ -4,7 +4,9 @@ Every Triton launch is replaced by a no-op, so only host work is timed (outputs 
 unwritten: a benchmark, not a test). Tiny shapes (M = 4, d = 16, k = 4, n = 4) keep the eager
 reference's own kernels negligible, so its time is dispatch too. Per op, forward and
 forward+backward, side by side in one interleaved run: ours (the triton backend), the eager
-reference, and two bare ``torch.autograd.Function``s with the op's inputs and output that do
+reference, where `adapters` is installed an AdapterHub adapter module run by the library
+("hub") and after `fuse_adapters` ("hub-fused": its "x ours" is what the swap-in adds to a
+direct call), and two bare ``torch.autograd.Function``s with the op's inputs and output that do
 nothing: "bare" returns only dx, "bare-grads" a gradient for every input (what the fused op
 returns: the least an op of its signature can cost). Ratios to the bare Function and to the reference
 are the figures to compare across machines; absolute times depend on the CPU.
@@ -88,10 +90,49 @@ def cases(device: torch.device) -> dict[str, dict[str, tuple[Callable, list, tor
     return out
 
 
+def hub_cases(device: torch.device) -> dict[str, dict[str, tuple[Callable, list, torch.Tensor]]]:
+    """op -> {"hub": an AdapterHub adapter module (CompacterConfig / SeqBnConfig at the shapes
+    above, gelu) run by the library's Adapter.forward, "hub-fused": its forward after
+    `fuse_adapters`}, both called without nn.Module's __call__, inside the model's ForwardContext
+    (where the shared rule is found), which stays entered; {} without `adapters`."""
+    try:
+        import adapters
+        from adapters.context import ForwardContext
+        from adapters.methods.modeling import Adapter
+        from transformers import BertConfig, BertModel
+    except ImportError:
+        return {}
+    from ..integrations.adapterhub import _bottleneck_adapters, fuse_adapters
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(hidden_size=D, num_hidden_layers=1, num_attention_heads=1, intermediate_size=D,
+                                 vocab_size=10, max_position_embeddings=M))
+    adapters.init(model)
+    configs = {"compacter": adapters.CompacterConfig(reduction_factor=D // K, phm_dim=N),
+               "houlsby": adapters.SeqBnConfig(reduction_factor=D // K, non_linearity="gelu")}
+    for name, config in configs.items():
+        model.add_adapter(name, config=config)
+    model.train_adapter(list(configs))
+    model.to(device)
+    fuse_adapters(model, backend="triton")
+    ForwardContext(model, input_ids=torch.zeros(1, M, dtype=torch.long, device=device)).__enter__()  # stays entered
+    x = torch.randn(M, D, device=device, requires_grad=True)
+    leaves = [x, *(p for p in model.parameters() if p.requires_grad)]
+    dy = torch.randn(M, D, device=device)
+    out = {}
+    for op in configs:
+        module = next(adapter for _, name, adapter, _ in _bottleneck_adapters(model) if name == op)
+        out[op] = {"hub": (lambda module=module: Adapter.forward(module, x, x)[0], leaves, dy),
+                   "hub-fused": (lambda module=module: module.forward(x, x)[0], leaves, dy)}
+    return out
+
+
 def measure(reps: int = 15, calls: int = 200) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _stub_launches()
     table = cases(device)
+    for op, providers in hub_cases(device).items():
+        table[op].update(providers)
     runs: dict[tuple, Callable] = {}
     for op, providers in table.items():
         for provider, (fwd, leaves, dy) in providers.items():
@@ -118,6 +159,7 @@ def measure(reps: int = 15, calls: int = 200) -> list[dict]:
         r["x_bare"] = r["median_us"] / by[(r["op"], "bare", r["mode"])]
         r["x_bare_grads"] = r["median_us"] / by[(r["op"], "bare-grads", r["mode"])]
         r["x_reference"] = r["median_us"] / by[(r["op"], "reference", r["mode"])]
+        r["x_ours"] = r["median_us"] / by[(r["op"], "ours", r["mode"])]  # hub-fused: fuse_adapters' cost
     return rows
 
 
@@ -132,11 +174,11 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"host time per call, Triton launches stubbed, M={M} d={D} k={K} n={N} on {device.type}")
     print(f"{'op':>10} {'mode':>8} {'provider':>10} {'median us':>10} {'p20-p80 us':>15} {'x bare':>7} "
-          f"{'x bare-grads':>12} {'x eager':>8}")
+          f"{'x bare-grads':>12} {'x eager':>8} {'x ours':>7}")
     for r in rows:
         print(f"{r['op']:>10} {r['mode']:>8} {r['provider']:>10} {r['median_us']:10.1f} "
               f"{r['p20_us']:7.1f}-{r['p80_us']:<7.1f} {r['x_bare']:7.2f} {r['x_bare_grads']:12.2f} "
-              f"{r['x_reference']:8.2f}")
+              f"{r['x_reference']:8.2f} {r['x_ours']:7.2f}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"compacter-host-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     meta = report.metadata(device, "compacter-bench --host", shape=dict(M=M, d=D, k=K, n=N))

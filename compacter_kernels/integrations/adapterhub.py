@@ -93,28 +93,34 @@ def _why_not(adapter: nn.Module) -> Optional[str]:
     return None
 
 
+def _phm_keys(layer: PHMLayer) -> tuple:
+    """(rule keys, rule shared, W keys, W shared): where PHMLayer.forward finds its factors (its
+    own parameters, or the shared ones of the ForwardContext), fixed by its config; read once
+    per layer and kept on it (host time: nn.Module attribute lookups on every call)."""
+    keys = layer.__dict__.get("_ck_phm_keys")
+    if keys is None:
+        w = f"W_{layer.position}" if layer.shared_W_phm else "W"  # shared: W_down_left, ...; own: W_left, ...
+        keys = (("phm_rule_left", "phm_rule_right") if layer.factorized_phm_rule else ("phm_rule",),
+                layer.shared_phm_rule, (w + "_left", w + "_right") if layer.factorized_phm_W else (w,),
+                layer.shared_W_phm)
+        layer.__dict__["_ck_phm_keys"] = keys
+    return keys
+
+
 def _phm_args(layer: PHMLayer) -> tuple:
     """(rule, left, right, bias) of a PHMLayer, found where PHMLayer.forward finds them."""
-    shared = None
-    if layer.shared_phm_rule or layer.shared_W_phm:
-        shared = ForwardContext.get_context().shared_parameters[layer.name]
-
-    def get(key: str, is_shared: bool) -> Tensor:
-        return shared[key] if is_shared else getattr(layer, key)
-
-    w = f"W_{layer.position}" if layer.shared_W_phm else "W"  # shared: W_down_left, ...; own: W_left, ...
-    if layer.factorized_phm_W:
-        left, right = get(w + "_left", layer.shared_W_phm), get(w + "_right", layer.shared_W_phm)
-    else:
-        left, right = get(w, layer.shared_W_phm), None
-    if layer.factorized_phm_rule:
-        rule = torch.bmm(get("phm_rule_left", layer.shared_phm_rule), get("phm_rule_right", layer.shared_phm_rule))
-    else:
-        rule = get("phm_rule", layer.shared_phm_rule)
-    return rule, left, right, layer.b
+    rule_keys, rule_shared, w_keys, w_shared = _phm_keys(layer)
+    own = layer._parameters
+    shared = ForwardContext.get_context().shared_parameters[layer.name] if rule_shared or w_shared else own
+    w, r = shared if w_shared else own, shared if rule_shared else own
+    left, right = (w[w_keys[0]], w[w_keys[1]]) if len(w_keys) == 2 else (w[w_keys[0]], None)
+    rule = torch.bmm(r[rule_keys[0]], r[rule_keys[1]]) if len(rule_keys) == 2 else r[rule_keys[0]]
+    return rule, left, right, own["b"]
 
 
 def _has_fuse(setup) -> bool:
+    if isinstance(setup, str):  # an adapter's name (the common leaf): no Fuse
+        return False
     return isinstance(setup, Fuse) or (
         isinstance(setup, AdapterCompositionBlock) and any(_has_fuse(c) for c in setup))
 

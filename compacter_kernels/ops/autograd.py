@@ -35,6 +35,13 @@ def dense(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
+def transposed(w: Tensor) -> bool:
+    """Whether a 2-D matrix is stored transposed (w.t() contiguous, w not): an nn.Linear weight's
+    .t(), which a backend that reads it as it is (``adapter_entry_points``' transposed_weights)
+    takes without a copy."""
+    return w.dim() == 2 and w.stride(0) == 1 and w.stride(1) == w.shape[0] and not w.is_contiguous()
+
+
 def out_features(rule: Optional[Tensor], left: Tensor, right: Optional[Tensor]) -> int:
     """Output width of a projection given as (rule, left, right); rule None = dense (I, O) left."""
     if rule is None:
@@ -144,13 +151,14 @@ def autocast_inputs(x: Tensor, residual: Optional[Tensor], bias_up: Optional[Ten
     return x.to(amp), r, torch.promote_types(r.dtype, amp if bias_up is None else bias_up.dtype)
 
 
-def adapter_entry_points(forward: Callable, inference: Optional[Callable] = None):
+def adapter_entry_points(forward: Callable, inference: Optional[Callable] = None, transposed_weights: bool = False):
     """(compacter_adapter, adapter) with the reference's signatures, on a backend's forward
     ``forward(x2d, residual2d, *down, bias_down, *up, bias_up, activation, scale, out_dtype)``
     (what `register_adapter_op` returns; down and up are (rule, left, right) triples, rule
     None meaning a dense matrix). Where no gradient is wanted (no_grad, inference_mode, frozen
     weights; plain tensors, eager) ``inference`` (same arguments, returns y), if given, runs
-    instead: the forward without z.
+    instead: the forward without z. With ``transposed_weights`` the backend takes a dense
+    matrix stored `transposed` as it is (an nn.Linear's weight.t()); otherwise it is copied.
 
     Under autocast they behave as the eager reference: matmuls in the autocast dtype and
     y = r + scale * (g @ H_up + b_up) promoted as eager promotes it (an fp32 b_up or r gives an
@@ -159,11 +167,15 @@ def adapter_entry_points(forward: Callable, inference: Optional[Callable] = None
     parameter's gradient, computed in fp32, in that parameter's dtype.
     """
 
+    def matrix(w: Tensor) -> Tensor:
+        return w if transposed_weights and transposed(w) else w.contiguous()
+
     def run(x, residual, down, bias_down, up, bias_up, activation, scale):
+        """down / up: (rule, left, right) in the layout the backend takes."""
         shape = x.shape
         x, residual, out_dtype = autocast_inputs(x, residual, bias_up)
-        args = (rows(x), None if residual is None else rows(residual), *map(dense, down), dense(bias_down),
-                *map(dense, up), dense(bias_up), activation, float(scale), out_dtype)
+        args = (rows(x), None if residual is None else rows(residual), *down, dense(bias_down), *up, dense(bias_up),
+                activation, float(scale), out_dtype)
         # Empty feature widths (d = 0, or a dense bottleneck k = 0): no kernel to launch.
         if shape[-1] == 0 or out_features(*down) == 0:
             y = adapter_math(*args)[0]
@@ -175,11 +187,12 @@ def adapter_entry_points(forward: Callable, inference: Optional[Callable] = None
 
     def compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
                           *, activation="gelu", scale=1.0, residual=None):
-        return run(x, residual, (rule_down, left_down, right_down), bias_down, (rule_up, left_up, right_up),
-                   bias_up, activation, scale)
+        return run(x, residual, (dense(rule_down), dense(left_down), dense(right_down)), bias_down,
+                   (dense(rule_up), dense(left_up), dense(right_up)), bias_up, activation, scale)
 
     def adapter(x, w_down, b_down, w_up, b_up, *, activation="gelu", scale=1.0, residual=None):
-        return run(x, residual, (None, w_down, None), b_down, (None, w_up, None), b_up, activation, scale)
+        return run(x, residual, (None, matrix(w_down), None), b_down, (None, matrix(w_up), None), b_up, activation,
+                   scale)
 
     return compacter_adapter, adapter
 

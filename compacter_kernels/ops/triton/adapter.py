@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ... import reference
 from ..autograd import (ACT_CODE, adapter_entry_points, adapter_math, create_graph_grads, multitask_entry_points,
-                        out_features, register_adapter_op, rows)
+                        out_features, register_adapter_op, rows, transposed)
 from .common import (LAUNCH_LOCK, MODE_DENSE, MODE_PHM, MODE_PHM_FACTORED, Partials, Projection, act_bwd, act_fwd,
                      build_h, cdiv, device_index, empty, factor_grads, group_rows, grouping_consts, h_consts, h_ptrs,
                      h_tile, interpreting, num_programs_target, padded, pow2, prebuilds, prebuilds_h, proj_key,
@@ -400,11 +400,21 @@ def _bwd_plan(M: int, D: int, K: int, dtype: torch.dtype, pd, pu, has_res: bool,
     ieee = dtype == torch.float32
     rows_consts = dict(MODE_U=mode_u, N_U=n_u, R_U=r_u, HAS_RES=has_res, ACT=ACT_CODE[activation], BM=BM, BD=BD,
                        KP=KP, IEEE=ieee, num_warps=warps)
-    reads = max(1 if pd is None else pd[0], 1 if pu is None else pu[0])  # factor_grads' reads of the partials
+    reads = max(pd[0] if isinstance(pd, tuple) else 1, pu[0] if isinstance(pu, tuple) else 1)  # of the partials, by factor_grads
     BA, BMc, warps_c, tiles, splits, rows_per_split = _columns_plan(M, D, K, dtype.itemsize, reads, programs)
     cols_consts = dict(MODE_D=mode_d, N_D=n_d, R_D=r_d, HAS_RES=has_res, BA=BA, BM=BMc, KP=KP, IEEE=ieee,
                        num_warps=warps_c)
     return (cdiv(M, BM),), rows_consts, (tiles, splits), cols_consts, rows_per_split, need
+
+
+def _projection(rule, left, right, offset: int, s_row: int, s_col: int) -> Projection:
+    """factor_grads' view of a projection whose dH partials are at ``offset`` (H[row, col] at
+    row * s_row + col * s_col): a dense matrix stored `transposed` as the contiguous matrix it
+    is the transpose of, with the partials' strides swapped (its gradient, transposed back, has
+    the matrix's own layout: an nn.Linear weight's gradient is not copied to match it)."""
+    if rule is None and transposed(left):
+        return Projection(None, left.t(), None, offset, s_col, s_row)
+    return Projection(rule, left, right, offset, s_row, s_col)
 
 
 def _columns(x, dy, g, dz, dx, down_ptrs, scale: float, grid, consts: dict, rows_per_split: int) -> Partials:
@@ -457,10 +467,14 @@ def _backward(dy, x, z, h_down, h_up, rule_down, left_down, right_down, bias_dow
     # dx, dH_down = x^T dz, dH_up^T = scale * dy^T g (both (D, K)), db_down = sum dz, db_up = scale * sum dy.
     partials = _columns(x, dy, g, dz, dx, h_ptrs(*down, hd, x.dtype), scale, cols_grid, cols_consts, rows_per_split)
     (g_rd, g_ld, g_rgd), (g_ru, g_lu, g_rgu), (g_bd, g_bu) = factor_grads(
-        partials, Projection(rule_down, left_down, right_down, 0, K, 1),
-        Projection(rule_up, left_up, right_up, D * K, 1, K),  # H_up[row, col] is (dy^T g)[col, row]
+        partials, _projection(rule_down, left_down, right_down, 0, K, 1),
+        _projection(rule_up, left_up, right_up, D * K, 1, K),  # H_up[row, col] is (dy^T g)[col, row]
         biases=(None if bias_down is None else (bias_down, 0, K), None if bias_up is None else (bias_up, K, D)),
         shared_rule=shared_rule)
+    if rule_down is None and transposed(left_down):
+        g_ld = g_ld.t()
+    if rule_up is None and transposed(left_up):
+        g_lu = g_lu.t()
     return dx, dres, g_rd, g_ld, g_rgd, g_bd, g_ru, g_lu, g_rgu, g_bu
 
 
@@ -675,5 +689,5 @@ def _grouped(x, residual, ids, T, down, bias_down, up, bias_up, activation, scal
 # ---- backend entry points (signatures of compacter_kernels.reference) -------------------------
 
 compacter_adapter, adapter = adapter_entry_points(
-    register_adapter_op(adapter_fwd, _forward, adapter_bwd, _backward, h_shapes), _inference)
+    register_adapter_op(adapter_fwd, _forward, adapter_bwd, _backward, h_shapes), _inference, transposed_weights=True)
 multitask_compacter_adapter, multitask_adapter = multitask_entry_points(compacter_adapter, adapter, _grouped)

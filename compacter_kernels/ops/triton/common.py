@@ -15,9 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ..autograd import transposed
 
-# How an H is given: dense (I, O) matrix; full PHM weight B; factorised S @ T.
-MODE_DENSE, MODE_PHM, MODE_PHM_FACTORED = 0, 1, 2
+
+# How an H is given: dense (I, O) matrix; full PHM weight B; factorised S @ T; a dense matrix
+# stored transposed (the (O, I) contiguous weight of an nn.Linear, passed as weight.t()).
+MODE_DENSE, MODE_PHM, MODE_PHM_FACTORED, MODE_DENSE_T = 0, 1, 2, 3
 
 # Set to True (tests do) to fill every output with NaN before a kernel writes it, so a kernel
 # that leaves part of an output unwritten cannot pass.
@@ -118,11 +121,14 @@ def h_tile(rule_ptr, left_ptr, right_ptr, ri, ci, mask, P, Q, O,
     """fp32 tile of H[ri, ci] (ri, ci broadcastable index tensors), 0 where ~mask.
 
     H[a*P + p, c*Q + q] = sum_i rule[i, a, c] * B[i, p, q], B[i] = left[i] (MODE_PHM) or
-    left[i] @ right[i] (MODE_PHM_FACTORED); MODE_DENSE reads a contiguous (I, O) matrix.
-    Nothing of H is written to memory.
+    left[i] @ right[i] (MODE_PHM_FACTORED); MODE_DENSE reads a contiguous (I, O) matrix,
+    MODE_DENSE_T one stored transposed, (O, I) contiguous (N = 1: P = I). Nothing of H is
+    written to memory.
     """
     if MODE == 0:
         return tl.load(left_ptr + ri * O + ci, mask=mask, other=0.0).to(tl.float32)
+    if MODE == 3:
+        return tl.load(left_ptr + ci * P + ri, mask=mask, other=0.0).to(tl.float32)
     a = ri // P
     p = ri % P
     c = ci // Q
@@ -149,17 +155,19 @@ def h_tile(rule_ptr, left_ptr, right_ptr, ri, ci, mask, P, Q, O,
 INKERNEL_H_BUDGET = 256
 
 
-def proj_key(rule, left, right) -> Optional[tuple]:
-    """What a projection's kernel constants depend on: None for a dense matrix, else (n, r), r = 0
-    for the full B (no right factor)."""
-    return None if rule is None else (rule.shape[-1], 0 if right is None else left.shape[-1])
+def proj_key(rule, left, right):
+    """What a projection's kernel constants depend on: None for a dense matrix ("T" stored
+    transposed), else (n, r), r = 0 for the full B (no right factor)."""
+    if rule is None:
+        return "T" if transposed(left) else None
+    return rule.shape[-1], 0 if right is None else left.shape[-1]
 
 
 def prebuilds(key: Optional[tuple], tile_cols: int) -> bool:
     """Whether a PHM projection (`proj_key`) has its H built once per call (by build_h) rather
     than tile by tile inside every program: past INKERNEL_H_BUDGET (``tile_cols`` is the width of
     the H tiles a program builds per row block). Shapes only, so the fake impls decide alike."""
-    return key is not None and key[0] * (max(key[1], 1) + 1) * tile_cols > INKERNEL_H_BUDGET
+    return isinstance(key, tuple) and key[0] * (max(key[1], 1) + 1) * tile_cols > INKERNEL_H_BUDGET
 
 
 def prebuilds_h(rule, left, right, tile_cols: int) -> bool:
@@ -169,6 +177,8 @@ def prebuilds_h(rule, left, right, tile_cols: int) -> bool:
 
 def h_consts(key: Optional[tuple], prebuilt: bool) -> tuple[int, int, int]:
     """(MODE, N, R) of a projection (`proj_key`) in the kernels; prebuilt: its H is a dense matrix."""
+    if key == "T":
+        return MODE_DENSE_T, 1, 1
     if key is None or prebuilt:
         return MODE_DENSE, 1, 1
     n, r = key
@@ -178,14 +188,14 @@ def h_consts(key: Optional[tuple], prebuilt: bool) -> tuple[int, int, int]:
 def h_ptrs(rule, left, right, H: Optional[torch.Tensor], dtype: torch.dtype) -> tuple:
     """(rule, left, right) pointers of a projection for the kernels, `h_consts`' order: a dense
     or prebuilt H three times; a dense matrix in another dtype than x's (autocast) is cast once
-    here, not per program.
+    here, not per program (keeping its layout, transposed or not).
 
     ``dtype`` is x's, the dtype of the tl.dot operands. The factors may be in another (fp32
     under autocast): the kernels read them as they are and build H tiles in fp32, rounded once
     to ``dtype`` before tl.dot; a dense or prebuilt H is passed in ``dtype``, rounded once.
     """
     if rule is None:
-        H = left if left.dtype == dtype else left.to(dtype).contiguous()
+        H = left if left.dtype == dtype else left.to(dtype)  # preserve_format: the same strides
     if H is not None:
         return H, H, H
     return rule, left, left if right is None else right
