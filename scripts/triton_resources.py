@@ -120,6 +120,18 @@ def adapter_cases(kernel_name: str, dtype: str):
         if kernel_name == "fwd" and k == 24:  # a mixed-task batch of 64 tasks, no z (inference)
             c = {**c, "GROUPED": True, "TP": 64, "STORE_Z": False}
             yield f"k={k} n={n} r={r} 64 tasks grouped, no z BM={BM} BD={BD}", kernel, c, warps
+    # A dense adapter on nn.Linear weights, read transposed (as AdapterHub's Houlsby passes them).
+    BM, BD, KP, warps = adapter._blocks(4096, 128, DTYPES[dtype], backward=kernel_name != "fwd")
+    T = dict(MODE_D=common.MODE_DENSE_T, N_D=1, R_D=1, MODE_U=common.MODE_DENSE_T, N_U=1, R_U=1)
+    if kernel_name == "cols":
+        BA, BM, warps = adapter.columns_blocks(128)
+        c = dict(MODE_D=T["MODE_D"], N_D=1, R_D=1, HAS_RES=False, BA=BA, BM=BM, KP=KP, IEEE=False, GROUPED=False, TP=1)
+    else:
+        c = dict(MODE_U=T["MODE_U"], N_U=1, R_U=1, HAS_RES=False, ACT=0, BM=BM, BD=BD, KP=KP, IEEE=False,
+                 GROUPED=False, TP=1)
+        if kernel_name == "fwd":
+            c.update(MODE_D=T["MODE_D"], N_D=1, R_D=1, HAS_BD=True, HAS_BU=True, STORE_Z=True)
+    yield f"k=128 dense, nn.Linear weights transposed BM={BM}", kernel, c, warps
 
 
 def main():
