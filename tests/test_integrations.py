@@ -246,18 +246,23 @@ def test_fusion_composition_takes_library_path(op_calls):
     assert len(op_calls) == 4
 
 
-def test_triton_backend_end_to_end(op_calls):
+@pytest.mark.parametrize("config_name", ["compacter++", "pfeiffer"])
+def test_triton_backend_end_to_end(config_name, op_calls):
+    """Outputs, loss and every gradient as the library's; the dense adapter reads the nn.Linear
+    weights transposed, and their gradients keep the weights' layout (no copy to match it)."""
     adapters, hub = _hub()
     fuse_adapters = hub.fuse_adapters
 
     if not backends.available_backends()["triton"]:
         pytest.skip(f"triton: {backends.available_backends()['triton'].reason}")
-    model = _hub_model(adapters.CompacterPlusPlusConfig(reduction_factor=4), dtype=torch.float32).to(DEVICE)
+    model = _hub_model(_hub_configs()[config_name], dtype=torch.float32).to(DEVICE)
     batch = _batch(batch=2, seq=8, device=DEVICE)
     library = _run(model, batch)
     fuse_adapters(model, backend="triton")
-    _assert_same(_run(model, batch), library, atol=3e-4, rtol=1e-3)
-    assert op_calls == [("triton", "compacter_adapter")] * 2
+    fused = _run(model, batch)
+    _assert_same(fused, library, atol=3e-4, rtol=1e-3)
+    assert all(g.stride() == library[2][name].stride() for name, g in fused[2].items())
+    assert op_calls == [("triton", "adapter" if config_name == "pfeiffer" else "compacter_adapter")] * 2
 
 
 def test_bad_backend_name():

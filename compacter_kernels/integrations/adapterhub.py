@@ -139,17 +139,20 @@ def _fused_forward(self: Adapter, x: Tensor, residual_input: Tensor, output_gati
     library's path, so the fused path returns None for them and never materialises them.
     """
     spec = self._ck_fused
-    if ((self.training and self.dropout.p > 0) or residual_input is None or residual_input.shape != x.shape
-            or _fuse_active(spec.adapters_config)):
+    modules = self._modules  # direct lookups: nn.Module.__getattr__ on every call costs host time
+    if ((self.training and modules["dropout"].p > 0) or residual_input is None
+            or residual_input.shape != x.shape or _fuse_active(spec.adapters_config)):
         return Adapter.forward(self, x, residual_input, output_gating)
-    down, up = self.adapter_down[0], self.adapter_up
+    down, up = modules["adapter_down"]._modules["0"], modules["adapter_up"]
+    residual = None if residual_input is x else residual_input
     # Mixed dtypes under autocast (fp32 parameters, bf16 x) are handled by the op as eager would.
-    kwargs = dict(activation=spec.activation, scale=float(self.scaling), backend=spec.backend,
-                  residual=None if residual_input is x else residual_input)
-    if isinstance(up, PHMLayer):
-        out = F.compacter_adapter(x, *_phm_args(down), *_phm_args(up), **kwargs)
-    else:  # nn.Linear stores (out, in): the op takes the (in, out) transpose, a free view
-        out = F.adapter(x, down.weight.t(), down.bias, up.weight.t(), up.bias, **kwargs)
+    if type(up) is PHMLayer or isinstance(up, PHMLayer):
+        out = F.compacter_adapter(x, *_phm_args(down), *_phm_args(up), activation=spec.activation,
+                                  scale=float(self.scaling), residual=residual, backend=spec.backend)
+    else:  # nn.Linear stores (out, in): the op takes the (in, out) transpose, a view it reads as it is
+        d, u = down._parameters, up._parameters
+        out = F.adapter(x, d["weight"].t(), d["bias"], u["weight"].t(), u["bias"], activation=spec.activation,
+                        scale=float(self.scaling), residual=residual, backend=spec.backend)
     return out, None, None
 
 
