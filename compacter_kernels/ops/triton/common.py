@@ -201,12 +201,6 @@ def h_ptrs(rule, left, right, H: Optional[torch.Tensor], dtype: torch.dtype) -> 
     return rule, left, left if right is None else right
 
 
-def h_args(rule, left, right, H: Optional[torch.Tensor], dtype: torch.dtype):
-    """(rule_ptr, left_ptr, right_ptr, MODE, N, R) of one projection (`h_ptrs`, `h_consts`); rule
-    None = dense; H its prebuilt matrix (build_h) or None to build its tiles inside the kernels."""
-    return (*h_ptrs(rule, left, right, H, dtype), *h_consts(proj_key(rule, left, right), H is not None))
-
-
 @triton.jit
 def _build_h_tile(rule_ptr, left_ptr, right_ptr, h_ptr, tile, I, O, BR: tl.constexpr, BC: tl.constexpr,
                   MODE: tl.constexpr, N: tl.constexpr, R: tl.constexpr):
@@ -372,24 +366,31 @@ def split_rows(M: int, BM: int, tiles: int, bytes_per_split: int, floor_bytes: i
     return max(1, cdiv(M, rows_per_split)), rows_per_split
 
 
+@functools.lru_cache(maxsize=1024)  # computed once per key (host time)
+def _reduce_rows_plan(M: int, IA: int, IB: int, dtype: torch.dtype, colsum: bool, floor_bytes: int, reads: int,
+                      programs: int):
+    """(grid, rows per split, constexprs) of reduce_rows."""
+    BB = min(padded(IB), 128)
+    BA = min(padded(IA), 64 if BB > 64 else 128)
+    BM = 32 if interpreting() else 64
+    tiles = cdiv(IA, BA) * cdiv(IB, BB)
+    splits, rows_per_split = split_rows(M, BM, tiles, IA * IB * 4 * (1 + reads), floor_bytes, programs)
+    consts = dict(COLSUM=colsum, BA=BA, BB=BB, BM=BM, IEEE=dtype == torch.float32,
+                  num_warps=8)  # 4 spill at BA=64, BB=128 on sm_80 (scripts/triton_resources.py)
+    return (tiles, splits), rows_per_split, consts
+
+
 def reduce_rows(a, b, *, colsum: bool, floor_bytes: int, reads: int) -> Partials:
     """a^T @ b (IA, IB) from 2-D a (M, IA), b (M, IB) of any row stride, and b's column sums,
     as per-split fp32 partials, in one launch (factor_grads reads them ``reads`` times)."""
     M, IA = a.shape
     IB = b.shape[1]
-    BB = min(padded(IB), 128)
-    BA = min(padded(IA), 64 if BB > 64 else 128)
-    BM = 32 if interpreting() else 64
-    tiles = cdiv(IA, BA) * cdiv(IB, BB)
-    splits, rows_per_split = split_rows(M, BM, tiles, IA * IB * 4 * (1 + reads), floor_bytes,
-                                        num_programs_target(device_index(a)))
-    part = empty((splits, 1, IA, IB), dtype=torch.float32, device=a.device)
-    csum = empty((splits, IB), dtype=torch.float32, device=a.device)
+    grid, rows_per_split, consts = _reduce_rows_plan(M, IA, IB, a.dtype, colsum, floor_bytes, reads,
+                                                     num_programs_target(device_index(a)))
+    part = empty((grid[1], 1, IA, IB), dtype=torch.float32, device=a.device)
+    csum = empty((grid[1], IB), dtype=torch.float32, device=a.device)
     with LAUNCH_LOCK:
-        _reduce_rows_kernel[(tiles, splits)](
-            a, b, part, csum, M, IA, IB, a.stride(0), b.stride(0), rows_per_split,
-            COLSUM=colsum, BA=BA, BB=BB, BM=BM, IEEE=a.dtype == torch.float32,
-            num_warps=8)  # 4 spill at BA=64, BB=128 on sm_80 (scripts/triton_resources.py)
+        _reduce_rows_kernel[grid](a, b, part, csum, M, IA, IB, a.stride(0), b.stride(0), rows_per_split, **consts)
     return Partials(part, csum)
 
 

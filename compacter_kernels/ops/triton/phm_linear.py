@@ -10,6 +10,7 @@ rounded once to x's dtype before tl.dot, and each factor's gradient comes back i
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -18,8 +19,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..autograd import phm_linear_entry_point, register_phm_linear_op, rows
-from .common import (LAUNCH_LOCK, Projection, build_h, cdiv, empty, factor_grads, h_args, h_tile, interpreting,
-                     padded, prebuilds_h, reduce_rows)
+from .common import (LAUNCH_LOCK, Projection, build_h, cdiv, empty, factor_grads, h_consts, h_ptrs, h_tile,
+                     interpreting, padded, prebuilds, proj_key, reduce_rows)
 
 
 @triton.jit
@@ -54,6 +55,19 @@ def _phm_matmul_kernel(
     tl.store(y_ptr + offs_m[:, None] * NOUT + offs_n[None, :], acc.to(dtype), mask=mask_m[:, None] & mask_n[None, :])
 
 
+@functools.lru_cache(maxsize=1024)  # computed once per key (host time)
+def _matmul_plan(M: int, KRED: int, NOUT: int, dtype: torch.dtype, key: tuple, has_bias: bool, trans: bool):
+    """(grid, constexprs, whether H is prebuilt) of the PHM matmul; key the projection's `proj_key`."""
+    BM = 16 if interpreting() else (32 if dtype == torch.float32 else 64)
+    BN = min(padded(NOUT), 32 if interpreting() else 128)
+    BK = min(padded(KRED), 32 if interpreting() else 64)
+    prebuilt = prebuilds(key, BN)
+    mode, N, R = h_consts(key, prebuilt)
+    consts = dict(TRANS=trans, MODE=mode, N=N, R=R, HAS_BIAS=has_bias, BM=BM, BN=BN, BK=BK,
+                  IEEE=dtype == torch.float32, num_warps=4)
+    return (cdiv(M, BM), cdiv(NOUT, BN)), consts, prebuilt
+
+
 def _matmul_h(x2: Tensor, rule, left, right, bias: Optional[Tensor], trans: bool) -> Tensor:
     n = rule.shape[0]
     HI, HO = n * left.shape[1], n * (left if right is None else right).shape[2]
@@ -62,16 +76,13 @@ def _matmul_h(x2: Tensor, rule, left, right, bias: Optional[Tensor], trans: bool
     y = empty((M, NOUT), dtype=x2.dtype, device=x2.device)
     if M == 0:
         return y
-    BM = 16 if interpreting() else (32 if x2.dtype == torch.float32 else 64)
-    BN = min(padded(NOUT), 32 if interpreting() else 128)
-    BK = min(padded(KRED), 32 if interpreting() else 64)
-    (H,) = build_h([(rule, left, right)], x2.dtype) if prebuilds_h(rule, left, right, BN) else (None,)
-    rp, lp, rgp, mode, N, R = h_args(rule, left, right, H, x2.dtype)
+    grid, consts, prebuilt = _matmul_plan(M, KRED, NOUT, x2.dtype, proj_key(rule, left, right), bias is not None,
+                                          trans)
+    H = build_h([(rule, left, right)], x2.dtype)[0] if prebuilt else None
     with LAUNCH_LOCK:
-        _phm_matmul_kernel[(cdiv(M, BM), cdiv(NOUT, BN))](
-            x2, y, rp, lp, rgp, bias if bias is not None else x2, M, KRED, NOUT, x2.stride(0), HI // n, HO // n, HO,
-            TRANS=trans, MODE=mode, N=N, R=R, HAS_BIAS=bias is not None, BM=BM, BN=BN, BK=BK,
-            IEEE=x2.dtype == torch.float32, num_warps=4)
+        _phm_matmul_kernel[grid](
+            x2, y, *h_ptrs(rule, left, right, H, x2.dtype), bias if bias is not None else x2, M, KRED, NOUT,
+            x2.stride(0), HI // n, HO // n, HO, **consts)
     return y
 
 
