@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .ops.autograd import autocast_dtype
+from .ops.autograd import autocast_dtype, task_slice
 from .reference import ACTIVATIONS
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -302,10 +302,8 @@ def check_multitask_compacter_adapter(x, task_ids, rule_down, left_down, right_d
     _stacked(stacked, T)
     if T < 1:
         raise ValueError("the stacked parameters have no task (T = 0)")
-    first = lambda t, per=True: None if t is None else t[0] if per else t  # noqa: E731
-    _per_task_checks(check_compacter_adapter, x, first(rule_down, rule_down.dim() == 4), left_down[0],
-                     first(right_down), first(bias_down), first(rule_up, rule_up.dim() == 4), left_up[0],
-                     first(right_up), first(bias_up), activation, scale, residual)
+    _per_task_checks(check_compacter_adapter, x, *task_slice(rule_down, left_down, right_down, bias_down, rule_up,
+                                                             left_up, right_up, bias_up), activation, scale, residual)
     check_task_ids(task_ids, x, T)
     return check_scale(scale), T
 

@@ -201,6 +201,15 @@ class CompacterAdapter(nn.Module):
         return f"d_model={self.d_model}, bottleneck={self.bottleneck}, activation={self.activation!r}, scale={self.scale}"
 
 
+def _houlsby_init(adapter) -> None:
+    """Houlsby's init (a near-identity adapter): weights truncated normal(0, HOULSBY_INIT_STD) at
+    two standard deviations, zero biases; per task alike in a bank."""
+    for w in (adapter.w_down, adapter.w_up):
+        nn.init.trunc_normal_(w, std=HOULSBY_INIT_STD, a=-2 * HOULSBY_INIT_STD, b=2 * HOULSBY_INIT_STD)
+    nn.init.zeros_(adapter.b_down)
+    nn.init.zeros_(adapter.b_up)
+
+
 class HoulsbyAdapter(nn.Module):
     """Dense bottleneck adapter (Houlsby et al.): y = r + scale * (act(x @ w_down + b_down) @ w_up + b_up).
 
@@ -224,10 +233,7 @@ class HoulsbyAdapter(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for w in (self.w_down, self.w_up):
-            nn.init.trunc_normal_(w, std=HOULSBY_INIT_STD, a=-2 * HOULSBY_INIT_STD, b=2 * HOULSBY_INIT_STD)
-        nn.init.zeros_(self.b_down)
-        nn.init.zeros_(self.b_up)
+        _houlsby_init(self)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         return F.adapter(x, self.w_down, self.b_down, self.w_up, self.b_up, activation=self.activation,
@@ -390,10 +396,7 @@ class HoulsbyAdapterBank(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for w in (self.w_down, self.w_up):
-            nn.init.trunc_normal_(w, std=HOULSBY_INIT_STD, a=-2 * HOULSBY_INIT_STD, b=2 * HOULSBY_INIT_STD)
-        nn.init.zeros_(self.b_down)
-        nn.init.zeros_(self.b_up)
+        _houlsby_init(self)
 
     def forward(self, x: Tensor, task_ids, residual: Optional[Tensor] = None) -> Tensor:
         return F.multitask_adapter(x, _task_ids_of(task_ids), self.w_down, self.b_down, self.w_up, self.b_up,

@@ -339,6 +339,18 @@ def phm_linear_entry_point(forward: Callable) -> Callable:
 
 
 
+def task_slice(rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up, task: int = 0):
+    """One task's (rule_down, left_down, ..., bias_up) of a multitask adapter's stacked
+    parameters (a rule the tasks share, of 3 dimensions, as it is)."""
+    def of(t):
+        return None if t is None else t[task]
+
+    def rule(r):
+        return r if r.dim() == 3 else r[task]
+    return (rule(rule_down), left_down[task], of(right_down), of(bias_down), rule(rule_up), left_up[task],
+            of(right_up), of(bias_up))
+
+
 def multitask_entry_points(compacter_adapter: Callable, adapter: Callable, grouped: Optional[Callable] = None):
     """(multitask_compacter_adapter, multitask_adapter) of a backend, with the reference's
     signatures plus ``task_ids``. With a ``grouped`` implementation, every task in one launch
@@ -365,10 +377,9 @@ def multitask_entry_points(compacter_adapter: Callable, adapter: Callable, group
                                     right_up, bias_up, *, activation="gelu", scale=1.0, residual=None):
         tensors = (x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up, residual)
         if left_down.shape[0] == 1:  # one task: the single-task op, no grouping
-            first = lambda t, per=True: None if t is None else t[0] if per else t  # noqa: E731
-            return compacter_adapter(x, first(rule_down, rule_down.dim() == 4), left_down[0], first(right_down),
-                                     first(bias_down), first(rule_up, rule_up.dim() == 4), left_up[0], first(right_up),
-                                     first(bias_up), activation=activation, scale=scale, residual=residual)
+            return compacter_adapter(x, *task_slice(rule_down, left_down, right_down, bias_down, rule_up, left_up,
+                                                    right_up, bias_up), activation=activation, scale=scale,
+                                     residual=residual)
         if usable(x):
             return fused(x, task_ids, residual, (rule_down, left_down, right_down), bias_down,
                          (rule_up, left_up, right_up), bias_up, activation, scale, left_down.shape[0],
