@@ -232,6 +232,28 @@ def _eager_or_op(op, impl: Callable, setup_context: Callable, grads_of: Callable
     return call
 
 
+def op_tensors(outs, like: Tensor) -> tuple:
+    """A custom op's outputs: tensors that do not alias, so an empty one for each None."""
+    return tuple(like.new_empty(0) if t is None else t for t in outs)
+
+
+def adapter_forward_op(name: str, forward: Callable):
+    """(the custom op ``name``, its Python function) of a backend's fused adapter forward
+    ``forward(x2d, residual2d, *down, bias_down, *up, bias_up, activation, scale, out_dtype)`` ->
+    (y, z, H_down, H_up), where the op gives an empty tensor for each None."""
+
+    def impl(
+        x: Tensor, residual: Optional[Tensor],
+        rule_down: Optional[Tensor], left_down: Tensor, right_down: Optional[Tensor], bias_down: Optional[Tensor],
+        rule_up: Optional[Tensor], left_up: Tensor, right_up: Optional[Tensor], bias_up: Optional[Tensor],
+        activation: str, scale: float, out_dtype: torch.dtype,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return op_tensors(forward(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up,
+                                  bias_up, activation, scale, out_dtype), x)
+
+    return torch.library.custom_op(name, impl, mutates_args=()), impl
+
+
 def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kernels_bwd_impl: Callable,
                         h_shapes: Callable):
     """Fake impl and autograd of a backend's fused adapter op ``fwd_op`` (the custom op of the

@@ -30,7 +30,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..autograd import ACT_CODE, adapter_entry_points, multitask_entry_points, register_adapter_op, rows
+from ..autograd import (ACT_CODE, adapter_entry_points, adapter_forward_op, multitask_entry_points,
+                        register_adapter_op, rows)
 
 if not hasattr(torch.ops.compacter_kernels, "cuda_adapter_fwd"):
     raise ImportError("compacter_kernels.ops.cuda needs the CUDA extension's ops: it is imported by "
@@ -97,30 +98,18 @@ def _cuda_phm_grads_fake(dh, rule, left, right):
 
 # ---- the differentiable op on the factors (what torch.compile and autograd see) -----------------
 
-def _adapter_fwd(
-    x: Tensor, residual: Optional[Tensor],
-    rule_down: Optional[Tensor], left_down: Tensor, right_down: Optional[Tensor], bias_down: Optional[Tensor],
-    rule_up: Optional[Tensor], left_up: Tensor, right_up: Optional[Tensor], bias_up: Optional[Tensor],
-    activation: str, scale: float, out_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _inference(*args):
+    """y alone, where no gradient is wanted (no_grad, inference_mode, frozen weights): z not written."""
+    return _forward(*args, store_z=False)[0]
+
+
+def _forward(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
+             activation, scale, out_dtype, store_z: bool = True):
     """(y in out_dtype, z, H_down, H_up) for 2-D x (M, d), in two launches; the arguments of
     ``triton_adapter_fwd``. The H's built (`build_h`) are kept for backward (d*k elements each; an
     empty placeholder for a dense weight in x's dtype, which backward reads as it is). rule_* None
     means the projection is dense (left_* is the matrix). Under autocast x comes in the autocast
     dtype while the parameters keep theirs, and out_dtype may be wider than x's."""
-    return _forward(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
-                    activation, scale, out_dtype, store_z=True)
-
-
-def _inference(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
-               activation, scale, out_dtype):
-    """y alone, where no gradient is wanted (no_grad, inference_mode, frozen weights): z not written."""
-    return _forward(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
-                    activation, scale, out_dtype, store_z=False)[0]
-
-
-def _forward(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
-             activation, scale, out_dtype, store_z: bool):
     check_device(x)
     down, up = (rule_down, left_down, right_down), (rule_up, left_up, right_up)
     h_down, h_up = build_h((down, up), x.dtype)  # empty where the kernels read a dense weight as it is
@@ -136,7 +125,7 @@ def h_shapes(D: int, K: int, down, up, dtype: torch.dtype) -> tuple:
     return _built_shape(*down, dtype), _built_shape(*up, dtype)
 
 
-adapter_fwd = torch.library.custom_op("compacter_kernels::cuda_compacter_fwd", _adapter_fwd, mutates_args=())
+adapter_fwd, _adapter_fwd = adapter_forward_op("compacter_kernels::cuda_compacter_fwd", _forward)
 
 
 def _kernels_bwd(dy, x, z, h_down, h_up, rd, ld, rgd, bd, ru, lu, rgu, bu, activation, scale, has_residual,
@@ -150,6 +139,6 @@ def _kernels_bwd(dy, x, z, h_down, h_up, rd, ld, rgd, bd, ru, lu, rgu, bu, activ
 
 # The backward calls the C++ ops directly either way: no Python op of its own to bypass.
 compacter_adapter, adapter = adapter_entry_points(
-    register_adapter_op(adapter_fwd, _adapter_fwd, _kernels_bwd, _kernels_bwd, h_shapes), _inference)
+    register_adapter_op(adapter_fwd, _forward, _kernels_bwd, _kernels_bwd, h_shapes), _inference)
 # Mixed-task batches: one call of the fused single-task op per task present (no grouped kernel yet).
 multitask_compacter_adapter, multitask_adapter = multitask_entry_points(compacter_adapter, adapter)

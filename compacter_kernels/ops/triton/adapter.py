@@ -32,8 +32,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ... import reference
-from ..autograd import (ACT_CODE, adapter_entry_points, adapter_math, create_graph_grads, multitask_entry_points,
-                        out_features, register_adapter_op, rows, transposed)
+from ..autograd import (ACT_CODE, adapter_entry_points, adapter_forward_op, adapter_math, create_graph_grads,
+                        multitask_entry_points, op_tensors, out_features, register_adapter_op, rows, transposed)
 from .common import (LAUNCH_LOCK, MODE_DENSE, MODE_PHM, MODE_PHM_FACTORED, Partials, Projection, act_bwd, act_fwd,
                      build_h, cdiv, device_index, empty, factor_grads, group_rows, grouping_consts, h_consts, h_ptrs,
                      h_tile, interpreting, num_programs_target, padded, pow2, prebuilds, prebuilds_h, proj_key,
@@ -293,11 +293,6 @@ def h_shapes(D: int, K: int, down, up, dtype: torch.dtype) -> tuple:
     return (D, K) if prebuilds_h(*down, KP) else (0,), (K, D) if prebuilds_h(*up, KP) else (0,)
 
 
-def _tensors(outs, like: Tensor) -> tuple:
-    """A custom op's outputs: tensors that do not alias, so an empty one for each None."""
-    return tuple(like.new_empty(0) if t is None else t for t in outs)
-
-
 @functools.lru_cache(maxsize=1024)  # computed once per key (host time)
 def _fwd_plan(M: int, D: int, K: int, dtype: torch.dtype, pd, pu, has_bd: bool, has_bu: bool, has_res: bool,
               activation: str, store_z: bool):
@@ -344,18 +339,7 @@ def _inference(*args):
     return _forward(*args, store_z=False)[0]
 
 
-def _adapter_fwd(
-    x: Tensor, residual: Optional[Tensor],
-    rule_down: Optional[Tensor], left_down: Tensor, right_down: Optional[Tensor], bias_down: Optional[Tensor],
-    rule_up: Optional[Tensor], left_up: Tensor, right_up: Optional[Tensor], bias_up: Optional[Tensor],
-    activation: str, scale: float, out_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`_forward` as the custom op: (y, z, H_down, H_up), an absent H an empty tensor."""
-    return _tensors(_forward(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up,
-                             bias_up, activation, scale, out_dtype), x)
-
-
-adapter_fwd = torch.library.custom_op("compacter_kernels::triton_adapter_fwd", _adapter_fwd, mutates_args=())
+adapter_fwd, _adapter_fwd = adapter_forward_op("compacter_kernels::triton_adapter_fwd", _forward)
 
 
 def columns_blocks(K: int) -> tuple[int, int, int]:
@@ -485,7 +469,7 @@ def _adapter_bwd(
     activation: str, scale: float, has_residual: bool, shared_rule: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """`_backward` as the custom op: an absent gradient an empty tensor."""
-    return _tensors(_backward(dy, x, z, h_down, h_up, rule_down, left_down, right_down, bias_down, rule_up, left_up,
+    return op_tensors(_backward(dy, x, z, h_down, h_up, rule_down, left_down, right_down, bias_down, rule_up, left_up,
                               right_up, bias_up, activation, scale, has_residual, shared_rule), x)
 
 
