@@ -205,10 +205,15 @@ def _fused_batch_split(self: BottleneckLayer, adapter_setup: BatchSplit, state, 
     kwargs = dict(activation=spec.activation, scale=float(a0.scaling), backend=spec.backend,
                   residual=None if residual is x else residual)
     if isinstance(a0.adapter_up, PHMLayer):
+        down, up = ([_phm_args(a.adapter_down[0]) for a in adapters], [_phm_args(a.adapter_up) for a in adapters])
+        # Each task's rule shared by its two projections: one stacked rule for both, whose gradient
+        # the kernel sums (stacked twice, autograd would add the two per task).
+        one_rule = all(d[0] is u[0] for d, u in zip(down, up))
         args = []
-        for projection in ([_phm_args(a.adapter_down[0]) for a in adapters], [_phm_args(a.adapter_up) for a in adapters]):
+        for projection in (down, up):
             rule, left, right, bias = zip(*projection)
-            args += [_stack(list(rule), shared_as_is=True), _stack(list(left)), _stack(list(right)), _stack(list(bias))]
+            rules = args[0] if one_rule and args else _stack(list(rule), shared_as_is=True)
+            args += [rules, _stack(list(left)), _stack(list(right)), _stack(list(bias))]
         out = F.multitask_compacter_adapter(x, ids, *args, **kwargs)
     else:  # nn.Linear stores (out, in): the op takes the (in, out) transposes
         layers = [(a.adapter_down[0], a.adapter_up) for a in adapters]
