@@ -268,8 +268,9 @@ def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kerne
     arguments), where an absent parameter's gradient may be any placeholder, d residual a tensor
     of its own (autograd may keep it as residual.grad), and with shared_rule (one rule tensor for
     both projections) d rule_down is the rule's whole gradient. ``kernels_bwd_impl`` is the same
-    without the op dispatch (eager; None for an absent gradient, H's None where ``fwd_impl`` gave None). Under create_graph=True the backward is `adapter_math`'s, so
-    that it can be differentiated again. No gradient is made for z (not differentiable)."""
+    without the op dispatch (eager: None for an absent gradient, and the H's None where
+    ``fwd_impl`` gave None). Under create_graph=True the backward is `adapter_math`'s, so that it
+    can be differentiated again. No gradient is made for z (not differentiable)."""
 
     def setup_context(ctx, inputs, output):
         x, residual, rd, ld, rgd, bd, ru, lu, rgu, bu, activation, scale, out_dtype = inputs

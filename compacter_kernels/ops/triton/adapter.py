@@ -384,7 +384,8 @@ def _bwd_plan(M: int, D: int, K: int, dtype: torch.dtype, pd, pu, has_res: bool,
     ieee = dtype == torch.float32
     rows_consts = dict(MODE_U=mode_u, N_U=n_u, R_U=r_u, HAS_RES=has_res, ACT=ACT_CODE[activation], BM=BM, BD=BD,
                        KP=KP, IEEE=ieee, num_warps=warps)
-    reads = max(pd[0] if isinstance(pd, tuple) else 1, pu[0] if isinstance(pu, tuple) else 1)  # of the partials, by factor_grads
+    # factor_grads reads the partials n times (n of the widest PHM projection; once for dense ones)
+    reads = max(pd[0] if isinstance(pd, tuple) else 1, pu[0] if isinstance(pu, tuple) else 1)
     BA, BMc, warps_c, tiles, splits, rows_per_split = _columns_plan(M, D, K, dtype.itemsize, reads, programs)
     cols_consts = dict(MODE_D=mode_d, N_D=n_d, R_D=r_d, HAS_RES=has_res, BA=BA, BM=BMc, KP=KP, IEEE=ieee,
                        num_warps=warps_c)
@@ -503,11 +504,7 @@ def _task_hs(down, up, dtype: torch.dtype, KP: int, ids: Tensor, T: int) -> tupl
     order = empty((ids.shape[0],), dtype=torch.int64, device=ids.device)
     counts = empty((T,), dtype=torch.int64, device=ids.device)
 
-    def prebuilt(rule, left, right):
-        return rule is not None and prebuilds_h(rule[0] if rule.dim() == 4 else rule, left[0],
-                                                None if right is None else right[0], KP)
-
-    need = [prebuilt(*p) for p in (down, up)]
+    need = [prebuilds(proj_key(*p), KP) for p in (down, up)]  # proj_key reads stacked factors alike
     if any(need):
         built = iter(build_h([p for p, n in zip((down, up), need) if n], dtype, tasks=T,
                              grouping=(ids, order, counts)))
