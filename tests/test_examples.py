@@ -1,12 +1,11 @@
 """The examples in examples/ run as the README says (a few steps each, CPU or GPU)."""
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from utils import checkout_env
+from utils import checkout_env, installed
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "finetune_bert_compacter.py"
@@ -15,7 +14,7 @@ EXAMPLE = ROOT / "examples" / "finetune_bert_compacter.py"
 @pytest.mark.parametrize("via", ["transformers", "adapterhub"])
 def test_finetune_example_runs(via):
     pytest.importorskip("transformers")
-    if via == "adapterhub" and importlib.util.find_spec("adapters") is None:
+    if via == "adapterhub" and not installed("adapters"):
         pytest.skip("adapters is not installed")
     proc = subprocess.run([sys.executable, str(EXAMPLE), "--via", via, "--steps", "6", "--batch", "4", "--seq", "8"],
                           capture_output=True, text=True, timeout=600, env=checkout_env())

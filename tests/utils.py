@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -189,3 +191,8 @@ def checkout_env(drop=()) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([CHECKOUT, *filter(None, [env.get("PYTHONPATH")])])
     return env
 
+
+def installed(name: str) -> bool:
+    """Whether package ``name`` can be imported, without importing it. Once imported it is in
+    sys.modules, where find_spec fails for a lazy module without a __spec__ (adapters)."""
+    return name in sys.modules or importlib.util.find_spec(name) is not None
