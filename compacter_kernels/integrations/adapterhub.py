@@ -146,7 +146,7 @@ def _fused_forward(self: Adapter, x: Tensor, residual_input: Tensor, output_gati
     down, up = modules["adapter_down"]._modules["0"], modules["adapter_up"]
     residual = None if residual_input is x else residual_input
     # Mixed dtypes under autocast (fp32 parameters, bf16 x) are handled by the op as eager would.
-    if type(up) is PHMLayer or isinstance(up, PHMLayer):
+    if isinstance(up, PHMLayer):
         out = F.compacter_adapter(x, *_phm_args(down), *_phm_args(up), activation=spec.activation,
                                   scale=float(self.scaling), residual=residual, backend=spec.backend)
     else:  # nn.Linear stores (out, in): the op takes the (in, out) transpose, a view it reads as it is

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ... import reference
 from ..autograd import (ACT_CODE, adapter_entry_points, adapter_forward_op, adapter_math, create_graph_grads,
-                        multitask_entry_points, op_tensors, out_features, register_adapter_op, rows, transposed)
+                        multitask_entry_points, op_tensors, out_features, register_adapter_op, rows)
 from .common import (LAUNCH_LOCK, MODE_DENSE, MODE_PHM, MODE_PHM_FACTORED, Partials, Projection, act_bwd, act_fwd,
                      build_h, cdiv, device_index, empty, factor_grads, group_rows, grouping_consts, h_consts, h_ptrs,
                      h_tile, interpreting, num_programs_target, padded, pow2, prebuilds, prebuilds_h, proj_key,
@@ -392,12 +392,13 @@ def _bwd_plan(M: int, D: int, K: int, dtype: torch.dtype, pd, pu, has_res: bool,
     return (cdiv(M, BM),), rows_consts, (tiles, splits), cols_consts, rows_per_split, need
 
 
-def _projection(rule, left, right, offset: int, s_row: int, s_col: int) -> Projection:
-    """factor_grads' view of a projection whose dH partials are at ``offset`` (H[row, col] at
-    row * s_row + col * s_col): a dense matrix stored `transposed` as the contiguous matrix it
-    is the transpose of, with the partials' strides swapped (its gradient, transposed back, has
-    the matrix's own layout: an nn.Linear weight's gradient is not copied to match it)."""
-    if rule is None and transposed(left):
+def _projection(rule, left, right, key, offset: int, s_row: int, s_col: int) -> Projection:
+    """factor_grads' view of a projection (`proj_key` ``key``) whose dH partials are at ``offset``
+    (H[row, col] at row * s_row + col * s_col): a dense matrix stored transposed (key "T") as the
+    contiguous matrix it is the transpose of, with the partials' strides swapped (its gradient,
+    transposed back, has the matrix's own layout: an nn.Linear weight's gradient is not copied
+    to match it)."""
+    if key == "T":
         return Projection(None, left.t(), None, offset, s_col, s_row)
     return Projection(rule, left, right, offset, s_row, s_col)
 
@@ -437,9 +438,9 @@ def _backward(dy, x, z, h_down, h_up, rule_down, left_down, right_down, bias_dow
             grads[4] = None
         return (dx, dres, *grads)
     down, up = (rule_down, left_down, right_down), (rule_up, left_up, right_up)
+    pd, pu = proj_key(*down), proj_key(*up)
     rows_grid, rows_consts, cols_grid, cols_consts, rows_per_split, need = _bwd_plan(
-        M, D, K, x.dtype, proj_key(*down), proj_key(*up), has_residual, activation,
-        num_programs_target(device_index(x)))
+        M, D, K, x.dtype, pd, pu, has_residual, activation, num_programs_target(device_index(x)))
     saved = tuple(None if h is None or not h.numel() else h for h in (h_down, h_up))
     hd, hu = _prebuilt_hs(down, up, need, x.dtype, saved)
     dy = rows(dy)
@@ -452,13 +453,13 @@ def _backward(dy, x, z, h_down, h_up, rule_down, left_down, right_down, bias_dow
     # dx, dH_down = x^T dz, dH_up^T = scale * dy^T g (both (D, K)), db_down = sum dz, db_up = scale * sum dy.
     partials = _columns(x, dy, g, dz, dx, h_ptrs(*down, hd, x.dtype), scale, cols_grid, cols_consts, rows_per_split)
     (g_rd, g_ld, g_rgd), (g_ru, g_lu, g_rgu), (g_bd, g_bu) = factor_grads(
-        partials, _projection(rule_down, left_down, right_down, 0, K, 1),
-        _projection(rule_up, left_up, right_up, D * K, 1, K),  # H_up[row, col] is (dy^T g)[col, row]
+        partials, _projection(*down, pd, 0, K, 1),
+        _projection(*up, pu, D * K, 1, K),  # H_up[row, col] is (dy^T g)[col, row]
         biases=(None if bias_down is None else (bias_down, 0, K), None if bias_up is None else (bias_up, K, D)),
         shared_rule=shared_rule)
-    if rule_down is None and transposed(left_down):
+    if pd == "T":
         g_ld = g_ld.t()
-    if rule_up is None and transposed(left_up):
+    if pu == "T":
         g_lu = g_lu.t()
     return dx, dres, g_rd, g_ld, g_rgd, g_bd, g_ru, g_lu, g_rgu, g_bu
 
