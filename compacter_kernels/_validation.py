@@ -24,30 +24,38 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # repeats a check). Not used while torch.compile traces (shapes may be symbolic there).
 _PASSED: set = set()
 _PASSED_MAX = 4096
-_NOT_A_TENSOR = object()
 
 
 def _signature(tensors, what) -> Optional[tuple]:
     """What the checks read of these arguments (the first one x) and of ``what`` (the op and its
     options), or None where that is not a plain signature (then the checks run in full)."""
-    if torch.compiler.is_compiling() or not isinstance(tensors[0], Tensor):
+    if torch.compiler.is_compiling():
         return None
-    sig = [None if t is None else (t.shape, t.dtype, t.device) if isinstance(t, Tensor) else _NOT_A_TENSOR
-           for t in tensors]
-    if _NOT_A_TENSOR in sig:  # the checks say what is wrong
+    sig = []
+    for t in tensors:
+        if t is None:
+            sig.append(None)
+        elif isinstance(t, Tensor):
+            sig.append((t.shape, t.dtype, t.device))
+        else:  # the checks say what is wrong
+            return None
+    if sig[0] is None:
         return None
-    key = (*sig, autocast_dtype(tensors[0]), what)
-    try:
-        hash(key)
-    except TypeError:  # e.g. an activation that is not a string: the checks say what is wrong
-        return None
-    return key
+    sig.append(autocast_dtype(tensors[0]))
+    sig.append(what)
+    return tuple(sig)
 
 
-def _check_once(key: Optional[tuple], check, *args) -> None:
-    """check(*args) unless ``key`` (a `_signature`) has passed before; remembers it if it passes."""
-    if key is not None and key in _PASSED:
-        return
+def _check_once(tensors, what, check, *args) -> None:
+    """check(*args) unless the `_signature` of (tensors, what) has passed before; remembers it if
+    it passes. One hash of the signature on a repeated call (host time)."""
+    key = _signature(tensors, what)
+    if key is not None:
+        try:
+            if key in _PASSED:
+                return
+        except TypeError:  # e.g. an activation that is not a string: the checks say what is wrong
+            key = None
     check(*args)
     if key is not None:
         if len(_PASSED) >= _PASSED_MAX:
@@ -102,6 +110,8 @@ def check_activation(activation) -> None:
 
 def check_scale(scale) -> float:
     """scale as the float the kernels take: a finite real number."""
+    if type(scale) is float and math.isfinite(scale):  # the common case first (host time)
+        return scale
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
     try:
@@ -171,7 +181,7 @@ def check_phm_weight(rule, left, right) -> None:
 
 
 def check_phm_linear(x, rule, left, right, bias) -> None:
-    _check_once(_signature((x, rule, left, right, bias), "phm_linear"), _check_phm_linear, x, rule, left, right, bias)
+    _check_once((x, rule, left, right, bias), "phm_linear", _check_phm_linear, x, rule, left, right, bias)
 
 
 def _check_phm_linear(x, rule, left, right, bias) -> None:
@@ -186,7 +196,7 @@ def _check_phm_linear(x, rule, left, right, bias) -> None:
 def check_adapter(x, w_down, b_down, w_up, b_up, activation, scale, residual) -> float:
     """Checks ck.adapter's arguments; returns scale as a float."""
     args = (x, w_down, b_down, w_up, b_up, residual)
-    _check_once(_signature(args, ("adapter", activation)), _check_adapter, *args, activation)
+    _check_once(args, ("adapter", activation), _check_adapter, *args, activation)
     return check_scale(scale)
 
 
@@ -212,7 +222,7 @@ def check_compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule
     """Checks ck.compacter_adapter's arguments; returns scale as a float."""
     args = (x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up, residual)
     # rule_down is rule_up matters to no check, so it is not part of the signature.
-    _check_once(_signature(args, ("compacter", activation)), _check_compacter_adapter, *args, activation)
+    _check_once(args, ("compacter", activation), _check_compacter_adapter, *args, activation)
     return check_scale(scale)
 
 

@@ -38,8 +38,8 @@ BUDGET_CASES = [  # (d, k, rank, forward launches, residual, shared rule)
 @pytest.mark.parametrize("d,k,rank,fwd_launches,residual,shared", BUDGET_CASES,
                          ids=[f"d{c[0]}-k{c[1]}-r{c[2]}-res{int(c[4])}-shared{int(c[5])}" for c in BUDGET_CASES])
 def test_compacter_launch_budget(d, k, rank, fwd_launches, residual, shared):
-    prebuilt = _triton_common.prebuilds_h(torch.empty(4, 4, 4), torch.empty(4, d // 4, rank), torch.empty(1),
-                                          _triton_common.padded(k))
+    key = _triton_common.proj_key(torch.empty(4, 4, 4), torch.empty(4, d // 4, rank), torch.empty(1))
+    prebuilt = _triton_common.prebuilds(key, _triton_common.padded(k))
     assert prebuilt == (fwd_launches == 2)
     fwd, bwd = forward_backward_counts(*_compacter(d, k, rank, residual, shared))
     assert not fwd.aten and not bwd.aten, (fwd.aten, bwd.aten)

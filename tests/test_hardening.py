@@ -177,6 +177,7 @@ def _ddp_worker(rank, backend, init_file, out_file):
         ddp(_batch()[rank * ROWS_PER_RANK:(rank + 1) * ROWS_PER_RANK]).backward()
         if rank == 0:
             torch.save({n: p.grad for n, p in model.named_parameters()}, out_file)
+        dist.barrier()  # no rank tears gloo down while another still works (a SIGABRT seen under load)
     finally:
         dist.destroy_process_group()
 

@@ -121,7 +121,13 @@ def create_graph_grads(ctx, math_fn: Callable, tensors, consts, grad_out: Tensor
     return tuple(grads)
 
 
+# One call that says whether autocast is on for any device (nn.RNN uses it too); x.device costs more.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    if not _any_autocast():  # the common case, without reading x.device (host time)
+        return None
     dev = x.device.type
     if dev not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(dev):
         return None
@@ -135,7 +141,7 @@ def _needs_grad(tensors) -> bool:
 def _eager_inference(args) -> bool:
     """No gradient wanted, plain tensors, eager: the forward may skip what only backward reads."""
     x = args[0]
-    return (not _needs_grad(args) and type(x) is torch.Tensor and x.device.type != "meta"
+    return (not _needs_grad(args) and type(x) is torch.Tensor and not x.is_meta
             and not torch.compiler.is_compiling() and not _functorch_active()
             and torch._C._len_torch_dispatch_stack() == 0)
 
@@ -182,7 +188,7 @@ def adapter_entry_points(forward: Callable, inference: Optional[Callable] = None
         elif inference is not None and _eager_inference(args):
             y = inference(*args)
         else:
-            y = forward(*args)[0]
+            y = forward(*args)
         return y if y.shape == shape else y.reshape(shape)
 
     def compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
@@ -197,37 +203,37 @@ def adapter_entry_points(forward: Callable, inference: Optional[Callable] = None
     return compacter_adapter, adapter
 
 
-def _eager_or_op(op, impl: Callable, setup_context: Callable, grads_of: Callable, math_fn: Callable) -> Callable:
-    """What the entry points call for a custom op with autograd. Plain tensors in eager mode go
-    through an autograd.Function on the op's own Python function: the same forward and backward
-    without torch.library's Python dispatch, which costs more host time than the kernels take at
-    small sizes (benchmarks/NOTES.md). Everything else goes through the op itself, with its fake
-    impl: torch.compile (the op is opaque to the compiler), meta tensors, tensor subclasses such
-    as FakeTensor, and active dispatch modes (FakeTensorMode, FlopCounterMode, ...). Under
-    torch.func transforms (grad, vmap, jacrev, ...) the op's ``math_fn`` runs instead: the same
-    function in torch ops, which functorch can transform (the kernels cannot be)."""
+def _eager_function(forward: Callable, backward: Callable) -> Callable:
+    """``apply`` of an autograd.Function with this ``forward(ctx, *args)`` (the context set
+    inside: with a separate setup_context, Function.apply binds the arguments with
+    inspect.signature on every call, ~85 us here) and ``backward``."""
 
     class Eager(torch.autograd.Function):
-        # forward(ctx, ...) with the context set inside: with a separate setup_context,
-        # Function.apply binds the arguments with inspect.signature on every call (~85 us here).
-        @staticmethod
-        def forward(ctx, *args):
-            output = impl(*args)
-            setup_context(ctx, args, output)
-            return output
+        pass
 
-        @staticmethod
-        def backward(ctx, *grads):
-            return grads_of(ctx, *grads)
+    Eager.forward, Eager.backward = staticmethod(forward), staticmethod(backward)
+    return Eager.apply
+
+
+def _eager_or_op(op: Callable, eager: Callable, math_fn: Callable) -> Callable:
+    """What the entry points call for a custom op with autograd (each of the three gives the op's
+    first output). Plain tensors in eager mode go through ``eager``, an autograd.Function on the
+    op's own Python function: the same forward and backward without torch.library's Python
+    dispatch, which costs more host time than the kernels take at small sizes
+    (benchmarks/NOTES.md). Everything else goes through ``op``, with its fake impl:
+    torch.compile (the op is opaque to the compiler), meta tensors, tensor subclasses such as
+    FakeTensor, and active dispatch modes (FakeTensorMode, FlopCounterMode, ...). Under
+    torch.func transforms (grad, vmap, jacrev, ...) ``math_fn`` runs instead: the same function
+    in torch ops, which functorch can transform (the kernels cannot be)."""
 
     def call(x, *args):
         if torch.compiler.is_compiling():
             return op(x, *args)
         if _functorch_active():
             return math_fn(x, *args)
-        if type(x) is not torch.Tensor or x.device.type == "meta" or torch._C._len_torch_dispatch_stack() > 0:
+        if type(x) is not torch.Tensor or x.is_meta or torch._C._len_torch_dispatch_stack() > 0:
             return op(x, *args)
-        return Eager.apply(x, *args)
+        return eager(x, *args)
 
     return call
 
@@ -258,8 +264,8 @@ def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kerne
                         h_shapes: Callable):
     """Fake impl and autograd of a backend's fused adapter op ``fwd_op`` (the custom op of the
     Python function ``fwd_impl``, taking what `adapter_entry_points` passes) over the factors;
-    returns the forward to call (`_eager_or_op`). The forward gives (y, z, H_down, H_up): the H's
-    it built are kept for backward (empty tensors where there are none; ``fwd_impl``, which the
+    returns the forward to call (`_eager_or_op`), which gives y. The op gives (y, z, H_down, H_up),
+    z and the H's it built kept for backward (empty tensors where there are none; ``fwd_impl``, which the
     eager path calls without the op, may give None instead), their shapes
     ``h_shapes(D, K, down, up, x.dtype)`` for the fake impl.
 
@@ -270,17 +276,26 @@ def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kerne
     both projections) d rule_down is the rule's whole gradient. ``kernels_bwd_impl`` is the same
     without the op dispatch (eager: None for an absent gradient, and the H's None where
     ``fwd_impl`` gave None). Under create_graph=True the backward is `adapter_math`'s, so that it
-    can be differentiated again. No gradient is made for z (not differentiable)."""
+    can be differentiated again. No gradient is made for z (not differentiable; not an output of
+    the eager path at all)."""
 
-    def setup_context(ctx, inputs, output):
+    def save(ctx, inputs, z, hd, hu):
         x, residual, rd, ld, rgd, bd, ru, lu, rgu, bu, activation, scale, out_dtype = inputs
         # Residual and biases are kept for the dtypes and a second derivative (references, no copies).
-        ctx.save_for_backward(x, output[1], output[2], output[3], rd, ld, rgd, bd, ru, lu, rgu, bu, residual)
+        ctx.save_for_backward(x, z, hd, hu, rd, ld, rgd, bd, ru, lu, rgu, bu, residual)
         ctx.has_residual = residual is not None
         ctx.shared_rule = rd is not None and rd is ru
         ctx.consts = (activation, scale, out_dtype)
-        ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+
+    def setup_context(ctx, inputs, output):
+        save(ctx, inputs, *output[1:])
+        ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)  # no zeros for z's gradient
+
+    def eager_forward(ctx, *inputs):  # y its only output: z and the H's are kept, not returned
+        y, z, hd, hu = fwd_impl(*inputs)
+        save(ctx, inputs, z, hd, hu)
+        return y
 
     @fwd_op.register_fake
     def _(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
@@ -308,7 +323,8 @@ def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kerne
         return backward
 
     fwd_op.register_autograd(backward_with(kernels_bwd), setup_context=setup_context)
-    return _eager_or_op(fwd_op, fwd_impl, setup_context, backward_with(kernels_bwd_impl), adapter_math)
+    return _eager_or_op(lambda *args: fwd_op(*args)[0], _eager_function(eager_forward, backward_with(kernels_bwd_impl)),
+                        lambda *args: adapter_math(*args)[0])
 
 
 def register_phm_linear_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kernels_bwd_impl: Callable):
@@ -320,6 +336,10 @@ def register_phm_linear_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, ke
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
+
+    def eager_forward(ctx, *inputs):
+        ctx.save_for_backward(*inputs)
+        return fwd_impl(*inputs)
 
     @fwd_op.register_fake
     def _(x, rule, left, right, bias):
@@ -335,7 +355,7 @@ def register_phm_linear_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, ke
         return backward
 
     fwd_op.register_autograd(backward_with(kernels_bwd), setup_context=setup_context)
-    return _eager_or_op(fwd_op, fwd_impl, setup_context, backward_with(kernels_bwd_impl), phm_linear_math)
+    return _eager_or_op(fwd_op, _eager_function(eager_forward, backward_with(kernels_bwd_impl)), phm_linear_math)
 
 
 def phm_linear_entry_point(forward: Callable) -> Callable:
@@ -394,7 +414,7 @@ def multitask_entry_points(compacter_adapter: Callable, adapter: Callable, group
 
     def usable(x) -> bool:
         return (grouped is not None and not torch.compiler.is_compiling() and not _functorch_active()
-                and type(x) is torch.Tensor and x.device.type != "meta" and x.shape[-1] > 0)
+                and type(x) is torch.Tensor and not x.is_meta and x.shape[-1] > 0)
 
     def multitask_compacter_adapter(x, task_ids, rule_down, left_down, right_down, bias_down, rule_up, left_up,
                                     right_up, bias_up, *, activation="gelu", scale=1.0, residual=None):

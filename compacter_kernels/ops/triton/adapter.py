@@ -36,7 +36,7 @@ from ..autograd import (ACT_CODE, adapter_entry_points, adapter_forward_op, adap
                         multitask_entry_points, op_tensors, out_features, register_adapter_op, rows)
 from .common import (LAUNCH_LOCK, MODE_DENSE, MODE_PHM, MODE_PHM_FACTORED, Partials, Projection, act_bwd, act_fwd,
                      build_h, cdiv, device_index, empty, factor_grads, group_rows, grouping_consts, h_consts, h_ptrs,
-                     h_tile, interpreting, num_programs_target, padded, pow2, prebuilds, prebuilds_h, proj_key,
+                     h_tile, interpreting, num_programs_target, padded, pow2, prebuilds, proj_key,
                      split_rows)
 
 
@@ -290,7 +290,7 @@ def _prebuilt_hs(down, up, need: tuple, dtype: torch.dtype, saved=(None, None)) 
 def h_shapes(D: int, K: int, down, up, dtype: torch.dtype) -> tuple:
     """The shapes of the H's the forward keeps for backward ((0,): none, built in the kernels)."""
     KP = padded(K)
-    return (D, K) if prebuilds_h(*down, KP) else (0,), (K, D) if prebuilds_h(*up, KP) else (0,)
+    return ((D, K) if prebuilds(proj_key(*down), KP) else (0,)), ((K, D) if prebuilds(proj_key(*up), KP) else (0,))
 
 
 @functools.lru_cache(maxsize=1024)  # computed once per key (host time)
@@ -472,7 +472,7 @@ def _adapter_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """`_backward` as the custom op: an absent gradient an empty tensor."""
     return op_tensors(_backward(dy, x, z, h_down, h_up, rule_down, left_down, right_down, bias_down, rule_up, left_up,
-                              right_up, bias_up, activation, scale, has_residual, shared_rule), x)
+                                right_up, bias_up, activation, scale, has_residual, shared_rule), x)
 
 
 adapter_bwd = torch.library.custom_op("compacter_kernels::triton_adapter_bwd", _adapter_bwd, mutates_args=())

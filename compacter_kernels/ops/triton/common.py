@@ -170,11 +170,6 @@ def prebuilds(key: Optional[tuple], tile_cols: int) -> bool:
     return isinstance(key, tuple) and key[0] * (max(key[1], 1) + 1) * tile_cols > INKERNEL_H_BUDGET
 
 
-def prebuilds_h(rule, left, right, tile_cols: int) -> bool:
-    """`prebuilds` of the projection (rule, left, right)."""
-    return prebuilds(proj_key(rule, left, right), tile_cols)
-
-
 def h_consts(key: Optional[tuple], prebuilt: bool) -> tuple[int, int, int]:
     """(MODE, N, R) of a projection (`proj_key`) in the kernels; prebuilt: its H is a dense matrix."""
     if key == "T":
