@@ -99,7 +99,7 @@ def test_the_eager_reference_runs_13_kernels_forward_and_22_backward():
 
 def test_the_counter_sees_an_extra_launch_and_an_extra_torch_op(monkeypatch):
     """Each count can fail: the columns kernel launched twice, or a torch op slipped into the backward."""
-    columns, factor_grads = adapter._columns, adapter.factor_grads
+    columns, run_factor_grads = adapter._columns, adapter.run_factor_grads
 
     def twice(*args, **kwargs):
         columns(*args, **kwargs)
@@ -110,11 +110,11 @@ def test_the_counter_sees_an_extra_launch_and_an_extra_torch_op(monkeypatch):
     assert bwd.launches["_adapter_cols_kernel"] == 2
     monkeypatch.setattr(adapter, "_columns", columns)
 
-    def with_a_torch_op(partials, *args, **kwargs):
+    def with_a_torch_op(plan, partials, *args, **kwargs):
         partials.part.sum(0)
-        return factor_grads(partials, *args, **kwargs)
+        return run_factor_grads(plan, partials, *args, **kwargs)
 
-    monkeypatch.setattr(adapter, "factor_grads", with_a_torch_op)
+    monkeypatch.setattr(adapter, "run_factor_grads", with_a_torch_op)
     _, bwd = forward_backward_counts(*_compacter(64, 16))
     assert dict(bwd.aten) == {"sum": 1}
 

@@ -260,7 +260,7 @@ def adapter_forward_op(name: str, forward: Callable):
     return torch.library.custom_op(name, impl, mutates_args=()), impl
 
 
-def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kernels_bwd_impl: Callable,
+def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kernels_bwd_impl: Optional[Callable],
                         h_shapes: Callable):
     """Fake impl and autograd of a backend's fused adapter op ``fwd_op`` (the custom op of the
     Python function ``fwd_impl``, taking what `adapter_entry_points` passes) over the factors;
@@ -274,8 +274,9 @@ def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kerne
     arguments), where an absent parameter's gradient may be any placeholder, d residual a tensor
     of its own (autograd may keep it as residual.grad), and with shared_rule (one rule tensor for
     both projections) d rule_down is the rule's whole gradient. ``kernels_bwd_impl`` is the same
-    without the op dispatch (eager: None for an absent gradient, and the H's None where
-    ``fwd_impl`` gave None). Under create_graph=True the backward is `adapter_math`'s, so that it
+    without the op dispatch, for the eager path: None for every absent gradient (d residual
+    without a residual, d rule_up with shared_rule), and the H's None where ``fwd_impl`` gave
+    None; or None: the eager path calls ``kernels_bwd`` too. Under create_graph=True the backward is `adapter_math`'s, so that it
     can be differentiated again. No gradient is made for z (not differentiable; not an output of
     the eager path at all)."""
 
@@ -304,7 +305,7 @@ def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kerne
         hd, hu = h_shapes(x.shape[1], K, (rule_down, left_down, right_down), (rule_up, left_up, right_up), x.dtype)
         return x.new_empty(x.shape, dtype=out_dtype), x.new_empty((x.shape[0], K)), x.new_empty(hd), x.new_empty(hu)
 
-    def backward_with(kernels):
+    def backward_with(kernels, from_op: bool):
         def backward(ctx, dy, *_not_differentiable):
             x, z, hd, hu, *params, residual = ctx.saved_tensors
             if dy is None:  # y not used: nothing flows back
@@ -316,14 +317,18 @@ def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kerne
             activation, scale, _ = ctx.consts
             dx, dres, *grads = kernels(dy, x, z, hd, hu, *params, activation, scale, ctx.has_residual,
                                        ctx.shared_rule)
-            grads = [None if t is None else g for t, g in zip(params, grads)]
-            if ctx.shared_rule:
-                grads[4] = None  # the whole gradient went to rule_down
-            return (dx, dres if ctx.has_residual else None, *grads, None, None, None)
+            if from_op:  # the op gives an empty tensor for each absent gradient (None from the impl)
+                grads = [None if t is None else g for t, g in zip(params, grads)]
+                if ctx.shared_rule:
+                    grads[4] = None  # the whole gradient went to rule_down
+                dres = dres if ctx.has_residual else None
+            return (dx, dres, *grads, None, None, None)
         return backward
 
-    fwd_op.register_autograd(backward_with(kernels_bwd), setup_context=setup_context)
-    return _eager_or_op(lambda *args: fwd_op(*args)[0], _eager_function(eager_forward, backward_with(kernels_bwd_impl)),
+    backward = backward_with(kernels_bwd, from_op=True)
+    fwd_op.register_autograd(backward, setup_context=setup_context)
+    eager_backward = backward if kernels_bwd_impl is None else backward_with(kernels_bwd_impl, from_op=False)
+    return _eager_or_op(lambda *args: fwd_op(*args)[0], _eager_function(eager_forward, eager_backward),
                         lambda *args: adapter_math(*args)[0])
 
 

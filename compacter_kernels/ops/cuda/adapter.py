@@ -139,6 +139,6 @@ def _kernels_bwd(dy, x, z, h_down, h_up, rd, ld, rgd, bd, ru, lu, rgu, bu, activ
 
 # The backward calls the C++ ops directly either way: no Python op of its own to bypass.
 compacter_adapter, adapter = adapter_entry_points(
-    register_adapter_op(adapter_fwd, _forward, _kernels_bwd, _kernels_bwd, h_shapes), _inference)
+    register_adapter_op(adapter_fwd, _forward, _kernels_bwd, None, h_shapes), _inference)
 # Mixed-task batches: one call of the fused single-task op per task present (no grouped kernel yet).
 multitask_compacter_adapter, multitask_adapter = multitask_entry_points(compacter_adapter, adapter)

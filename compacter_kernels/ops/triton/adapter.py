@@ -35,9 +35,9 @@ from ... import reference
 from ..autograd import (ACT_CODE, adapter_entry_points, adapter_forward_op, adapter_math, create_graph_grads,
                         multitask_entry_points, op_tensors, out_features, register_adapter_op, rows)
 from .common import (LAUNCH_LOCK, MODE_DENSE, MODE_PHM, MODE_PHM_FACTORED, Partials, Projection, act_bwd, act_fwd,
-                     build_h, cdiv, device_index, empty, factor_grads, group_rows, grouping_consts, h_consts, h_ptrs,
-                     h_tile, interpreting, num_programs_target, padded, pow2, prebuilds, proj_key,
-                     split_rows)
+                     build_h, cdiv, device_index, empty, factor_grads, factor_grads_plan, group_rows, grouping_consts,
+                     h_consts, h_ptrs, h_tile, interpreting, num_programs_target, padded, pow2, prebuilds, proj_key,
+                     run_factor_grads, split_rows)
 
 
 @functools.lru_cache(maxsize=1024)  # pure: computed once per shape (host time)
@@ -279,9 +279,11 @@ def _adapter_cols_kernel(
 
 def _prebuilt_hs(down, up, need: tuple, dtype: torch.dtype, saved=(None, None)) -> tuple:
     """(H_down, H_up): each projection's prebuilt H where ``need`` says so (the saved one, or
-    built now, both in one launch), else None (its tiles are built inside the kernels)."""
+    built now, both in one launch), else None (its tiles are built inside the kernels). A saved
+    H may be None or empty (none kept)."""
     if not (need[0] or need[1]):
         return None, None
+    saved = tuple(None if h is None or not h.numel() else h for h in saved)
     build = [n and h is None for n, h in zip(need, saved)]
     built = iter(build_h([p for p, b in zip((down, up), build) if b], dtype) if any(build) else ())
     return tuple(next(built) if b else h for b, h in zip(build, saved))
@@ -375,9 +377,11 @@ def counted_bytes(M: int, D: int, K: int, e: int, n: int, backward: bool, progra
 
 
 @functools.lru_cache(maxsize=1024)  # computed once per key (host time)
-def _bwd_plan(M: int, D: int, K: int, dtype: torch.dtype, pd, pu, has_res: bool, activation: str, programs: int):
-    """The backward's rows and columns kernels: (rows grid, rows constexprs, columns grid, columns
-    constexprs, rows per split, (H_down prebuilt, H_up prebuilt)); pd / pu the `proj_key`s."""
+def _bwd_plan(M: int, D: int, K: int, dtype: torch.dtype, pd, pu, has_bd: bool, has_bu: bool, shared_rule: bool,
+              has_res: bool, activation: str, programs: int):
+    """The backward's three kernels: (rows grid, rows constexprs, columns grid, columns
+    constexprs, rows per split, (H_down prebuilt, H_up prebuilt), factor_grads' plan); pd / pu
+    the `proj_key`s."""
     BM, BD, KP, warps = _blocks(D, K, dtype, backward=True)
     need = (prebuilds(pd, KP), prebuilds(pu, KP))
     (mode_d, n_d, r_d), (mode_u, n_u, r_u) = h_consts(pd, need[0]), h_consts(pu, need[1])
@@ -389,18 +393,26 @@ def _bwd_plan(M: int, D: int, K: int, dtype: torch.dtype, pd, pu, has_res: bool,
     BA, BMc, warps_c, tiles, splits, rows_per_split = _columns_plan(M, D, K, dtype.itemsize, reads, programs)
     cols_consts = dict(MODE_D=mode_d, N_D=n_d, R_D=r_d, HAS_RES=has_res, BA=BA, BM=BMc, KP=KP, IEEE=ieee,
                        num_warps=warps_c)
-    return (cdiv(M, BM),), rows_consts, (tiles, splits), cols_consts, rows_per_split, need
+    # dH_down = x^T dz at the partials' start; H_up[row, col] is (dy^T g)[col, row], after it
+    grads = factor_grads_plan(_grads_spec(pd, D, K, 0, K, 1), _grads_spec(pu, K, D, D * K, 1, K),
+                              ((K,), 0, K) if has_bd else None, ((D,), K, D) if has_bu else None, shared_rule)
+    return (cdiv(M, BM),), rows_consts, (tiles, splits), cols_consts, rows_per_split, need, grads
 
 
-def _projection(rule, left, right, key, offset: int, s_row: int, s_col: int) -> Projection:
-    """factor_grads' view of a projection (`proj_key` ``key``) whose dH partials are at ``offset``
-    (H[row, col] at row * s_row + col * s_col): a dense matrix stored transposed (key "T") as the
-    contiguous matrix it is the transpose of, with the partials' strides swapped (its gradient,
-    transposed back, has the matrix's own layout: an nn.Linear weight's gradient is not copied
-    to match it)."""
+def _grads_spec(key, I: int, O: int, offset: int, s_row: int, s_col: int) -> tuple:
+    """factor_grads' spec (`factor_grads_plan`) of an (I, O) projection with `proj_key` ``key``
+    (validated shapes), its dH partials at ``offset``, H[row, col] at row * s_row + col * s_col.
+    A dense matrix stored transposed (key "T") is taken as the contiguous matrix it is the
+    transpose of, the partials' strides swapped (its gradient, transposed back, has the matrix's
+    own layout: an nn.Linear weight's gradient is not copied to match it)."""
     if key == "T":
-        return Projection(None, left.t(), None, offset, s_col, s_row)
-    return Projection(rule, left, right, offset, s_row, s_col)
+        return None, (O, I), None, offset, s_col, s_row
+    if key is None:
+        return None, (I, O), None, offset, s_row, s_col
+    n, r = key
+    if r == 0:
+        return (n, n, n), (n, I // n, O // n), None, offset, s_row, s_col
+    return (n, n, n), (n, I // n, r), (n, r, O // n), offset, s_row, s_col
 
 
 def _columns(x, dy, g, dz, dx, down_ptrs, scale: float, grid, consts: dict, rows_per_split: int) -> Partials:
@@ -439,10 +451,10 @@ def _backward(dy, x, z, h_down, h_up, rule_down, left_down, right_down, bias_dow
         return (dx, dres, *grads)
     down, up = (rule_down, left_down, right_down), (rule_up, left_up, right_up)
     pd, pu = proj_key(*down), proj_key(*up)
-    rows_grid, rows_consts, cols_grid, cols_consts, rows_per_split, need = _bwd_plan(
-        M, D, K, x.dtype, pd, pu, has_residual, activation, num_programs_target(device_index(x)))
-    saved = tuple(None if h is None or not h.numel() else h for h in (h_down, h_up))
-    hd, hu = _prebuilt_hs(down, up, need, x.dtype, saved)
+    rows_grid, rows_consts, cols_grid, cols_consts, rows_per_split, need, grads_plan = _bwd_plan(
+        M, D, K, x.dtype, pd, pu, bias_down is not None, bias_up is not None, shared_rule, has_residual, activation,
+        num_programs_target(device_index(x)))
+    hd, hu = _prebuilt_hs(down, up, need, x.dtype, (h_down, h_up))
     dy = rows(dy)
     g = empty((M, K), dtype=x.dtype, device=x.device)
     dz = empty((M, K), dtype=x.dtype, device=x.device)
@@ -452,11 +464,9 @@ def _backward(dy, x, z, h_down, h_up, rule_down, left_down, right_down, bias_dow
             dy, dy, 1, 0, 0, 0, **rows_consts)
     # dx, dH_down = x^T dz, dH_up^T = scale * dy^T g (both (D, K)), db_down = sum dz, db_up = scale * sum dy.
     partials = _columns(x, dy, g, dz, dx, h_ptrs(*down, hd, x.dtype), scale, cols_grid, cols_consts, rows_per_split)
-    (g_rd, g_ld, g_rgd), (g_ru, g_lu, g_rgu), (g_bd, g_bu) = factor_grads(
-        partials, _projection(*down, pd, 0, K, 1),
-        _projection(*up, pu, D * K, 1, K),  # H_up[row, col] is (dy^T g)[col, row]
-        biases=(None if bias_down is None else (bias_down, 0, K), None if bias_up is None else (bias_up, K, D)),
-        shared_rule=shared_rule)
+    (g_rd, g_ld, g_rgd), (g_ru, g_lu, g_rgu), (g_bd, g_bu) = run_factor_grads(
+        grads_plan, partials, (rule_down, left_down.t() if pd == "T" else left_down, right_down),
+        (rule_up, left_up.t() if pu == "T" else left_up, right_up), (bias_down, bias_up))
     if pd == "T":
         g_ld = g_ld.t()
     if pu == "T":

@@ -4,7 +4,6 @@ reduction, block-size table, and output allocation."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import math
 import os
@@ -54,7 +53,8 @@ def num_programs_target(device_index: Optional[int]) -> int:
 
 
 def device_index(t: torch.Tensor) -> Optional[int]:
-    return t.device.index if t.device.type == "cuda" else None
+    i = t.get_device()  # -1 off the GPU; one call, cheaper than reading t.device twice (host time)
+    return None if i < 0 else i
 
 
 # Host-side integer helpers: triton.cdiv / triton.next_power_of_2 are ConstexprFunction objects,
@@ -343,8 +343,7 @@ def _reduce_rows_kernel(a_ptr, b_ptr, part_ptr, csum_ptr, M, IA, IB, sa, sb, row
             tl.store(csum_ptr + split * IB + offs_b, csum, mask=mask_b)
 
 
-@dataclasses.dataclass(frozen=True)
-class Partials:
+class Partials(NamedTuple):  # a NamedTuple: a frozen dataclass costs ~1.5 us to make (host time)
     """What a reduction over rows left for factor_grads: part (splits, products, IA, IB) fp32
     partial dH's, csum (splits, CS) fp32 partial bias sums."""
     part: torch.Tensor
@@ -608,38 +607,84 @@ def _projection_plan(rule_shape, left_shape, right_shape, tasks: bool):
     return (N, R, pow2(R), rule_shape is not None, fact, BP, QP), P, Q, rows, cdiv(P, rows), strides
 
 
-def _shape(t: Optional[torch.Tensor]):
-    return None if t is None else t.shape
+class FactorGradsPlan(NamedTuple):
+    """What a factor_grads launch takes besides tensors (`factor_grads_plan`)."""
+    grid: tuple
+    strides1: tuple  # (s_row1, s_col1)
+    dims1: tuple  # (P1, Q1, rows1)
+    strides2: tuple  # (off2, s_row2, s_col2)
+    dims2: tuple  # (P2, Q2, rows2)
+    biases: tuple  # (n_b1, off_b2, n_b2)
+    task_strides: tuple  # (t_r1, t_l1, t_rg1, t_r2, t_l2, t_rg2, t_b1, t_b2)
+    new_grads: tuple  # (d rule1, d right1, d rule2, d right2): whether each is computed
+    tasks: int
+    consts: dict
 
 
-def _projection_args(pr: Optional[Projection], placeholder: torch.Tensor, rule_grad: bool = True,
-                     tasks: bool = False):
-    """(runtime args, constexprs, gradients, programs along the rows, task strides (rule, left,
-    right)) of one projection of _factor_grads_kernel (`_projection_plan`); ``rule_grad`` False:
-    its rule's gradient goes elsewhere (shared); ``tasks``: the factors are stacked per task."""
+def _spec(pr: Optional[Projection]) -> Optional[tuple]:
     if pr is None:
-        const, P, Q, rows, chunks, strides = _NO_PROJECTION
-        z = placeholder
-        return (0, 0, 0, z, z, z, z, z, z, P, Q, rows), const, (None, None, None), chunks, strides
-    rule, left, right = pr.rule, pr.left, pr.right
-    const, P, Q, rows, chunks, strides = _projection_plan(_shape(rule), left.shape, _shape(right), tasks)
-    dleft = torch.empty_like(left)
-    drule = torch.empty_like(rule) if rule is not None and rule_grad else None
-    dright = torch.empty_like(right) if right is not None and rule is not None else None
-    args = (pr.offset, pr.s_row, pr.s_col, placeholder if rule is None else rule, left,
-            placeholder if right is None else right, placeholder if drule is None else drule, dleft,
-            placeholder if dright is None else dright, P, Q, rows)
-    return args, const, (drule, dleft, dright), chunks, strides
+        return None
+    return (None if pr.rule is None else tuple(pr.rule.shape), tuple(pr.left.shape),
+            None if pr.right is None else tuple(pr.right.shape), pr.offset, pr.s_row, pr.s_col)
 
 
 @functools.lru_cache(maxsize=1024)  # computed once per key (host time)
-def _factor_grads_consts(c1: tuple, c2: tuple, two: bool, shared: bool, has_b1: bool, has_b2: bool, tasks: bool,
-                         T: int) -> dict:
+def factor_grads_plan(first: tuple, second: Optional[tuple] = None, bias1: Optional[tuple] = None,
+                      bias2: Optional[tuple] = None, shared_rule: bool = False, T: int = 0) -> FactorGradsPlan:
+    """factor_grads' launch from its projections' specs, `Projection`'s fields with shapes for
+    tensors (None: no second projection), the biases' (shape, offset into csum, length) (None:
+    absent) and T tasks (0: one, the factors not stacked per task)."""
+    assert first[3] == 0, "the first projection's partials start the buffer"
+    tasks = T > 0
+    c1, P1, Q1, rows1, chunks1, t1 = _projection_plan(*first[:3], tasks)
+    c2, P2, Q2, rows2, chunks2, t2 = _NO_PROJECTION if second is None else _projection_plan(*second[:3], tasks)
+    off2, s_row2, s_col2 = (0, 0, 0) if second is None else second[3:]
+    t_b = tuple(0 if b is None or not tasks else math.prod(b[0][1:]) for b in (bias1, bias2))
     n_i = max(c1[0], c2[0])
     names = ("N", "R", "RP", "RULE", "FACT", "BP", "QP")
-    return dict(**{f"{k}1": v for k, v in zip(names, c1)}, **{f"{k}2": v for k, v in zip(names, c2)}, TWO=two,
-                SHARED=shared, HAS_B1=has_b1, HAS_B2=has_b2, NP=pow2(n_i), GROUPED=tasks, TP=max(2, pow2(T)),
-                num_warps=4)
+    consts = dict(**{f"{k}1": v for k, v in zip(names, c1)}, **{f"{k}2": v for k, v in zip(names, c2)},
+                  TWO=second is not None, SHARED=shared_rule, HAS_B1=bias1 is not None, HAS_B2=bias2 is not None,
+                  NP=pow2(n_i), GROUPED=tasks, TP=max(2, pow2(T)), num_warps=4)
+    new_grads = (first[0] is not None, first[0] is not None and first[2] is not None,
+                 second is not None and second[0] is not None and not shared_rule,
+                 second is not None and second[0] is not None and second[2] is not None)
+    return FactorGradsPlan((n_i, max(chunks1, chunks2)), first[4:], (P1, Q1, rows1), (off2, s_row2, s_col2),
+                           (P2, Q2, rows2), (0 if bias1 is None else bias1[2], 0 if bias2 is None else bias2[1],
+                                             0 if bias2 is None else bias2[2]), t1 + t2 + t_b, new_grads,
+                           max(T, 1), consts)
+
+
+def run_factor_grads(plan: FactorGradsPlan, partials: Partials, first: tuple, second: Optional[tuple] = None,
+                     biases=(None, None), grouping=None):
+    """factor_grads with its plan: ``first`` / ``second`` the projections' (rule, left, right)
+    tensors, ``biases`` the biases' like-tensors (None: absent); ``grouping`` (counts,
+    rows_per_split) for a mixed-task batch."""
+    part, csum = partials.part, partials.csum
+    new = plan.new_grads
+    rule1, left1, right1 = first
+    g1 = (torch.empty_like(rule1) if new[0] else None, torch.empty_like(left1),
+          torch.empty_like(right1) if new[1] else None)
+    if second is None:
+        rule2 = left2 = right2 = part
+        g2 = (None, None, None)
+    else:
+        rule2, left2, right2 = second
+        g2 = (torch.empty_like(rule2) if new[2] else None, torch.empty_like(left2),
+              torch.empty_like(right2) if new[3] else None)
+    b1, b2 = biases
+    db = (None if b1 is None else torch.empty_like(b1), None if b2 is None else torch.empty_like(b2))
+    counts, rows_per_split = (part, 1) if grouping is None else grouping
+    with LAUNCH_LOCK:
+        _factor_grads_kernel[plan.grid](
+            part, csum, part.shape[0], part.stride(0), csum.shape[1], *plan.strides1,
+            part if rule1 is None else rule1, left1, part if right1 is None else right1,
+            part if g1[0] is None else g1[0], g1[1], part if g1[2] is None else g1[2], *plan.dims1,
+            *plan.strides2, part if rule2 is None else rule2, left2, part if right2 is None else right2,
+            part if g2[0] is None else g2[0], part if g2[1] is None else g2[1], part if g2[2] is None else g2[2],
+            *plan.dims2, part if db[0] is None else db[0], plan.biases[0], part if db[1] is None else db[1],
+            *plan.biases[1:], counts, plan.tasks, rows_per_split,
+            *plan.task_strides, **plan.consts)
+    return g1, g2, db
 
 
 def factor_grads(partials: Partials, first: Projection, second: Optional[Projection] = None, *,
@@ -651,22 +696,9 @@ def factor_grads(partials: Partials, first: Projection, second: Optional[Project
     its parameter's dtype and layout (contiguous). ``grouping`` (counts, T, rows_per_split): a
     mixed-task batch, whose partials hold each task's splits in task order and whose parameters
     (the biases' like-tensors too) are stacked per task."""
-    part, csum = partials.part, partials.csum
-    assert first.offset == 0, "the first projection's partials start the buffer"
-    tasks = grouping is not None
-    a1, c1, g1, chunks1, t1 = _projection_args(first, part, tasks=tasks)
-    a2, c2, g2, chunks2, t2 = _projection_args(second, part, rule_grad=not shared_rule, tasks=tasks)
-    db = [None if b is None else torch.empty_like(b[0]) for b in biases]
-    t_b = [0 if b is None or not tasks else b[0][0].numel() for b in biases]
-    counts, T, rows_per_split = grouping if tasks else (part, 1, 1)
-    bias_args = []
-    for out, b in zip(db, biases):  # (out, offset into csum, length)
-        bias_args += [part, 0, 0] if b is None else [out, b[1], b[2]]
-    consts = _factor_grads_consts(c1, c2, second is not None, shared_rule, db[0] is not None, db[1] is not None,
-                                  tasks, T)
-    with LAUNCH_LOCK:
-        _factor_grads_kernel[(max(c1[0], c2[0]), max(chunks1, chunks2))](
-            part, csum, part.shape[0], math.prod(part.shape[1:]), csum.shape[1], *a1[1:], *a2,
-            bias_args[0], bias_args[2], bias_args[3], bias_args[4], bias_args[5],
-            counts, T, rows_per_split, *t1, *t2, *t_b, **consts)
-    return g1, g2, tuple(db)
+    plan = factor_grads_plan(_spec(first), _spec(second),
+                             *(None if b is None else (tuple(b[0].shape), b[1], b[2]) for b in biases),
+                             shared_rule, 0 if grouping is None else grouping[1])
+    return run_factor_grads(plan, partials, first[:3], None if second is None else second[:3],
+                            tuple(None if b is None else b[0] for b in biases),
+                            None if grouping is None else (grouping[0], grouping[2]))
