@@ -2,6 +2,7 @@
 NaN/inf propagation, and distributed data parallel with a shared rule."""
 
 import os
+import sys
 
 import pytest
 import torch
@@ -167,6 +168,15 @@ def _batch():
     return torch.randn(WORLD * ROWS_PER_RANK, 32, generator=torch.Generator().manual_seed(1))
 
 
+def _exit_cleanly():
+    """A worker that finished its work exits at once: at interpreter teardown a gloo thread still
+    joinable can abort the process ("terminate called without an active exception", SIGABRT;
+    seen under load here and in pytorch/pytorch#90549), failing a run whose results were written."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _ddp_worker(rank, backend, init_file, out_file):
     if CUDA_EMULATED:  # a fresh process: conftest did not run here
         emulation.enable()
@@ -177,9 +187,10 @@ def _ddp_worker(rank, backend, init_file, out_file):
         ddp(_batch()[rank * ROWS_PER_RANK:(rank + 1) * ROWS_PER_RANK]).backward()
         if rank == 0:
             torch.save({n: p.grad for n, p in model.named_parameters()}, out_file)
-        dist.barrier()  # no rank tears gloo down while another still works (a SIGABRT seen under load)
+        dist.barrier()  # no rank tears gloo down while another still works
     finally:
         dist.destroy_process_group()
+    _exit_cleanly()
 
 
 @pytest.mark.parametrize("backend", _usable_backends())
@@ -220,6 +231,7 @@ def _fsdp_worker(rank, backend, init_file, out_file):
         dist.barrier()  # no rank tears gloo down while another is still in a collective (a SIGABRT seen in CI)
     finally:
         dist.destroy_process_group()
+    _exit_cleanly()
 
 
 @pytest.mark.parametrize("backend", _usable_backends())
