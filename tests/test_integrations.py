@@ -246,6 +246,16 @@ def test_fusion_composition_takes_library_path(op_calls):
     assert len(op_calls) == 4
 
 
+def test_a_fuse_block_is_found_at_any_depth():
+    adapters, hub = _hub()
+    from adapters.composition import BatchSplit, Fuse, Parallel, Stack
+
+    assert not hub._has_fuse("a") and not hub._has_fuse(Stack("a", "b"))
+    assert not hub._has_fuse(Parallel("a", Stack("b", "c"))) and not hub._has_fuse(BatchSplit("a", "b", batch_sizes=[1, 1]))
+    assert hub._has_fuse(Fuse("a", "b")) and hub._has_fuse(Stack("c", Fuse("a", "b")))
+    assert hub._has_fuse(Parallel("d", Stack("c", Fuse("a", "b"))))
+
+
 @pytest.mark.parametrize("config_name", ["compacter++", "pfeiffer"])
 def test_triton_backend_end_to_end(config_name, op_calls):
     """Outputs, loss and every gradient as the library's; the dense adapter reads the nn.Linear

@@ -111,7 +111,11 @@ def _phm_args(layer: PHMLayer) -> tuple:
     """(rule, left, right, bias) of a PHMLayer, found where PHMLayer.forward finds them."""
     rule_keys, rule_shared, w_keys, w_shared = _phm_keys(layer)
     own = layer._parameters
-    shared = ForwardContext.get_context().shared_parameters[layer.name] if rule_shared or w_shared else own
+    shared = own
+    if rule_shared or w_shared:
+        shared = ForwardContext.get_context().shared_parameters[layer.name]
+        if isinstance(shared, nn.ParameterDict):  # its own dict: ParameterDict[key] is a getattr (host time)
+            shared = shared._parameters
     w, r = shared if w_shared else own, shared if rule_shared else own
     left, right = (w[w_keys[0]], w[w_keys[1]]) if len(w_keys) == 2 else (w[w_keys[0]], None)
     rule = torch.bmm(r[rule_keys[0]], r[rule_keys[1]]) if len(rule_keys) == 2 else r[rule_keys[0]]
@@ -121,8 +125,15 @@ def _phm_args(layer: PHMLayer) -> tuple:
 def _has_fuse(setup) -> bool:
     if isinstance(setup, str):  # an adapter's name (the common leaf): no Fuse
         return False
-    return isinstance(setup, Fuse) or (
-        isinstance(setup, AdapterCompositionBlock) and any(_has_fuse(c) for c in setup))
+    if isinstance(setup, Fuse):
+        return True
+    if not isinstance(setup, AdapterCompositionBlock):
+        return False
+    # .children, not iteration: a block is a Sequence, iterated by __getitem__ until IndexError (host time)
+    for child in setup.children:
+        if type(child) is not str and _has_fuse(child):
+            return True
+    return False
 
 
 def _fuse_active(adapters_config) -> bool:
