@@ -147,14 +147,15 @@ def _(x, s):
 
 def _routed(calls):
     """_eager_or_op around ck_test::scaled, recording which way each call went."""
-    from compacter_kernels.ops.autograd import _eager_or_op
-
-    def impl(x, s):
-        calls.append("function")
-        return x * s
+    from compacter_kernels.ops.autograd import _eager_function, _eager_or_op
 
     def setup_context(ctx, inputs, output):
         ctx.s = inputs[1]
+
+    def eager_forward(ctx, x, s):
+        calls.append("function")
+        ctx.s = s
+        return x * s
 
     def backward(ctx, dy):
         return dy * ctx.s, None
@@ -166,7 +167,7 @@ def _routed(calls):
         calls.append("op")
         return op(x, s)
 
-    return _eager_or_op(counted_op, impl, setup_context, backward, lambda x, s: x * s)
+    return _eager_or_op(counted_op, _eager_function(eager_forward, backward), lambda x, s: x * s)
 
 
 def test_eager_calls_skip_the_op_dispatch_and_keep_their_gradient():

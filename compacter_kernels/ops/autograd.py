@@ -39,7 +39,10 @@ def transposed(w: Tensor) -> bool:
     """Whether a 2-D matrix is stored transposed (w.t() contiguous, w not): an nn.Linear weight's
     .t(), which a backend that reads it as it is (``adapter_entry_points``' transposed_weights)
     takes without a copy."""
-    return w.dim() == 2 and w.stride(0) == 1 and w.stride(1) == w.shape[0] and not w.is_contiguous()
+    if w.dim() != 2:
+        return False
+    (rows_, cols), (s0, s1) = w.shape, w.stride()
+    return s0 == 1 and s1 == rows_ and rows_ > 1 and cols > 1  # with those strides, contiguous iff a side <= 1
 
 
 def out_features(rule: Optional[Tensor], left: Tensor, right: Optional[Tensor]) -> int:
