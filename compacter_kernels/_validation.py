@@ -200,6 +200,26 @@ def check_adapter(x, w_down, b_down, w_up, b_up, activation, scale, residual) ->
     return check_scale(scale)
 
 
+def check_adapter_linear(x, weight_down, b_down, weight_up, b_up, activation, scale, residual) -> float:
+    """check_adapter on nn.Linear weights (out, in): the checks see their (in, out) transposes."""
+    args = (x, weight_down, b_down, weight_up, b_up, residual)
+    _check_once(args, ("adapter_linear", activation), _check_adapter_linear, *args, activation)
+    return check_scale(scale)
+
+
+def _check_adapter_linear(x, weight_down, b_down, weight_up, b_up, residual, activation) -> None:
+    for name, w in (("weight_down", weight_down), ("weight_up", weight_up)):
+        _tensor(name, w)
+        if w.dim() != 2:
+            raise ValueError(f"{name} must be an nn.Linear weight (out_features, in_features), got shape "
+                             f"{tuple(w.shape)}")
+    k, d = weight_down.shape
+    if tuple(weight_up.shape) != (d, k):
+        raise ValueError(f"weight_up must have shape ({d}, {k}) (d_model, bottleneck) to match weight_down "
+                         f"{tuple(weight_down.shape)} (bottleneck, d_model), got {tuple(weight_up.shape)}")
+    _check_adapter(x, weight_down.t(), b_down, weight_up.t(), b_up, residual, activation)  # x, biases, dtypes
+
+
 def _check_adapter(x, w_down, b_down, w_up, b_up, residual, activation) -> None:
     check_x(x)
     check_tensors({"x": x, "w_down": w_down, "b_down": b_down, "w_up": w_up, "b_up": b_up, "residual": residual},

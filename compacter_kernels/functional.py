@@ -75,6 +75,22 @@ def adapter(
     return impl(x, w_down, b_down, w_up, b_up, activation=activation, scale=scale, residual=residual)
 
 
+def _adapter_linear(x: Tensor, weight_down: Tensor, b_down: Optional[Tensor], weight_up: Tensor,
+                    b_up: Optional[Tensor], *, activation: str, scale: float, residual: Optional[Tensor],
+                    backend: str) -> Tensor:
+    """`adapter` on nn.Linear weights (out, in), as AdapterHub's layers hold them: the same as
+    ``adapter(x, weight_down.t(), b_down, weight_up.t(), b_up, ...)``, without the two transposes
+    autograd would record and run back, where the backend takes the weights as they are
+    (``impl.linear``; host time)."""
+    scale = _validation.check_adapter_linear(x, weight_down, b_down, weight_up, b_up, activation, scale, residual)
+    impl = select("adapter", backend, x)
+    linear = getattr(impl, "linear", None)
+    if linear is None:
+        return impl(x, weight_down.t(), b_down, weight_up.t(), b_up, activation=activation, scale=scale,
+                    residual=residual)
+    return linear(x, weight_down, b_down, weight_up, b_up, activation=activation, scale=scale, residual=residual)
+
+
 def multitask_compacter_adapter(
     x: Tensor,
     task_ids: Tensor,

@@ -88,6 +88,61 @@ def test_linear_weights_are_read_transposed_without_a_copy(residual):
     assert sum(bwd.launches.values()) == 3 and not bwd.aten, bwd
 
 
+def _graph_nodes(y) -> set:
+    seen, todo = set(), [y.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo += [n for n, _ in node.next_functions]
+    return {type(n).__name__ for n in seen}
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_linear_weights_passed_as_they_are_record_no_transposes(residual):
+    """The AdapterHub swap-in's entry (`functional._adapter_linear`) takes nn.Linear weights
+    themselves: the values and gradients of adapter(x, weight.t(), ...), each weight's gradient
+    in its own layout, the same launches, and no transpose in the autograd graph (two nodes
+    recorded forward and run backward otherwise: host time). A strided weight is copied first;
+    create_graph=True gives the reference's second derivative."""
+    from compacter_kernels import functional as F
+
+    M, d, k = 37, 48, 12
+    x = torch.randn(M, d, device=DEVICE, requires_grad=True)
+    w_down = (0.3 * torch.randn(k, d, device=DEVICE)).requires_grad_()  # (out, in), as nn.Linear
+    w_up_wide = (0.3 * torch.randn(d, 2 * k, device=DEVICE)).requires_grad_()
+    w_up = w_up_wide[:, ::2]  # strided
+    b_down, b_up = (torch.randn(n, device=DEVICE, requires_grad=True) for n in (k, d))
+    r = torch.randn(M, d, device=DEVICE, requires_grad=True) if residual else None
+    leaves = [x, w_down, b_down, w_up_wide, b_up] + ([r] if residual else [])
+    dy = torch.randn(M, d, device=DEVICE)
+
+    def linear(backend):
+        return F._adapter_linear(x, w_down, b_down, w_up, b_up, activation="gelu", scale=0.5, residual=r,
+                                 backend=backend)
+
+    y = linear("triton")
+    assert "TBackward0" not in _graph_nodes(y)
+    want = ck.adapter(x, w_down.t(), b_down, w_up.t(), b_up, residual=r, scale=0.5, backend="reference")
+    expected = (want, *torch.autograd.grad(want, leaves, dy, retain_graph=True))
+    for backend in ("triton", "reference"):  # the reference: no .linear, the transposes' path
+        y = linear(backend)
+        for ours, ref in zip((y, *torch.autograd.grad(y, leaves, dy)), expected):
+            torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+            assert ours.stride() == ref.stride()
+    (g,) = torch.autograd.grad((linear("triton") * dy).sum(), w_down, create_graph=True)
+    (g_ref,) = torch.autograd.grad((want * dy).sum(), w_down, create_graph=True)
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(*(torch.autograd.grad(t.square().sum(), x)[0] for t in (g, g_ref)), rtol=1e-4,
+                               atol=1e-4)
+    contiguous_up = w_up.detach().contiguous().requires_grad_()
+    fwd, bwd = forward_backward_counts(
+        lambda *a: F._adapter_linear(*a, activation="gelu", scale=0.5, residual=r, backend="triton"),
+        (x, w_down, b_down, contiguous_up, b_up), [x, w_down, b_down, contiguous_up, b_up])
+    assert dict(fwd.launches) == {"_adapter_fwd_kernel": 1} and not fwd.aten, fwd
+    assert sum(bwd.launches.values()) == 3 and not bwd.aten, bwd
+
+
 def test_the_eager_reference_runs_13_kernels_forward_and_22_backward():
     """The unfused path the kernels replace (the paper's code, AdapterHub): the counts the
     package's case rests on."""

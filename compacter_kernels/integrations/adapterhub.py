@@ -160,10 +160,10 @@ def _fused_forward(self: Adapter, x: Tensor, residual_input: Tensor, output_gati
     if isinstance(up, PHMLayer):
         out = F.compacter_adapter(x, *_phm_args(down), *_phm_args(up), activation=spec.activation,
                                   scale=float(self.scaling), residual=residual, backend=spec.backend)
-    else:  # nn.Linear stores (out, in): the op takes the (in, out) transpose, a view it reads as it is
+    else:  # nn.Linear stores (out, in): passed as they are (no transposes for autograd to record)
         d, u = down._parameters, up._parameters
-        out = F.adapter(x, d["weight"].t(), d["bias"], u["weight"].t(), u["bias"], activation=spec.activation,
-                        scale=float(self.scaling), residual=residual, backend=spec.backend)
+        out = F._adapter_linear(x, d["weight"], d["bias"], u["weight"], u["bias"], activation=spec.activation,
+                                scale=float(self.scaling), residual=residual, backend=spec.backend)
     return out, None, None
 
 

@@ -160,7 +160,7 @@ def autocast_inputs(x: Tensor, residual: Optional[Tensor], bias_up: Optional[Ten
     return x.to(amp), r, torch.promote_types(r.dtype, amp if bias_up is None else bias_up.dtype)
 
 
-def adapter_entry_points(forward: Callable, inference: Optional[Callable] = None, transposed_weights: bool = False):
+def adapter_entry_points(forward, inference: Optional[Callable] = None, transposed_weights: bool = False):
     """(compacter_adapter, adapter) with the reference's signatures, on a backend's forward
     ``forward(x2d, residual2d, *down, bias_down, *up, bias_up, activation, scale, out_dtype)``
     (what `register_adapter_op` returns; down and up are (rule, left, right) triples, rule
@@ -168,6 +168,10 @@ def adapter_entry_points(forward: Callable, inference: Optional[Callable] = None
     weights; plain tensors, eager) ``inference`` (same arguments, returns y), if given, runs
     instead: the forward without z. With ``transposed_weights`` the backend takes a dense
     matrix stored `transposed` as it is (an nn.Linear's weight.t()); otherwise it is copied.
+    ``forward`` may be a pair (forward, forward on nn.Linear weights: `register_adapter_op`);
+    with the second and ``transposed_weights``, ``adapter.linear`` is ``adapter`` on nn.Linear
+    weights (out, in), the Function's inputs themselves: no transposes for autograd to record
+    and run back (host time; the AdapterHub swap-in calls it).
 
     Under autocast they behave as the eager reference: matmuls in the autocast dtype and
     y = r + scale * (g @ H_up + b_up) promoted as eager promotes it (an fp32 b_up or r gives an
@@ -176,22 +180,25 @@ def adapter_entry_points(forward: Callable, inference: Optional[Callable] = None
     parameter's gradient, computed in fp32, in that parameter's dtype.
     """
 
+    forward, forward_linear = forward if isinstance(forward, tuple) else (forward, None)
+
     def matrix(w: Tensor) -> Tensor:
         return w if transposed_weights and transposed(w) else w.contiguous()
 
-    def run(x, residual, down, bias_down, up, bias_up, activation, scale):
-        """down / up: (rule, left, right) in the layout the backend takes."""
+    def run(x, residual, down, bias_down, up, bias_up, activation, scale, linear: bool = False):
+        """down / up: (rule, left, right) in the layout the backend takes; ``linear``: dense, the
+        nn.Linear weights (out, in) of which the backend takes the transposes."""
         shape = x.shape
         x, residual, out_dtype = autocast_inputs(x, residual, bias_up)
         args = (rows(x), None if residual is None else rows(residual), *down, dense(bias_down), *up, dense(bias_up),
                 activation, float(scale), out_dtype)
         # Empty feature widths (d = 0, or a dense bottleneck k = 0): no kernel to launch.
-        if shape[-1] == 0 or out_features(*down) == 0:
-            y = adapter_math(*args)[0]
+        if shape[-1] == 0 or (down[1].shape[0] if linear else out_features(*down)) == 0:
+            y = adapter_math(*(linear_inputs(args) if linear else args))[0]
         elif inference is not None and _eager_inference(args):
-            y = inference(*args)
+            y = inference(*(linear_inputs(args) if linear else args))
         else:
-            y = forward(*args)
+            y = forward_linear(*args) if linear else forward(*args)
         return y if y.shape == shape else y.reshape(shape)
 
     def compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
@@ -203,7 +210,21 @@ def adapter_entry_points(forward: Callable, inference: Optional[Callable] = None
         return run(x, residual, (None, matrix(w_down), None), b_down, (None, matrix(w_up), None), b_up, activation,
                    scale)
 
+    def adapter_linear(x, weight_down, b_down, weight_up, b_up, *, activation="gelu", scale=1.0, residual=None):
+        return run(x, residual, (None, dense(weight_down), None), b_down, (None, dense(weight_up), None), b_up,
+                   activation, scale, linear=True)
+
+    if forward_linear is not None and transposed_weights:
+        adapter.linear = adapter_linear
     return compacter_adapter, adapter
+
+
+def linear_inputs(args: tuple) -> tuple:
+    """A fused adapter's arguments with its dense weights (left_down, left_up) given as nn.Linear
+    weights (out, in): the same with their (in, out) transposes, views read as they are."""
+    args = list(args)
+    args[3], args[7] = args[3].t(), args[7].t()
+    return tuple(args)
 
 
 def _eager_function(forward: Callable, backward: Callable) -> Callable:
@@ -267,7 +288,8 @@ def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kerne
                         h_shapes: Callable):
     """Fake impl and autograd of a backend's fused adapter op ``fwd_op`` (the custom op of the
     Python function ``fwd_impl``, taking what `adapter_entry_points` passes) over the factors;
-    returns the forward to call (`_eager_or_op`), which gives y. The op gives (y, z, H_down, H_up),
+    returns the forwards to call (`_eager_or_op`), which give y: (forward, the same with the dense
+    weights (left_down, left_up) given as nn.Linear weights (out, in), `linear_inputs`). The op gives (y, z, H_down, H_up),
     z and the H's it built kept for backward (empty tensors where there are none; ``fwd_impl``, which the
     eager path calls without the op, may give None instead), their shapes
     ``h_shapes(D, K, down, up, x.dtype)`` for the fake impl.
@@ -301,6 +323,11 @@ def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kerne
         save(ctx, inputs, z, hd, hu)
         return y
 
+    def eager_linear_forward(ctx, *inputs):  # nn.Linear weights, transposed here (not recorded)
+        y, z, hd, hu = fwd_impl(*linear_inputs(inputs))
+        save(ctx, inputs, z, hd, hu)
+        return y
+
     @fwd_op.register_fake
     def _(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
           activation, scale, out_dtype):
@@ -308,15 +335,20 @@ def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kerne
         hd, hu = h_shapes(x.shape[1], K, (rule_down, left_down, right_down), (rule_up, left_up, right_up), x.dtype)
         return x.new_empty(x.shape, dtype=out_dtype), x.new_empty((x.shape[0], K)), x.new_empty(hd), x.new_empty(hu)
 
-    def backward_with(kernels, from_op: bool):
+    def linear_math(*args):
+        return adapter_math(*linear_inputs(args))
+
+    def backward_with(kernels, from_op: bool, linear: bool = False):
         def backward(ctx, dy, *_not_differentiable):
             x, z, hd, hu, *params, residual = ctx.saved_tensors
             if dy is None:  # y not used: nothing flows back
                 return (None,) * 13
             if torch.is_grad_enabled():  # create_graph=True
                 rd, ld, rgd, bd, ru, lu, rgu, bu = params
-                return create_graph_grads(ctx, adapter_math, (x, residual, rd, ld, rgd, bd, ru, lu, rgu, bu),
-                                          ctx.consts, dy) + (None,) * 3
+                return create_graph_grads(ctx, linear_math if linear else adapter_math,
+                                          (x, residual, rd, ld, rgd, bd, ru, lu, rgu, bu), ctx.consts, dy) + (None,) * 3
+            if linear:  # nn.Linear weights: the kernels take their transposes, and give their gradients'
+                params[1], params[5] = params[1].t(), params[5].t()
             activation, scale, _ = ctx.consts
             dx, dres, *grads = kernels(dy, x, z, hd, hu, *params, activation, scale, ctx.has_residual,
                                        ctx.shared_rule)
@@ -325,14 +357,21 @@ def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kerne
                 if ctx.shared_rule:
                     grads[4] = None  # the whole gradient went to rule_down
                 dres = dres if ctx.has_residual else None
+            if linear:
+                grads[1], grads[5] = grads[1].t(), grads[5].t()
             return (dx, dres, *grads, None, None, None)
         return backward
 
     backward = backward_with(kernels_bwd, from_op=True)
     fwd_op.register_autograd(backward, setup_context=setup_context)
-    eager_backward = backward if kernels_bwd_impl is None else backward_with(kernels_bwd_impl, from_op=False)
-    return _eager_or_op(lambda *args: fwd_op(*args)[0], _eager_function(eager_forward, eager_backward),
-                        lambda *args: adapter_math(*args)[0])
+    eager_kernels, from_op = (kernels_bwd, True) if kernels_bwd_impl is None else (kernels_bwd_impl, False)
+    forward = _eager_or_op(lambda *args: fwd_op(*args)[0],
+                           _eager_function(eager_forward, backward_with(eager_kernels, from_op)),
+                           lambda *args: adapter_math(*args)[0])
+    forward_linear = _eager_or_op(lambda *args: fwd_op(*linear_inputs(args))[0],
+                                  _eager_function(eager_linear_forward, backward_with(eager_kernels, from_op, linear=True)),
+                                  lambda *args: linear_math(*args)[0])
+    return forward, forward_linear
 
 
 def register_phm_linear_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kernels_bwd_impl: Callable):
