@@ -251,7 +251,8 @@ def test_a_fuse_block_is_found_at_any_depth():
     from adapters.composition import BatchSplit, Fuse, Parallel, Stack
 
     assert not hub._has_fuse("a") and not hub._has_fuse(Stack("a", "b"))
-    assert not hub._has_fuse(Parallel("a", Stack("b", "c"))) and not hub._has_fuse(BatchSplit("a", "b", batch_sizes=[1, 1]))
+    assert not hub._has_fuse(Parallel("a", Stack("b", "c")))
+    assert not hub._has_fuse(BatchSplit("a", "b", batch_sizes=[1, 1]))
     assert hub._has_fuse(Fuse("a", "b")) and hub._has_fuse(Stack("c", Fuse("a", "b")))
     assert hub._has_fuse(Parallel("d", Stack("c", Fuse("a", "b"))))
 

@@ -107,13 +107,16 @@ def _phm_keys(layer: PHMLayer) -> tuple:
     return keys
 
 
-def _phm_args(layer: PHMLayer) -> tuple:
-    """(rule, left, right, bias) of a PHMLayer, found where PHMLayer.forward finds them."""
+def _phm_args(layer: PHMLayer, context: Optional[ForwardContext] = None) -> tuple:
+    """(rule, left, right, bias) of a PHMLayer, found where PHMLayer.forward finds them (the
+    shared ones in ``context``, by default the current ForwardContext)."""
     rule_keys, rule_shared, w_keys, w_shared = _phm_keys(layer)
     own = layer._parameters
     shared = own
     if rule_shared or w_shared:
-        shared = ForwardContext.get_context().shared_parameters[layer.name]
+        if context is None:
+            context = ForwardContext.get_context()
+        shared = context.shared_parameters[layer.name]
         if isinstance(shared, nn.ParameterDict):  # its own dict: ParameterDict[key] is a getattr (host time)
             shared = shared._parameters
     w, r = shared if w_shared else own, shared if rule_shared else own
@@ -158,7 +161,8 @@ def _fused_forward(self: Adapter, x: Tensor, residual_input: Tensor, output_gati
     residual = None if residual_input is x else residual_input
     # Mixed dtypes under autocast (fp32 parameters, bf16 x) are handled by the op as eager would.
     if isinstance(up, PHMLayer):
-        out = F.compacter_adapter(x, *_phm_args(down), *_phm_args(up), activation=spec.activation,
+        context = ForwardContext.get_context()  # once for both projections (host time)
+        out = F.compacter_adapter(x, *_phm_args(down, context), *_phm_args(up, context), activation=spec.activation,
                                   scale=float(self.scaling), residual=residual, backend=spec.backend)
     else:  # nn.Linear stores (out, in): passed as they are (no transposes for autograd to record)
         d, u = down._parameters, up._parameters

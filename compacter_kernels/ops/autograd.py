@@ -289,10 +289,10 @@ def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kerne
     """Fake impl and autograd of a backend's fused adapter op ``fwd_op`` (the custom op of the
     Python function ``fwd_impl``, taking what `adapter_entry_points` passes) over the factors;
     returns the forwards to call (`_eager_or_op`), which give y: (forward, the same with the dense
-    weights (left_down, left_up) given as nn.Linear weights (out, in), `linear_inputs`). The op gives (y, z, H_down, H_up),
-    z and the H's it built kept for backward (empty tensors where there are none; ``fwd_impl``, which the
-    eager path calls without the op, may give None instead), their shapes
-    ``h_shapes(D, K, down, up, x.dtype)`` for the fake impl.
+    weights (left_down, left_up) given as nn.Linear weights (out, in), `linear_inputs`). The op
+    gives (y, z, H_down, H_up), z and the H's it built kept for backward (empty tensors where
+    there are none; ``fwd_impl``, which the eager path calls without the op, may give None
+    instead), their shapes ``h_shapes(D, K, down, up, x.dtype)`` for the fake impl.
 
     ``kernels_bwd(dy, x, z, H_down, H_up, *down, bias_down, *up, bias_up, activation, scale, has_residual, shared_rule)``
     gives (dx, d residual, then each parameter's gradient in its dtype in the order of the
@@ -301,9 +301,9 @@ def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kerne
     both projections) d rule_down is the rule's whole gradient. ``kernels_bwd_impl`` is the same
     without the op dispatch, for the eager path: None for every absent gradient (d residual
     without a residual, d rule_up with shared_rule), and the H's None where ``fwd_impl`` gave
-    None; or None: the eager path calls ``kernels_bwd`` too. Under create_graph=True the backward is `adapter_math`'s, so that it
-    can be differentiated again. No gradient is made for z (not differentiable; not an output of
-    the eager path at all)."""
+    None; or None: the eager path calls ``kernels_bwd`` too. Under create_graph=True the
+    backward is `adapter_math`'s, so that it can be differentiated again. No gradient is made
+    for z (not differentiable; not an output of the eager path at all)."""
 
     def save(ctx, inputs, z, hd, hu):
         x, residual, rd, ld, rgd, bd, ru, lu, rgu, bu, activation, scale, out_dtype = inputs
@@ -368,9 +368,10 @@ def register_adapter_op(fwd_op, fwd_impl: Callable, kernels_bwd: Callable, kerne
     forward = _eager_or_op(lambda *args: fwd_op(*args)[0],
                            _eager_function(eager_forward, backward_with(eager_kernels, from_op)),
                            lambda *args: adapter_math(*args)[0])
-    forward_linear = _eager_or_op(lambda *args: fwd_op(*linear_inputs(args))[0],
-                                  _eager_function(eager_linear_forward, backward_with(eager_kernels, from_op, linear=True)),
-                                  lambda *args: linear_math(*args)[0])
+    forward_linear = _eager_or_op(
+        lambda *args: fwd_op(*linear_inputs(args))[0],
+        _eager_function(eager_linear_forward, backward_with(eager_kernels, from_op, linear=True)),
+        lambda *args: linear_math(*args)[0])
     return forward, forward_linear
 
 
