@@ -160,18 +160,17 @@ def autocast_inputs(x: Tensor, residual: Optional[Tensor], bias_up: Optional[Ten
     return x.to(amp), r, torch.promote_types(r.dtype, amp if bias_up is None else bias_up.dtype)
 
 
-def adapter_entry_points(forward, inference: Optional[Callable] = None, transposed_weights: bool = False):
-    """(compacter_adapter, adapter) with the reference's signatures, on a backend's forward
+def adapter_entry_points(forwards: tuple, inference: Optional[Callable] = None, transposed_weights: bool = False):
+    """(compacter_adapter, adapter) with the reference's signatures, on a backend's forwards
     ``forward(x2d, residual2d, *down, bias_down, *up, bias_up, activation, scale, out_dtype)``
-    (what `register_adapter_op` returns; down and up are (rule, left, right) triples, rule
-    None meaning a dense matrix). Where no gradient is wanted (no_grad, inference_mode, frozen
-    weights; plain tensors, eager) ``inference`` (same arguments, returns y), if given, runs
-    instead: the forward without z. With ``transposed_weights`` the backend takes a dense
-    matrix stored `transposed` as it is (an nn.Linear's weight.t()); otherwise it is copied.
-    ``forward`` may be a pair (forward, forward on nn.Linear weights: `register_adapter_op`);
-    with the second and ``transposed_weights``, ``adapter.linear`` is ``adapter`` on nn.Linear
-    weights (out, in), the Function's inputs themselves: no transposes for autograd to record
-    and run back (host time; the AdapterHub swap-in calls it).
+    and the same on nn.Linear weights (the pair `register_adapter_op` returns; down and up are
+    (rule, left, right) triples, rule None meaning a dense matrix). Where no gradient is wanted
+    (no_grad, inference_mode, frozen weights; plain tensors, eager) ``inference`` (same
+    arguments, returns y), if given, runs instead: the forward without z. With
+    ``transposed_weights`` the backend takes a dense matrix stored `transposed` as it is (an
+    nn.Linear's weight.t()), otherwise it is copied; and ``adapter.linear`` is ``adapter`` on
+    nn.Linear weights (out, in), the Function's inputs themselves: no transposes for autograd to
+    record and run back (host time; the AdapterHub swap-in calls it).
 
     Under autocast they behave as the eager reference: matmuls in the autocast dtype and
     y = r + scale * (g @ H_up + b_up) promoted as eager promotes it (an fp32 b_up or r gives an
@@ -180,7 +179,7 @@ def adapter_entry_points(forward, inference: Optional[Callable] = None, transpos
     parameter's gradient, computed in fp32, in that parameter's dtype.
     """
 
-    forward, forward_linear = forward if isinstance(forward, tuple) else (forward, None)
+    forward, forward_linear = forwards
 
     def matrix(w: Tensor) -> Tensor:
         return w if transposed_weights and transposed(w) else w.contiguous()
@@ -214,7 +213,7 @@ def adapter_entry_points(forward, inference: Optional[Callable] = None, transpos
         return run(x, residual, (None, dense(weight_down), None), b_down, (None, dense(weight_up), None), b_up,
                    activation, scale, linear=True)
 
-    if forward_linear is not None and transposed_weights:
+    if transposed_weights:  # a backend that reads the weights' transposes as they are
         adapter.linear = adapter_linear
     return compacter_adapter, adapter
 
