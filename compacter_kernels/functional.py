@@ -5,12 +5,59 @@ Same names and signatures as :mod:`compacter_kernels.reference`, plus ``backend`
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Callable, Optional
 
 from torch import Tensor
 
 from . import _validation, reference
 from .backends import select
+from .ops.autograd import autocast_dtype, plannable
+
+# A repeated fused-adapter call's route, fixed by its arguments' signature (`_plan_key`) after a
+# call with that signature has passed the checks: the backend entry point's ``plan``, or False
+# where it has none. Skips the checks, the backend's choice and the entry point's layers (host
+# time). Bounded; thread-safe enough (a race only plans twice).
+_PLANS: dict = {}
+_PLANS_MAX = 4096
+
+
+def _plan_key(what: tuple, x, residual, params) -> Optional[tuple]:
+    """Everything the checks, the backend's choice and a plan read of a call: each tensor's shape,
+    strides, dtype and device, the autocast state and ``what`` (op, backend, activation); None
+    where the call is not plannable (tensor subclasses, torch.compile, transforms, a non-tensor)."""
+    if not plannable(x):
+        return None
+    key = [what, autocast_dtype(x), x.shape, x.stride(), x.dtype, x.device]
+    for t in (residual, *params):
+        if t is None:
+            key.append(None)
+        elif isinstance(t, Tensor):
+            key.append((t.shape, t.stride(), t.dtype, t.device))
+        else:  # the checks say what is wrong
+            return None
+    return tuple(key)
+
+
+def _planned(what: tuple, x: Tensor, residual: Optional[Tensor], params: tuple, scale, checked: Callable) -> Tensor:
+    """A fused adapter call: by its signature's plan where there is one, else ``checked()`` ->
+    (y, the backend entry point that ran), the checks included, whose plan is then kept.
+    ``params``: (rule, left, right, bias) down then up, as the entry point takes them."""
+    key = _plan_key(what, x, residual, params)
+    if key is not None:
+        try:
+            call = _PLANS.get(key)
+        except TypeError:  # an activation that is not a string: the checks say what is wrong
+            key = call = None
+        if call and type(scale) is float and math.isfinite(scale):
+            return call(x, residual, params, scale)
+    y, entry = checked()
+    if key is not None and key not in _PLANS:
+        plan = getattr(entry, "plan", None)
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[key] = (plan is not None and plan(x, residual, params, what[2])) or False
+    return y
 
 
 def phm_weight(rule: Tensor, left: Tensor, right: Optional[Tensor] = None) -> Tensor:
@@ -50,11 +97,14 @@ def compacter_adapter(
     backend: str = "auto",
 ) -> Tensor:
     """y = r + scale * (act(x @ H_down + bias_down) @ H_up + bias_up), r = residual or x."""
-    scale = _validation.check_compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule_up,
-                                                left_up, right_up, bias_up, activation, scale, residual)
-    impl = select("compacter_adapter", backend, x)
-    return impl(x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
-                activation=activation, scale=scale, residual=residual)
+    params = (rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up)
+
+    def checked():
+        s = _validation.check_compacter_adapter(x, *params, activation, scale, residual)
+        impl = select("compacter_adapter", backend, x)
+        return impl(x, *params, activation=activation, scale=s, residual=residual), impl
+
+    return _planned(("compacter_adapter", backend, activation), x, residual, params, scale, checked)
 
 
 def adapter(
@@ -70,9 +120,14 @@ def adapter(
     backend: str = "auto",
 ) -> Tensor:
     """Dense (Houlsby) adapter: r + scale * (act(x @ w_down + b_down) @ w_up + b_up)."""
-    scale = _validation.check_adapter(x, w_down, b_down, w_up, b_up, activation, scale, residual)
-    impl = select("adapter", backend, x)
-    return impl(x, w_down, b_down, w_up, b_up, activation=activation, scale=scale, residual=residual)
+
+    def checked():
+        s = _validation.check_adapter(x, w_down, b_down, w_up, b_up, activation, scale, residual)
+        impl = select("adapter", backend, x)
+        return impl(x, w_down, b_down, w_up, b_up, activation=activation, scale=s, residual=residual), impl
+
+    return _planned(("adapter", backend, activation), x, residual, (None, w_down, None, b_down, None, w_up, None, b_up),
+                    scale, checked)
 
 
 def _adapter_linear(x: Tensor, weight_down: Tensor, b_down: Optional[Tensor], weight_up: Tensor,
@@ -82,13 +137,19 @@ def _adapter_linear(x: Tensor, weight_down: Tensor, b_down: Optional[Tensor], we
     ``adapter(x, weight_down.t(), b_down, weight_up.t(), b_up, ...)``, without the two transposes
     autograd would record and run back, where the backend takes the weights as they are
     (``impl.linear``; host time)."""
-    scale = _validation.check_adapter_linear(x, weight_down, b_down, weight_up, b_up, activation, scale, residual)
-    impl = select("adapter", backend, x)
-    linear = getattr(impl, "linear", None)
-    if linear is None:
-        return impl(x, weight_down.t(), b_down, weight_up.t(), b_up, activation=activation, scale=scale,
-                    residual=residual)
-    return linear(x, weight_down, b_down, weight_up, b_up, activation=activation, scale=scale, residual=residual)
+
+    def checked():
+        s = _validation.check_adapter_linear(x, weight_down, b_down, weight_up, b_up, activation, scale, residual)
+        impl = select("adapter", backend, x)
+        linear = getattr(impl, "linear", None)
+        if linear is None:  # no plan: the entry point takes the transposes
+            return impl(x, weight_down.t(), b_down, weight_up.t(), b_up, activation=activation, scale=s,
+                        residual=residual), None
+        return linear(x, weight_down, b_down, weight_up, b_up, activation=activation, scale=s,
+                      residual=residual), linear
+
+    return _planned(("adapter_linear", backend, activation), x, residual,
+                    (None, weight_down, None, b_down, None, weight_up, None, b_up), scale, checked)
 
 
 def multitask_compacter_adapter(

@@ -137,16 +137,23 @@ def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(dev)
 
 
-def _needs_grad(tensors) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+def _needs_grad(x: Tensor, residual: Optional[Tensor], params) -> bool:
+    """Whether autograd records the op: grad mode on and a tensor argument that requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    if x.requires_grad or (residual is not None and residual.requires_grad):
+        return True
+    for t in params:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
-def _eager_inference(args) -> bool:
-    """No gradient wanted, plain tensors, eager: the forward may skip what only backward reads."""
-    x = args[0]
-    return (not _needs_grad(args) and type(x) is torch.Tensor and not x.is_meta
-            and not torch.compiler.is_compiling() and not _functorch_active()
-            and torch._C._len_torch_dispatch_stack() == 0)
+def plannable(x) -> bool:
+    """Plain tensors in eager mode, no transform or dispatch mode active: where a fused op's route
+    depends on its arguments' signature alone (see `adapter_entry_points`' ``plan``)."""
+    return (type(x) is torch.Tensor and not x.is_meta and not torch.compiler.is_compiling()
+            and not _functorch_active() and torch._C._len_torch_dispatch_stack() == 0)
 
 
 def autocast_inputs(x: Tensor, residual: Optional[Tensor], bias_up: Optional[Tensor]):
@@ -170,7 +177,9 @@ def adapter_entry_points(forwards: tuple, inference: Optional[Callable] = None, 
     ``transposed_weights`` the backend takes a dense matrix stored `transposed` as it is (an
     nn.Linear's weight.t()), otherwise it is copied; and ``adapter.linear`` is ``adapter`` on
     nn.Linear weights (out, in), the Function's inputs themselves: no transposes for autograd to
-    record and run back (host time; the AdapterHub swap-in calls it).
+    record and run back (host time; the AdapterHub swap-in calls it). Each of the three has a
+    ``plan``: its route fixed for one signature of arguments, which `functional` keeps and calls
+    on a repeated call (host time).
 
     Under autocast they behave as the eager reference: matmuls in the autocast dtype and
     y = r + scale * (g @ H_up + b_up) promoted as eager promotes it (an fp32 b_up or r gives an
@@ -184,37 +193,58 @@ def adapter_entry_points(forwards: tuple, inference: Optional[Callable] = None, 
     def matrix(w: Tensor) -> Tensor:
         return w if transposed_weights and transposed(w) else w.contiguous()
 
-    def run(x, residual, down, bias_down, up, bias_up, activation, scale, linear: bool = False):
-        """down / up: (rule, left, right) in the layout the backend takes; ``linear``: dense, the
-        nn.Linear weights (out, in) of which the backend takes the transposes."""
+    def run(x, residual, params, activation, scale, linear: bool = False, planned: bool = False):
+        """``params``: (rule, left, right, bias) down then up, in the layout the backend takes;
+        ``linear``: dense, the nn.Linear weights (out, in) of which the backend takes the
+        transposes; ``planned``: a call of a `plan` (plain tensors, eager, a width > 0), which
+        goes straight to the eager Function."""
         shape = x.shape
-        x, residual, out_dtype = autocast_inputs(x, residual, bias_up)
-        args = (rows(x), None if residual is None else rows(residual), *down, dense(bias_down), *up, dense(bias_up),
-                activation, float(scale), out_dtype)
+        x, residual, out_dtype = autocast_inputs(x, residual, params[7])
+        args = (rows(x), None if residual is None else rows(residual), *params, activation, scale, out_dtype)
         # Empty feature widths (d = 0, or a dense bottleneck k = 0): no kernel to launch.
-        if shape[-1] == 0 or (down[1].shape[0] if linear else out_features(*down)) == 0:
+        if not planned and (shape[-1] == 0 or (params[1].shape[0] if linear else out_features(*params[:3])) == 0):
             y = adapter_math(*(linear_inputs(args) if linear else args))[0]
-        elif inference is not None and _eager_inference(args):
+        elif inference is not None and not _needs_grad(x, residual, params) and (planned or plannable(x)):
             y = inference(*(linear_inputs(args) if linear else args))
         else:
-            y = forward_linear(*args) if linear else forward(*args)
+            route = forward_linear if linear else forward
+            y = route.eager(*args) if planned else route(*args)
         return y if y.shape == shape else y.reshape(shape)
 
     def compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
                           *, activation="gelu", scale=1.0, residual=None):
-        return run(x, residual, (dense(rule_down), dense(left_down), dense(right_down)), bias_down,
-                   (dense(rule_up), dense(left_up), dense(right_up)), bias_up, activation, scale)
+        return run(x, residual, tuple(map(dense, (rule_down, left_down, right_down, bias_down, rule_up, left_up,
+                                                  right_up, bias_up))), activation, float(scale))
 
     def adapter(x, w_down, b_down, w_up, b_up, *, activation="gelu", scale=1.0, residual=None):
-        return run(x, residual, (None, matrix(w_down), None), b_down, (None, matrix(w_up), None), b_up, activation,
-                   scale)
+        return run(x, residual, (None, matrix(w_down), None, dense(b_down), None, matrix(w_up), None, dense(b_up)),
+                   activation, float(scale))
 
     def adapter_linear(x, weight_down, b_down, weight_up, b_up, *, activation="gelu", scale=1.0, residual=None):
-        return run(x, residual, (None, dense(weight_down), None), b_down, (None, dense(weight_up), None), b_up,
-                   activation, scale, linear=True)
+        return run(x, residual, tuple(map(dense, (None, weight_down, None, b_down, None, weight_up, None, b_up))),
+                   activation, float(scale), linear=True)
 
+    def planner(lefts: Callable, linear: bool = False) -> Callable:
+        def plan(x, residual, params, activation) -> Optional[Callable]:
+            """`run`'s route for arguments of this signature (each tensor's shape, strides, dtype
+            and device; autocast; the activation), fixed once for plain tensors in eager mode
+            (`plannable`): ``call(x, residual, params, scale)`` (a float scale), or None where
+            run takes another way (a parameter it would copy, an empty width). ``params``:
+            (rule, left, right, bias) down then up, as the entry point takes them (rule None:
+            dense)."""
+            laid = tuple(lefts(t) if i in (1, 5) else dense(t) for i, t in enumerate(params))
+            if any(a is not b for a, b in zip(laid, params)):
+                return None
+            if x.shape[-1] == 0 or (params[1].shape[0] if linear else out_features(*params[:3])) == 0:
+                return None
+            return lambda x, residual, params, scale: run(x, residual, params, activation, scale, linear, True)
+        return plan
+
+    compacter_adapter.plan = planner(dense)
+    adapter.plan = planner(matrix)
     if transposed_weights:  # a backend that reads the weights' transposes as they are
         adapter.linear = adapter_linear
+        adapter_linear.plan = planner(dense, linear=True)
     return compacter_adapter, adapter
 
 
@@ -258,6 +288,7 @@ def _eager_or_op(op: Callable, eager: Callable, math_fn: Callable) -> Callable:
             return op(x, *args)
         return eager(x, *args)
 
+    call.eager = eager  # for a planned call (`adapter_entry_points`' plan), which has done the checks above
     return call
 
 
@@ -465,7 +496,6 @@ def multitask_entry_points(compacter_adapter: Callable, adapter: Callable, group
 
     def multitask_compacter_adapter(x, task_ids, rule_down, left_down, right_down, bias_down, rule_up, left_up,
                                     right_up, bias_up, *, activation="gelu", scale=1.0, residual=None):
-        tensors = (x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up, residual)
         if left_down.shape[0] == 1:  # one task: the single-task op, no grouping
             return compacter_adapter(x, *task_slice(rule_down, left_down, right_down, bias_down, rule_up, left_up,
                                                     right_up, bias_up), activation=activation, scale=scale,
@@ -473,7 +503,8 @@ def multitask_entry_points(compacter_adapter: Callable, adapter: Callable, group
         if usable(x):
             return fused(x, task_ids, residual, (rule_down, left_down, right_down), bias_down,
                          (rule_up, left_up, right_up), bias_up, activation, scale, left_down.shape[0],
-                         _needs_grad(tensors))
+                         _needs_grad(x, residual, (rule_down, left_down, right_down, bias_down, rule_up, left_up,
+                                                   right_up, bias_up)))
         return reference.multitask_compacter_adapter(
             x, task_ids, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
             activation=activation, scale=scale, residual=residual, single=compacter_adapter)
@@ -484,7 +515,7 @@ def multitask_entry_points(compacter_adapter: Callable, adapter: Callable, group
                            None if b_up is None else b_up[0], activation=activation, scale=scale, residual=residual)
         if usable(x) and w_down.shape[-1] > 0:  # a bottleneck of width 0: the loop (adapter_math)
             return fused(x, task_ids, residual, (None, w_down, None), b_down, (None, w_up, None), b_up, activation,
-                         scale, w_down.shape[0], _needs_grad((x, w_down, b_down, w_up, b_up, residual)))
+                         scale, w_down.shape[0], _needs_grad(x, residual, (w_down, b_down, w_up, b_up)))
         return reference.multitask_adapter(x, task_ids, w_down, b_down, w_up, b_up, activation=activation,
                                            scale=scale, residual=residual, single=adapter)
 
