@@ -257,6 +257,29 @@ def test_a_fuse_block_is_found_at_any_depth():
     assert hub._has_fuse(Parallel("d", Stack("c", Fuse("a", "b"))))
 
 
+def test_the_context_lookups_are_the_librarys():
+    """The swap-in reads AdapterSetup's and ForwardContext's innermost context itself (host time):
+    what their get_context() gives, outside any, nested, and in a thread that never entered one."""
+    import threading
+
+    adapters, hub = _hub()
+    from adapters.context import AdapterSetup, ForwardContext
+
+    def same():
+        return all(hub._innermost(c) is c.get_context() for c in (AdapterSetup, ForwardContext))
+
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(same()))
+    thread.start()
+    thread.join()
+    assert seen == [True] and same()
+    with AdapterSetup("a") as outer:
+        with AdapterSetup("b") as inner:
+            assert hub._innermost(AdapterSetup) is inner and same()
+        assert hub._innermost(AdapterSetup) is outer and same()
+    assert hub._innermost(AdapterSetup) is None and same()
+
+
 @pytest.mark.parametrize("config_name", ["compacter++", "pfeiffer"])
 def test_triton_backend_end_to_end(config_name, op_calls):
     """Outputs, loss and every gradient as the library's; the dense adapter reads the nn.Linear

@@ -115,7 +115,7 @@ def _phm_args(layer: PHMLayer, context: Optional[ForwardContext] = None) -> tupl
     shared = own
     if rule_shared or w_shared:
         if context is None:
-            context = ForwardContext.get_context()
+            context = _innermost(ForwardContext)
         shared = context.shared_parameters[layer.name]
         if isinstance(shared, nn.ParameterDict):  # its own dict: ParameterDict[key] is a getattr (host time)
             shared = shared._parameters
@@ -125,8 +125,15 @@ def _phm_args(layer: PHMLayer, context: Optional[ForwardContext] = None) -> tupl
     return rule, left, right, own["b"]
 
 
+def _innermost(context_class):
+    """``context_class.get_context()`` (AdapterSetup, ForwardContext: the innermost of a
+    thread-local stack, or None) without its IndexError on an empty stack (host time)."""
+    contexts = getattr(context_class.storage, "contexts", None)
+    return contexts[-1] if contexts else None
+
+
 def _has_fuse(setup) -> bool:
-    if isinstance(setup, str):  # an adapter's name (the common leaf): no Fuse
+    if type(setup) is str:  # an adapter's name (the common leaf): no Fuse
         return False
     if isinstance(setup, Fuse):
         return True
@@ -141,7 +148,7 @@ def _has_fuse(setup) -> bool:
 
 def _fuse_active(adapters_config) -> bool:
     # Same lookup as ComposableAdapterLayerBase.get_active_setup: the AdapterSetup context, then the model's.
-    context = AdapterSetup.get_context()
+    context = _innermost(AdapterSetup)
     return _has_fuse(context.adapter_setup if context is not None else adapters_config.active_setup)
 
 
@@ -161,7 +168,7 @@ def _fused_forward(self: Adapter, x: Tensor, residual_input: Tensor, output_gati
     residual = None if residual_input is x else residual_input
     # Mixed dtypes under autocast (fp32 parameters, bf16 x) are handled by the op as eager would.
     if isinstance(up, PHMLayer):
-        context = ForwardContext.get_context()  # once for both projections (host time)
+        context = _innermost(ForwardContext)  # once for both projections (host time)
         out = F.compacter_adapter(x, *_phm_args(down, context), *_phm_args(up, context), activation=spec.activation,
                                   scale=float(self.scaling), residual=residual, backend=spec.backend)
     else:  # nn.Linear stores (out, in): passed as they are (no transposes for autograd to record)
