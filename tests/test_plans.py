@@ -102,8 +102,9 @@ def test_a_call_that_differs_from_a_planned_one_is_checked_again(backend):
     left_down = torch.randn(4, 4, 2)[:, :, :1]  # (4, 4, 1), not contiguous
     assert not left_down.is_contiguous() and left_down.shape == args[2].shape
     changed = [*args[:2], left_down, *args[3:]]
-    torch.testing.assert_close(ck.compacter_adapter(*changed, backend=backend), ref.compacter_adapter(*changed),
-                               atol=3e-4, rtol=1e-3)
+    for _ in range(2):  # checked, then by its key's "no plan" (the entry point copies left_down)
+        torch.testing.assert_close(ck.compacter_adapter(*changed, backend=backend), ref.compacter_adapter(*changed),
+                                   atol=3e-4, rtol=1e-3)
     x = torch.randn(6, 32)[:, ::2]
     torch.testing.assert_close(ck.compacter_adapter(x, *args[1:], backend=backend),
                                ref.compacter_adapter(x, *args[1:]), atol=3e-4, rtol=1e-3)
@@ -125,3 +126,17 @@ def test_the_plan_key_reads_every_tensor_and_the_autocast_state():
         assert key != F._plan_key(what, inp.x, None, params)
     assert F._plan_key(what, [1.0] * 16, None, params) is None
     assert F._plan_key(what, torch.empty(3, 16, device="meta"), None, params) is None
+
+
+def test_a_plan_made_without_gradients_serves_a_training_call(backend):
+    """The route (inference or the autograd Function) is chosen per call, not fixed in the plan."""
+    inp = compacter_inputs(lead=(5,), d=16, k=8, n=4, rank=1, dtype=torch.float32)
+    with torch.no_grad():
+        y0 = ck.compacter_adapter(*inp.args(), backend=backend)  # planned here, in no_grad
+    y = ck.compacter_adapter(*inp.args(), backend=backend)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, inp.tensors(), dy)
+    expected = torch.autograd.grad(ref.compacter_adapter(*inp.args()), inp.tensors(), dy)
+    assert torch.equal(y.detach(), y0)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, atol=3e-4, rtol=1e-3)
