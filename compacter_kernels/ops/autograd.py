@@ -193,6 +193,10 @@ def adapter_entry_points(forwards: tuple, inference: Optional[Callable] = None, 
     def matrix(w: Tensor) -> Tensor:
         return w if transposed_weights and transposed(w) else w.contiguous()
 
+    def empty_width(x, params, linear: bool) -> bool:
+        """d = 0, or a dense bottleneck k = 0: no kernel to launch."""
+        return x.shape[-1] == 0 or (params[1].shape[0] if linear else out_features(*params[:3])) == 0
+
     def run(x, residual, params, activation, scale, linear: bool = False, planned: bool = False):
         """``params``: (rule, left, right, bias) down then up, in the layout the backend takes;
         ``linear``: dense, the nn.Linear weights (out, in) of which the backend takes the
@@ -201,8 +205,7 @@ def adapter_entry_points(forwards: tuple, inference: Optional[Callable] = None, 
         shape = x.shape
         x, residual, out_dtype = autocast_inputs(x, residual, params[7])
         args = (rows(x), None if residual is None else rows(residual), *params, activation, scale, out_dtype)
-        # Empty feature widths (d = 0, or a dense bottleneck k = 0): no kernel to launch.
-        if not planned and (shape[-1] == 0 or (params[1].shape[0] if linear else out_features(*params[:3])) == 0):
+        if not planned and empty_width(x, params, linear):
             y = adapter_math(*(linear_inputs(args) if linear else args))[0]
         elif inference is not None and not _needs_grad(x, residual, params) and (planned or plannable(x)):
             y = inference(*(linear_inputs(args) if linear else args))
@@ -235,7 +238,7 @@ def adapter_entry_points(forwards: tuple, inference: Optional[Callable] = None, 
             laid = tuple(lefts(t) if i in (1, 5) else dense(t) for i, t in enumerate(params))
             if any(a is not b for a, b in zip(laid, params)):
                 return None
-            if x.shape[-1] == 0 or (params[1].shape[0] if linear else out_features(*params[:3])) == 0:
+            if empty_width(x, params, linear):
                 return None
             return lambda x, residual, params, scale: run(x, residual, params, activation, scale, linear, True)
         return plan
