@@ -4,21 +4,28 @@ CUDA build (needs the torch you will run with, so no build isolation):
 
     CUDA_HOME=/usr/local/cuda pip install --no-build-isolation .      # add -e for a dev checkout
 
+No CUDA problem fails a plain install: with no toolkit, a CPU-only torch, a toolkit whose CUDA major
+version differs from torch's, or a failed extension build, the package installs WITHOUT its extension
+and the build log says why in one WARNING line.
+
 Environment switches:
     COMPACTER_KERNELS_SKIP_CUDA_BUILD=1   pure-Python install (Triton / PyTorch backends only)
-    COMPACTER_KERNELS_FORCE_CUDA_BUILD=1  build the extension or fail (no silent fallback)
+    COMPACTER_KERNELS_FORCE_CUDA_BUILD=1  build the extension or fail (no fallback)
     TORCH_CUDA_ARCH_LIST                  default: "8.0;9.0+PTX" (+ the local GPUs' archs if visible)
     MAX_JOBS                              parallel compile jobs (torch's default: every core)
     NVCC_THREADS                          nvcc threads per compile job (default 2)
 """
 import importlib.util
+import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
+from setuptools.command.sdist import sdist
 
 ROOT = Path(__file__).parent.resolve()
 PKG = "compacter_kernels"
@@ -44,6 +51,22 @@ def _source_hash():
     return mod.source_hash(ROOT / "csrc")
 
 
+def _toolkit_version(cuda_home):
+    """The toolkit's CUDA "major.minor": what its nvcc reports (torch checks the same), else version.json's."""
+    try:
+        out = subprocess.run([str(Path(cuda_home) / "bin" / "nvcc"), "--version"],
+                             capture_output=True, text=True, timeout=60).stdout
+        m = re.search(r"release (\d+)\.(\d+)", out)
+        if m:
+            return f"{m[1]}.{m[2]}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        return ".".join(json.loads((Path(cuda_home) / "version.json").read_text())["cuda"]["version"].split(".")[:2])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def _cuda_unavailable_reason():
     """None when the CUDA extension can be built here, else a sentence saying why not."""
     try:
@@ -56,12 +79,63 @@ def _cuda_unavailable_reason():
         return f"the installed torch {torch.__version__} is a CPU-only build"
     if CUDA_HOME is None or not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
         return "nvcc was not found (set CUDA_HOME to the CUDA toolkit root)"
+    toolkit = _toolkit_version(CUDA_HOME)
+    torch_major = torch.version.cuda.split(".")[0]
+    if toolkit and toolkit.split(".")[0] != torch_major:
+        # torch's build refuses a major mismatch ("The detected CUDA version ... mismatches"): say so up front.
+        return (f"torch {torch.__version__} is built for CUDA {torch.version.cuda} but the toolkit at "
+                f"CUDA_HOME={CUDA_HOME} is CUDA {toolkit} (the major versions must match): install a torch built "
+                f"for CUDA {toolkit.split('.')[0]}.x, or set CUDA_HOME to a CUDA {torch_major}.x toolkit")
     home = Path(CUDA_HOME)
     if not [*home.glob("include/cuda_runtime.h"), *home.glob("targets/*/include/cuda_runtime.h")]:
         # e.g. torch guessed CUDA_HOME=/usr/local from an nvcc wrapper script in /usr/local/bin.
         return (f"CUDA_HOME={CUDA_HOME} is not a CUDA toolkit root (no include/cuda_runtime.h): "
                 "set CUDA_HOME, e.g. CUDA_HOME=/usr/local/cuda")
     return None
+
+
+def _one_line(err):
+    """An exception as one short line (torch raises some logging-style: RuntimeError(format, *args))."""
+    msg = str(err)
+    if len(err.args) > 1 and isinstance(err.args[0], str):
+        try:
+            msg = err.args[0] % err.args[1:]
+        except (TypeError, ValueError):
+            pass
+    msg = " ".join(msg.split())
+    return f"{type(err).__name__}: {msg[:400]}" if msg else type(err).__name__
+
+
+def _warn_without_kernels(why):
+    # One line, so that it stands out in `pip install -v`'s hundreds of build lines.
+    print(f"\nWARNING: compacter_kernels is installed WITHOUT its CUDA kernels: {why}. The Triton and PyTorch "
+          f"backends still work. To build the kernels: {INSTALL_HINT} (COMPACTER_KERNELS_FORCE_CUDA_BUILD=1 "
+          f"makes a CUDA problem fail the install instead)\n", file=sys.stderr)
+
+
+def _git_commit():
+    """HEAD of the git checkout setup.py runs from; None in an sdist or a copy without .git."""
+    try:
+        top, head = [subprocess.run(["git", "rev-parse", arg], cwd=ROOT, capture_output=True, text=True, timeout=30)
+                     for arg in ("--show-toplevel", "HEAD")]
+    except (OSError, subprocess.SubprocessError):
+        return None
+    # Only this project's own checkout: an sdist unpacked inside another repository must not take its HEAD.
+    if top.returncode or head.returncode or Path(top.stdout.strip()).resolve() != ROOT:
+        return None
+    return head.stdout.strip()
+
+
+def _write_build_info(pkg_dir):
+    # The commit an installed copy was built from (compacter-bench records it): not in git, written
+    # into the build / sdist tree only. Without a checkout, keep the one an sdist ships.
+    commit = _git_commit()
+    if commit is None:
+        return
+    target = Path(pkg_dir) / "_build_info.py"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True)  # the sdist tree hard-links files: never write through into the checkout
+    target.write_text(f'"""Written by setup.py at build time."""\nGIT_COMMIT = {commit!r}\n')
 
 
 def _set_arch_list():
@@ -97,7 +171,24 @@ def _cuda_extensions(version):
         extra_compile_args={"cxx": ["-O3", *defines],
                             "nvcc": ["-O3", "-lineinfo", "--threads", nvcc_threads]},
     )
-    return [ext], {"build_ext": BuildExtension}
+
+    class build_ext_or_fall_back(BuildExtension):
+        def run(self):
+            inplace = self.inplace  # an editable install's; setuptools clears it while building
+            try:
+                super().run()
+            except Exception as err:
+                if FORCE:
+                    raise
+                # Not forced: a failed CUDA build (torch's CUDA version or compiler checks, nvcc, the host
+                # compiler) must not fail the install; no stale _C may stay behind, built or in place.
+                for self.inplace in (False, True) if inplace else (False,):
+                    for e in self.extensions:
+                        Path(self.get_ext_fullpath(e.name)).unlink(missing_ok=True)
+                self.inplace = inplace
+                _warn_without_kernels(f"its build failed ({_one_line(err)})")
+
+    return [ext], {"build_ext": build_ext_or_fall_back}
 
 
 VERSION = _read_version()
@@ -110,17 +201,30 @@ if skip_reason and FORCE:
 
 ext_modules, cmdclass = [], {}
 if skip_reason is None:
-    ext_modules, cmdclass = _cuda_extensions(VERSION)
-else:
-    class build_py_with_warning(build_py):
-        # Warn from a build step, not at import: pip runs setup.py several times per install.
-        def run(self):
-            super().run()
-            print(f"\nWARNING: compacter_kernels is installed WITHOUT its CUDA kernels: {skip_reason}. "
-                  f"The Triton and PyTorch backends still work. To build the kernels: {INSTALL_HINT}\n",
-                  file=sys.stderr)
+    try:
+        ext_modules, cmdclass = _cuda_extensions(VERSION)
+    except Exception as err:
+        if FORCE:
+            raise
+        skip_reason = f"setting up its build failed ({_one_line(err)})"
 
-    cmdclass["build_py"] = build_py_with_warning
+
+class build_py_with_info(build_py):
+    def run(self):
+        super().run()
+        _write_build_info(Path(self.build_lib) / PKG)
+        if skip_reason:
+            # Warn from a build step, not at import: pip runs setup.py several times per install.
+            _warn_without_kernels(skip_reason)
+
+
+class sdist_with_info(sdist):
+    def make_release_tree(self, base_dir, files):
+        super().make_release_tree(base_dir, files)
+        _write_build_info(Path(base_dir) / PKG)  # a wheel built from the sdist has no git to ask
+
+
+cmdclass.update(build_py=build_py_with_info, sdist=sdist_with_info)
 
 setup(
     name="compacter_kernels",

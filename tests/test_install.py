@@ -4,6 +4,10 @@ From a source distribution built out of a clean copy of this checkout (so no bui
 _C from an earlier CUDA build can leak in): the sdist holds every csrc/ file a CUDA build needs;
 a wheel built from it with no CUDA toolkit says why it has no kernels, holds no `_C`, and once
 installed imports, explains the missing extension, and computes the reference's result.
+
+No CUDA problem fails a plain install (fake toolkits, so no real compile runs): a toolkit whose CUDA
+major version differs from torch's, or an extension build that fails, gives a wheel without `_C` and
+one WARNING line saying why; COMPACTER_KERNELS_FORCE_CUDA_BUILD=1 turns each into a failed build.
 """
 import os
 import shutil
@@ -23,18 +27,32 @@ IGNORED = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info",
                                  ".pytest_cache", "bench-results", "gpu-results")
 
 
+needs_cuda_torch = pytest.mark.skipif(torch.version.cuda is None, reason="a CPU-only torch has no CUDA version to mismatch")
+# A toolkit CUDA major version other than torch's.
+OTHER_CUDA = "12.4" if (torch.version.cuda or "").startswith("11.") else "11.8"
+WITHOUT_KERNELS = "installed WITHOUT its CUDA kernels"
+
+
 def _run(cmd, cwd, env=None):
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
 
 
+def _git(cwd, *args):
+    return _run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args], cwd=cwd).strip()
+
+
 @pytest.fixture(scope="module")
 def sdist_tree(tmp_path_factory):
-    """The unpacked sdist of a clean copy of the checkout."""
+    """The unpacked sdist of a clean copy of the checkout (a git checkout of its own, like a clone)."""
     tmp = tmp_path_factory.mktemp("install")
     src = tmp / "checkout"
     shutil.copytree(ROOT, src, ignore=IGNORED)
+    if shutil.which("git"):
+        _git(src, "init", "-q")
+        _git(src, "add", "-A")
+        _git(src, "commit", "-q", "-m", "clean copy")
     env = {**os.environ, "COMPACTER_KERNELS_SKIP_CUDA_BUILD": "1"}
     env.pop("COMPACTER_KERNELS_FORCE_CUDA_BUILD", None)
     _run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp / "dist")], cwd=src, env=env)
@@ -96,3 +114,125 @@ print("OK")
     path = os.pathsep.join([str(site), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
     out = _run([sys.executable, "-S", "-c", check], cwd=tmp_path, env={**env, "PYTHONPATH": path})
     assert "OK" in out
+
+
+def _commit_of(sdist_tree):
+    """The commit of the clean copy the sdist was made from (None without git)."""
+    copy = sdist_tree.parent.parent / "checkout"
+    return _git(copy, "rev-parse", "HEAD") if (copy / ".git").exists() else None
+
+
+def _fake_toolkit(root, release):
+    """A CUDA_HOME whose nvcc reports CUDA `release` and refuses to compile anything."""
+    (root / "bin").mkdir(parents=True)
+    (root / "include").mkdir()
+    (root / "include" / "cuda_runtime.h").write_text("")
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text('#!/bin/sh\nif [ "$1" = --version ] || [ "$1" = -V ]; then\n'
+                    f'  echo "Cuda compilation tools, release {release}, V{release}.89"; exit 0\nfi\n'
+                    'echo "fake nvcc: no compiling here" >&2; exit 1\n')
+    nvcc.chmod(0o755)
+    return root
+
+
+def _build_env(cuda_home, force=False, **extra):
+    env = {**os.environ, "CUDA_HOME": str(cuda_home), **extra}
+    for flag in ("COMPACTER_KERNELS_SKIP_CUDA_BUILD", "COMPACTER_KERNELS_FORCE_CUDA_BUILD", "CUDA_PATH",
+                 "TORCH_CUDA_ARCH_LIST", "PYTHONPATH"):
+        env.pop(flag, None)
+    if force:
+        env["COMPACTER_KERNELS_FORCE_CUDA_BUILD"] = "1"
+    return env
+
+
+def _pip_wheel(src, out, env):
+    return subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps",
+                           "-w", str(out), str(src)], cwd=out.parent, env=env, capture_output=True, text=True)
+
+
+def _warning_line(log):
+    lines = [line for line in log.splitlines() if WITHOUT_KERNELS in line]
+    assert len(lines) == 1, f"want one warning line, got {lines}:\n{log[-3000:]}"
+    return lines[0]
+
+
+def _wheel_names(out):
+    (wheel,) = out.glob("compacter_kernels-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "compacter_kernels/functional.py" in names
+    assert not [n for n in names if "/_C" in n], f"a wheel without kernels holds an extension: {names}"
+    return wheel, names
+
+
+def test_sdist_and_a_clones_wheel_record_their_commit(sdist_tree, tmp_path):
+    commit = _commit_of(sdist_tree)
+    if commit is None:
+        pytest.skip("git is not installed")
+    assert (sdist_tree / "compacter_kernels" / "_build_info.py").read_text().endswith(f"GIT_COMMIT = {commit!r}\n")
+    # `pip install .` in a clone (non-editable): the wheel knows the commit it was built from.
+    out = tmp_path / "wheels"
+    env = {**_build_env(tmp_path / "no-cuda-here"), "COMPACTER_KERNELS_SKIP_CUDA_BUILD": "1"}
+    proc = _pip_wheel(sdist_tree.parent.parent / "checkout", out, env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    wheel, _ = _wheel_names(out)
+    assert zipfile.ZipFile(wheel).read("compacter_kernels/_build_info.py").decode().endswith(f"GIT_COMMIT = {commit!r}\n")
+
+
+@needs_cuda_torch
+def test_cuda_major_mismatch_installs_without_the_extension(sdist_tree, tmp_path):
+    out = tmp_path / "wheels"
+    proc = _pip_wheel(sdist_tree, out, _build_env(_fake_toolkit(tmp_path / "cuda", OTHER_CUDA)))
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    line = _warning_line(log)
+    assert f"built for CUDA {torch.version.cuda}" in line and f"is CUDA {OTHER_CUDA}" in line, line
+    assert "COMPACTER_KERNELS_FORCE_CUDA_BUILD=1" in line, line  # and how to make it an error
+    assert "Error compiling" not in log and "fake nvcc" not in log  # caught up front, before any build
+    wheel, names = _wheel_names(out)
+    commit = _commit_of(sdist_tree)
+    if commit:  # a wheel built from the sdist keeps the commit the sdist recorded
+        info = zipfile.ZipFile(wheel).read("compacter_kernels/_build_info.py").decode()
+        assert f"GIT_COMMIT = {commit!r}" in info, info
+
+
+@pytest.mark.parametrize("problem", ["no toolkit", "major mismatch"])
+def test_forced_cuda_build_fails_naming_the_problem(sdist_tree, tmp_path, problem):
+    if problem == "no toolkit":
+        cuda_home = tmp_path / "no-cuda-here"
+        why = "nvcc was not found" if torch.version.cuda else "is a CPU-only build"
+    else:
+        if torch.version.cuda is None:
+            pytest.skip("a CPU-only torch has no CUDA version to mismatch")
+        cuda_home = _fake_toolkit(tmp_path / "cuda", OTHER_CUDA)
+        why = f"built for CUDA {torch.version.cuda} but the toolkit at CUDA_HOME={cuda_home} is CUDA {OTHER_CUDA}"
+    out = tmp_path / "wheels"
+    proc = _pip_wheel(sdist_tree, out, _build_env(cuda_home, force=True))
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log[-3000:]
+    assert "COMPACTER_KERNELS_FORCE_CUDA_BUILD=1 but the CUDA extension cannot be built" in log and why in log, \
+        log[-3000:]
+    assert not list(out.glob("*.whl"))
+
+
+@needs_cuda_torch
+def test_failed_cuda_build_installs_without_the_extension_unless_forced(sdist_tree, tmp_path):
+    # A toolkit of torch's CUDA version (so no up-front reason) and host compilers that fail at once:
+    # torch's compiler check or the first compile fails in seconds, as a real broken build would.
+    cuda_home = _fake_toolkit(tmp_path / "cuda", torch.version.cuda)
+    fail = tmp_path / "failing-cc"
+    fail.write_text("#!/bin/sh\necho 'fake compiler: failing on purpose' >&2\nexit 1\n")
+    fail.chmod(0o755)
+    compilers = {"CC": str(fail), "CXX": str(fail), "MAX_JOBS": "1"}
+
+    out = tmp_path / "wheels"
+    proc = _pip_wheel(sdist_tree, out, _build_env(cuda_home, **compilers))
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "its build failed (" in _warning_line(log)
+    _wheel_names(out)
+
+    forced = tmp_path / "forced"
+    proc = _pip_wheel(sdist_tree, forced, _build_env(cuda_home, force=True, **compilers))
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and WITHOUT_KERNELS not in log, log[-3000:]
+    assert not list(forced.glob("*.whl"))
