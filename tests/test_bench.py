@@ -373,3 +373,59 @@ def test_multitask_benchmark_counts_launches_fused_against_the_loop(tmp_path):
         assert fused["baseline"] == "hub-batchsplit" and fused["host_x_baseline"] > 0
     assert rows[(4, "fwd+bwd", "hub-fused")]["aten_ops"] < rows[(4, "fwd+bwd", "hub-batchsplit")]["aten_ops"]
     assert rows[(4, "fwd+bwd", "fused")]["aten_ops"] <= 8 < rows[(4, "fwd+bwd", "eager-loop")]["aten_ops"]
+
+
+def _git(cwd, *args):
+    import subprocess
+
+    return subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args], cwd=cwd,
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_git_commit_of_an_installed_copy(tmp_path, monkeypatch):
+    """The results' git_commit: COMPACTER_KERNELS_COMMIT; else the checkout the package runs from;
+    else the commit setup.py recorded at build time; else a checkout of this project in the working
+    directory; else None (never another repository's HEAD)."""
+    import shutil
+    import types
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    monkeypatch.delenv("COMPACTER_KERNELS_COMMIT", raising=False)
+    clone, other = tmp_path / "clone", tmp_path / "other"  # a clone of this project; another repository
+    (clone / "compacter_kernels").mkdir(parents=True)
+    (clone / "compacter_kernels" / "__init__.py").write_text("")
+    other.mkdir()
+    for repo in (clone, other):
+        (repo / "setup.py").write_text("")
+        _git(repo, "init", "-q")
+        _git(repo, "add", "-A")
+        _git(repo, "commit", "-q", "-m", "one")
+    head = _git(clone, "rev-parse", "HEAD")
+    # A non-editable install into a virtual environment inside the clone: its site-packages is no checkout.
+    site = clone / ".venv" / "site-packages"
+    site.mkdir(parents=True)
+    monkeypatch.setattr(report, "_PACKAGE_PARENT", site)
+    built = types.SimpleNamespace(GIT_COMMIT="b" * 40)  # what setup.py writes into compacter_kernels/_build_info.py
+    monkeypatch.setitem(sys.modules, "compacter_kernels._build_info", built)
+
+    monkeypatch.chdir(clone)
+    assert report.git_commit() == "b" * 40  # the commit it was built from, not the clone's HEAD now
+    monkeypatch.setenv("COMPACTER_KERNELS_COMMIT", "from-env")
+    assert report.git_commit() == "from-env"
+    monkeypatch.delenv("COMPACTER_KERNELS_COMMIT")
+
+    monkeypatch.setitem(sys.modules, "compacter_kernels._build_info", None)  # built without git: no record
+    assert report.git_commit() == head
+    monkeypatch.chdir(site)  # anywhere in the clone
+    assert report.git_commit() == head
+    assert report.metadata(torch.device("cpu"), "test")["git_commit"] == head
+    monkeypatch.chdir(other)
+    assert report.git_commit() is None
+    monkeypatch.chdir(tmp_path)  # no repository at all
+    assert report.git_commit() is None
+
+    monkeypatch.setattr(report, "_PACKAGE_PARENT", clone)  # an editable install: the checkout it runs from
+    monkeypatch.setitem(sys.modules, "compacter_kernels._build_info", built)
+    monkeypatch.chdir(other)
+    assert report.git_commit() == head

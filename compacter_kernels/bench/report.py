@@ -42,6 +42,38 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The directory holding the package (a checkout's root, for an editable install); tests move it.
+_PACKAGE_PARENT = Path(__file__).resolve().parent.parent.parent
+
+
+def _checkout_head(directory: Path) -> Optional[str]:
+    """HEAD of the git checkout of this project whose root is `directory`, else None."""
+    top = _run(["git", "rev-parse", "--show-toplevel"], cwd=str(directory))
+    if top is None or Path(top).resolve() != Path(directory).resolve():
+        return None  # not a checkout, or a directory inside one (a .venv in a clone) or another repository
+    if not (Path(top) / "setup.py").is_file() or not (Path(top) / "compacter_kernels" / "__init__.py").is_file():
+        return None
+    return _run(["git", "rev-parse", "HEAD"], cwd=top)
+
+
+def git_commit() -> Optional[str]:
+    """The commit of the code that runs, or None: COMPACTER_KERNELS_COMMIT (a tree copied without .git,
+    e.g. to a lent GPU); else the checkout the package runs from (editable install, PYTHONPATH); else the
+    commit setup.py recorded when it built this installed copy; else the checkout of this project in the
+    working directory (an installed copy built without git, most likely from there)."""
+    commit = os.environ.get("COMPACTER_KERNELS_COMMIT") or _checkout_head(_PACKAGE_PARENT)
+    if commit:
+        return commit
+    try:
+        from .._build_info import GIT_COMMIT as commit
+    except ImportError:
+        commit = None
+    if commit:
+        return commit
+    git_top = _run(["git", "rev-parse", "--show-toplevel"], cwd=os.getcwd())
+    return _checkout_head(Path(git_top)) if git_top else None
+
+
 def metadata(device: torch.device, command: str, **extra: Any) -> dict[str, Any]:
     try:
         import triton
@@ -59,10 +91,7 @@ def metadata(device: torch.device, command: str, **extra: Any) -> dict[str, Any]
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "compacter_kernels": __version__,
-        # The commit of the checkout the package runs from (None for an installed copy);
-        # COMPACTER_KERNELS_COMMIT names it where the tree was copied without .git (a lent GPU).
-        "git_commit": os.environ.get("COMPACTER_KERNELS_COMMIT")
-        or _run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__))),
+        "git_commit": git_commit(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "timer": "CUDA events" if gpu else "time.perf_counter",
         "cpu_threads": torch.get_num_threads(),
