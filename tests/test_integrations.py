@@ -415,21 +415,28 @@ def test_core_package_imports_no_integration_dependency():
     subprocess.run([sys.executable, "-c", code], check=True, env=checkout_env())
 
 
+def _multitask_model(config, names=("a", "b", "c"), dtype=torch.float64):
+    """_hub_model with one adapter per name (the config's, or one per name), every one trained."""
+    adapters, _ = _hub()
+    configs = config if isinstance(config, (list, tuple)) else [config] * len(names)
+    model = _hub_model(configs[0], name=names[0], dtype=dtype)
+    for name, c in zip(names[1:], configs[1:]):
+        model.add_adapter(name, config=c)
+    model.train_adapter(list(names))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.3)
+    return model.to(dtype).train()
+
+
 @pytest.mark.parametrize("config_name", ["compacter", "pfeiffer", "compacter-own-rules-gelu_new-scaling"])
 def test_batch_split_and_multi_task_run_as_one_multitask_op(config_name, op_calls):
     """A BatchSplit (and a MultiTask, which the library runs as one) of fused adapters of one kind:
     one multitask call per adapter layer, outputs, loss and every gradient as the library's."""
     adapters, hub = _hub()
     config = _hub_configs()[config_name]
-    model = _hub_model(config)
-    for name in ("b", "c"):
-        model.add_adapter(name, config=config)
-    model.train_adapter(["a", "b", "c"])
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0.0, 0.3)
-    model.to(torch.float64).train()
+    model = _multitask_model(config)
     model.active_adapters = adapters.BatchSplit("a", "b", "c", batch_sizes=[2, 0, 1])
     batch = _batch()
     library = _run(model, batch)
@@ -451,8 +458,92 @@ def test_batch_split_and_multi_task_run_as_one_multitask_op(config_name, op_call
 
 
 def _run_with(model, batch, **extra):
+    """_run's (logits, loss, grads) with extra forward arguments, grads of the parameters that
+    got one, and the model's output; without labels (Parallel) the loss is the logits' squares."""
     model.zero_grad(set_to_none=True)
     out = model(**batch, **extra)
-    out.loss.backward()
+    loss = out.loss if out.loss is not None else out.logits.square().sum()
+    loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.logits.detach(), out.loss.detach(), grads
+    return out.logits.detach(), loss.detach(), grads, out
+
+
+def _eval_with(model, batch, **extra):
+    """The logits of an eval-mode forward without autograd (the multitask op's inference path)."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(**batch, **extra).logits
+    finally:
+        model.train()
+
+
+def _fused_and_library(model, batch, backend="reference", **extra):
+    """(fused, library): each a training run (_run_with) and an eval run's logits of ``model`` on
+    ``batch``, fused on ``backend`` and unfused; the model is left unfused."""
+    _, hub = _hub()
+    runs, seed = [], int(torch.randint(2**31, ()))
+    for fuse in (True, False):
+        if fuse:
+            assert hub.fuse_adapters(model, backend=backend)
+        torch.manual_seed(seed)  # the same dropout masks in both training runs
+        runs.append((_run_with(model, batch, **extra), _eval_with(model, batch, **extra)))
+        hub.unfuse_adapters(model)
+    return runs
+
+
+# Task rows of a batch of 3: a task absent first, in the middle, last, all but one; a BatchSplit's
+# list shorter than its children (what MultiTask builds with bincount when the last task is absent).
+ABSENT_BATCH_SIZES = [[0, 2, 1], [2, 0, 1], [2, 1, 0], [0, 0, 3], [0, 3, 0], [3, 0, 0], [2, 1], [3], [1, 2, 0, 0]]
+ABSENT_TASK_IDS = [[2, 1, 2], [0, 2, 0], [1, 0, 1], [2, 2, 2], [1, 1, 1], [0, 0, 0]]
+
+
+def _absent_task_setups(batch_sizes=ABSENT_BATCH_SIZES, task_ids=ABSENT_TASK_IDS):
+    """(composition, forward arguments, rows per task) for each case above."""
+    adapters, _ = _hub()
+    for sizes in batch_sizes:
+        yield adapters.BatchSplit("a", "b", "c", batch_sizes=sizes), {}, (sizes + [0, 0, 0])[:3]
+    for ids in task_ids:
+        yield adapters.MultiTask("a", "b", "c"), dict(task_ids=torch.tensor(ids)), [ids.count(t) for t in range(3)]
+
+
+def _check_absent_tasks(model, setups, op, backend, op_calls, tol):
+    """For each setup, on a fresh batch: the fused model's training run (outputs, loss, every
+    gradient) and eval logits equal the library's, an absent task's gradients are zeros in both
+    (the library runs it on an empty slice), and the multitask op ran in every adapter layer."""
+    for setup, extra, rows in setups:
+        model.active_adapters = setup
+        batch = _batch(device=DEVICE)
+        op_calls.clear()
+        (fused, fused_eval), (library, library_eval) = _fused_and_library(model, batch, backend, **extra)
+        calls = list(op_calls)
+        what = f"{setup} {extra}"
+        _assert_same(fused, library, **tol)
+        torch.testing.assert_close(fused_eval, library_eval, **tol, msg=lambda m: f"{what} eval: {m}")
+        for task, n in zip("abc", rows):
+            grads = [g for name, g in library[2].items() if f".{task}." in name]
+            assert grads and all(bool(g.any()) == (n > 0) for g in grads), (what, task)
+        assert calls == [(backend, op)] * (2 * 4), what  # training and eval, 4 adapter layers
+
+
+@pytest.mark.parametrize("config_name", ["compacter", "houlsby"])
+def test_tasks_absent_from_the_batch(config_name, op_calls):
+    """A BatchSplit / MultiTask where any task has no rows (first, middle, last, all but one), for
+    Compacter (PHM) and Houlsby (dense) adapters: as the library, in training and eval."""
+    config = _hub_configs()[config_name]
+    op = "multitask_compacter_adapter" if config["phm_layer"] else "multitask_adapter"
+    _check_absent_tasks(_multitask_model(config), _absent_task_setups(), op, "reference", op_calls, F64)
+
+
+@pytest.mark.parametrize("config_name", ["compacter", "houlsby"])
+def test_tasks_absent_from_the_batch_triton(config_name, op_calls):
+    """The same on the triton backend (on the CPU, Triton's interpreter: a few cases)."""
+    if not backends.available_backends()["triton"]:
+        pytest.skip(f"triton: {backends.available_backends()['triton'].reason}")
+    config = _hub_configs()[config_name]
+    op = "multitask_compacter_adapter" if config["phm_layer"] else "multitask_adapter"
+    model = _multitask_model(config, dtype=torch.float32).to(DEVICE)
+    setups = [(s, {k: v.to(DEVICE) for k, v in e.items()}, r)
+              for s, e, r in _absent_task_setups(batch_sizes=[[0, 3, 0]], task_ids=[[1, 0, 1]])]
+    _check_absent_tasks(model, setups, op, "triton", op_calls, dict(atol=3e-4, rtol=1e-3))
+

@@ -204,24 +204,37 @@ def _stack(tensors: list, shared_as_is: bool = False) -> Optional[Tensor]:
     return torch.stack(tensors)
 
 
+def _task_sizes(batch_sizes: list, n_tasks: int, bsz: int) -> Optional[list]:
+    """The rows of each of the ``n_tasks`` children, as the library's compose_batch_split slices
+    them (child i: rows sum(batch_sizes[:i]) to sum(batch_sizes[:i+1])), or None where they do not
+    partition the ``bsz`` rows. A list shorter than the children leaves the last ones no rows:
+    MultiTask builds it with bincount, which ends at the highest task present."""
+    if min(batch_sizes, default=0) < 0 or sum(batch_sizes) != bsz or sum(batch_sizes[:n_tasks]) != bsz:
+        return None
+    return list(batch_sizes[:n_tasks]) + [0] * (n_tasks - len(batch_sizes))
+
+
 def _fused_batch_split(self: BottleneckLayer, adapter_setup: BatchSplit, state, lvl: int = 0):
     """BottleneckLayer.compose_batch_split on one multitask call: a BatchSplit (and so a MultiTask,
     which the library turns into one) of fused adapters of one kind runs as
     ck.multitask_compacter_adapter / ck.multitask_adapter over stacked parameters, each slice of
-    the batch through its adapter; anything else takes the library's path."""
+    the batch through its adapter (a child with no rows too: its gradients are zeros, as the
+    library's empty slice gives); anything else takes the library's path."""
     names = list(adapter_setup)
     adapters = [self.adapters[c] if isinstance(c, str) and c in self.adapter_modules else None for c in names]
     library = lambda: BottleneckLayer.compose_batch_split(self, adapter_setup, state, lvl)  # noqa: E731
-    if (None in adapters or not _same_kind(adapters) or sum(adapter_setup.batch_sizes) != self._bsz(state)
-            or _fuse_active(adapters[0]._ck_fused.adapters_config)
+    if not adapters or None in adapters or not _same_kind(adapters):
+        return library()
+    sizes = _task_sizes(adapter_setup.batch_sizes, len(names), self._bsz(state))
+    if (sizes is None or _fuse_active(adapters[0]._ck_fused.adapters_config)
             or any(a.training and a.dropout.p > 0 for a in adapters)):
         return library()
     pre = self.pre_block(adapter_setup, state)  # the first adapter's, for the whole batch (as the library)
     x, residual = pre.hidden_states, pre.adapter_residual
     if residual is None or residual.shape != x.shape:
         return library()
-    sizes = torch.tensor(adapter_setup.batch_sizes, device=x.device)
-    ids = torch.repeat_interleave(torch.arange(len(names), device=x.device), sizes)
+    ids = torch.repeat_interleave(torch.arange(len(names), device=x.device),
+                                  torch.tensor(sizes, device=x.device))
     ids = ids.reshape(-1, *([1] * (x.dim() - 2)))  # one task per sequence
     spec, a0 = adapters[0]._ck_fused, adapters[0]
     kwargs = dict(activation=spec.activation, scale=float(a0.scaling), backend=spec.backend,
