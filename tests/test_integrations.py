@@ -547,3 +547,38 @@ def test_tasks_absent_from_the_batch_triton(config_name, op_calls):
               for s, e, r in _absent_task_setups(batch_sizes=[[0, 3, 0]], task_ids=[[1, 0, 1]])]
     _check_absent_tasks(model, setups, op, "triton", op_calls, dict(atol=3e-4, rtol=1e-3))
 
+
+def _assert_same_scores(fused, library):
+    """adapter_gating_scores ({adapter: {layer: {location: array}}}) equal, key by key."""
+    assert fused.keys() == library.keys() and library
+    for name, layers in library.items():
+        assert fused[name].keys() == layers.keys() and layers, name
+        for layer, locations in layers.items():
+            assert fused[name][layer].keys() == locations.keys() and locations, (name, layer)
+            for location, score in locations.items():
+                torch.testing.assert_close(torch.as_tensor(fused[name][layer][location]), torch.as_tensor(score),
+                                           **F64, msg=lambda m, w=(name, layer, location): f"{w}: {m}")
+
+
+@pytest.mark.parametrize("config_name", ["compacter", "houlsby"])
+def test_gating_scores_as_library(config_name):
+    """output_adapter_gating_scores=True (the library stores, per adapter and layer, the last
+    element its Adapter.forward returns): the fused model's outputs, loss, gradients and scores
+    equal the unfused model's, for one adapter, a BatchSplit, a MultiTask, an Average and a
+    Parallel, in training and eval."""
+    adapters, _ = _hub()
+    from adapters import composition  # Average: not exported at the top level
+
+    model = _multitask_model(_hub_configs()[config_name], names=("a", "b"))
+    setups = [("a", {}), (adapters.BatchSplit("a", "b", batch_sizes=[1, 2]), {}),
+              (adapters.MultiTask("a", "b"), dict(task_ids=torch.tensor([1, 0, 1]))),
+              (composition.Average("a", "b"), {}), (adapters.Parallel("a", "b"), dict(labels=None))]
+    for setup, extra in setups:
+        model.active_adapters = setup
+        batch = {**_batch(), **extra}
+        (fused, fused_eval), (library, library_eval) = _fused_and_library(model, batch,
+                                                                          output_adapter_gating_scores=True)
+        _assert_same(fused, library, **F64)
+        torch.testing.assert_close(fused_eval, library_eval, **F64)
+        _assert_same_scores(fused[3].adapter_gating_scores, library[3].adapter_gating_scores)
+

@@ -15,7 +15,9 @@ model. ``unfuse_adapters`` deletes the override.
 
 What the fused op computes is ``residual + scaling * up(act(down(x)))``; an adapter using anything
 else (a layer norm inside it, gating, stochastic depth, learned scaling, another activation, the
-parallel form) keeps the library's path, reported in one log line per adapter and reason.
+parallel form) keeps the library's path, reported in one log line per adapter and reason. So does
+a forward asked for gating scores (``output_adapter_gating_scores=True``): for an adapter without a
+gate the library stores its scaled ``up`` projection as the score, which the fused op never forms.
 """
 
 from __future__ import annotations
@@ -156,12 +158,14 @@ def _fused_forward(self: Adapter, x: Tensor, residual_input: Tensor, output_gati
     """Adapter.forward on the fused op: returns (output, down, up) as the library does.
 
     The library's only caller (BottleneckLayer.compose_single) reads `down`/`up` for Fuse
-    compositions alone; those, dropout while training, and odd residual shapes take the
-    library's path, so the fused path returns None for them and never materialises them.
+    compositions and gating scores alone; those, dropout while training, and odd residual shapes
+    take the library's path, so the fused path returns None for them and never materialises them.
     """
     spec = self._ck_fused
     modules = self._modules  # direct lookups: nn.Module.__getattr__ on every call costs host time
-    if ((self.training and modules["dropout"].p > 0) or residual_input is None
+    # output_gating (the ForwardContext's output_adapter_gating_scores): compose_single stores the
+    # last element returned as the adapter's gating score, here `up`, which the fused op never forms.
+    if (output_gating or (self.training and modules["dropout"].p > 0) or residual_input is None
             or residual_input.shape != x.shape or _fuse_active(spec.adapters_config)):
         return Adapter.forward(self, x, residual_input, output_gating)
     down, up = modules["adapter_down"]._modules["0"], modules["adapter_up"]
@@ -214,6 +218,12 @@ def _task_sizes(batch_sizes: list, n_tasks: int, bsz: int) -> Optional[list]:
     return list(batch_sizes[:n_tasks]) + [0] * (n_tasks - len(batch_sizes))
 
 
+def _gating_wanted() -> bool:
+    """Whether the forward stores gating scores (compose_single, per adapter and slice)."""
+    context = _innermost(ForwardContext)
+    return context is not None and bool(context.output_adapter_gating_scores)
+
+
 def _fused_batch_split(self: BottleneckLayer, adapter_setup: BatchSplit, state, lvl: int = 0):
     """BottleneckLayer.compose_batch_split on one multitask call: a BatchSplit (and so a MultiTask,
     which the library turns into one) of fused adapters of one kind runs as
@@ -226,7 +236,7 @@ def _fused_batch_split(self: BottleneckLayer, adapter_setup: BatchSplit, state, 
     if not adapters or None in adapters or not _same_kind(adapters):
         return library()
     sizes = _task_sizes(adapter_setup.batch_sizes, len(names), self._bsz(state))
-    if (sizes is None or _fuse_active(adapters[0]._ck_fused.adapters_config)
+    if (sizes is None or _fuse_active(adapters[0]._ck_fused.adapters_config) or _gating_wanted()
             or any(a.training and a.dropout.p > 0 for a in adapters)):
         return library()
     pre = self.pre_block(adapter_setup, state)  # the first adapter's, for the whole batch (as the library)
