@@ -582,3 +582,28 @@ def test_gating_scores_as_library(config_name):
         torch.testing.assert_close(fused_eval, library_eval, **F64)
         _assert_same_scores(fused[3].adapter_gating_scores, library[3].adapter_gating_scores)
 
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_library_and_fused_children_join(backend, op_calls):
+    """A BatchSplit / Parallel whose first child keeps the library's path (an adapter the fused op
+    cannot compute, or dropout while training) beside fused ones: the library joins the children's
+    `up` outputs, a tensor and the fused ones' None. As the library, in training and eval."""
+    adapters, _ = _hub()
+    if backend != "reference" and not backends.available_backends()[backend]:
+        pytest.skip(f"{backend}: {backends.available_backends()[backend].reason}")
+    dtype, tol = (torch.float64, F64) if backend == "reference" else (torch.float32, dict(atol=3e-4, rtol=1e-3))
+    compacter = _hub_configs()["compacter"]
+    unfused = adapters.DoubleSeqBnConfig(reduction_factor=4, ln_before=True)
+    dropout = adapters.CompacterConfig(reduction_factor=4, dropout=0.1)
+    model = _multitask_model([unfused, compacter, dropout], names=("u", "a", "d"), dtype=dtype).to(DEVICE)
+    setups = [(adapters.BatchSplit("u", "a", batch_sizes=[1, 2]), {}),
+              (adapters.BatchSplit("d", "a", batch_sizes=[2, 1]), {}),
+              (adapters.Parallel("u", "a"), dict(labels=None))]
+    for setup, extra in setups:
+        model.active_adapters = setup
+        batch = {**_batch(device=DEVICE), **extra}
+        op_calls.clear()
+        (fused, fused_eval), (library, library_eval) = _fused_and_library(model, batch, backend)
+        _assert_same(fused, library, **tol)
+        torch.testing.assert_close(fused_eval, library_eval, **tol)
+        assert op_calls and {b for b, _ in op_calls} == {backend}, setup

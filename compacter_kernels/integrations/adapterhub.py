@@ -159,7 +159,8 @@ def _fused_forward(self: Adapter, x: Tensor, residual_input: Tensor, output_gati
 
     The library's only caller (BottleneckLayer.compose_single) reads `down`/`up` for Fuse
     compositions and gating scores alone; those, dropout while training, and odd residual shapes
-    take the library's path, so the fused path returns None for them and never materialises them.
+    take the library's path, so the fused path returns None for them and never materialises them
+    (`_pad_and_concat` lets BatchSplit / Parallel join such a None with a library adapter's `up`).
     """
     spec = self._ck_fused
     modules = self._modules  # direct lookups: nn.Module.__getattr__ on every call costs host time
@@ -268,6 +269,15 @@ def _fused_batch_split(self: BottleneckLayer, adapter_setup: BatchSplit, state, 
     return pre._replace(hidden_states=out, bottleneck_up=None, last=names[-1])
 
 
+def _pad_and_concat(self: BottleneckLayer, states: list):
+    """BottleneckLayer.pad_and_concat (BatchSplit, Parallel), where a fused child's ``bottleneck_up``
+    is None beside a library child's tensor (an unfused adapter, dropout while training): the
+    joined ``up`` is then None too. Only a Fuse reads it, and under a Fuse no adapter is fused."""
+    if any(s.bottleneck_up is None for s in states):
+        states = [s._replace(bottleneck_up=None) for s in states]
+    return BottleneckLayer.pad_and_concat(self, states)
+
+
 def _bottleneck_adapters(model: nn.Module):
     """(path, adapter name, adapter module, owning BottleneckLayer) for every bottleneck adapter."""
     for path, layer in model.named_modules():
@@ -299,6 +309,7 @@ def fuse_adapters(model: nn.Module, backend: str = "auto") -> list[str]:
         adapter._ck_fused = _Fused(_activation(adapter), backend, layer.adapters_config)
         adapter.forward = types.MethodType(_fused_forward, adapter)
         layer.compose_batch_split = types.MethodType(_fused_batch_split, layer)
+        layer.pad_and_concat = types.MethodType(_pad_and_concat, layer)
         switched.append(path)
         if adapter.dropout.p > 0:
             eval_only[name, adapter.dropout.p].append(path)
@@ -319,4 +330,5 @@ def unfuse_adapters(model: nn.Module) -> list[str]:
             del adapter.forward, adapter._ck_fused
             restored.append(path)
         vars(layer).pop("compose_batch_split", None)
+        vars(layer).pop("pad_and_concat", None)
     return restored
