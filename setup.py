@@ -39,7 +39,7 @@ def _env_flag(name):
 
 def _read_version():
     # Single source of truth: __version__ in the package, read without importing it (needs torch).
-    text = (ROOT / PKG / "__init__.py").read_text()
+    text = (ROOT / PKG / "_version.py").read_text()
     return re.search(r"^__version__\s*=\s*[\"']([^\"']+)[\"']", text, re.M).group(1)
 
 

@@ -6,7 +6,7 @@
 Backends: "reference" (pure PyTorch), "triton", "cuda", "auto"; see ck.available_backends().
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401
 
 from . import nn, reference  # noqa: E402
 from .backends import BACKENDS, available_backends  # noqa: E402

@@ -10,7 +10,6 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._phm_grad import phm_weight_backward
 from ._source_hash import source_hash
 
 _REBUILD = "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation {}."
@@ -30,7 +29,7 @@ def _rebuild_hint() -> str:
 
 def _stale_reason(module) -> Optional[str]:
     """Why the loaded module does not match this package and torch, or None if it does."""
-    from . import __version__
+    from ._version import __version__
 
     info = module.build_info()
     if info["version"] != __version__:
@@ -92,26 +91,7 @@ def _register():
     if _registered:
         return
 
-    @torch.library.register_fake("compacter_kernels::phm_weight")
-    def _phm_weight_fake(rule, left, right):
-        # The CUDA entry point checks shapes fully; here only what the output shape relies on.
-        torch._check(rule.dim() == 3 and left.dim() == 3 and (right is None or right.dim() == 3),
-                     lambda: "phm_weight: rule, left and right must be 3-D")
-        torch._check(rule.dtype == left.dtype and (right is None or right.dtype == left.dtype),
-                     lambda: "phm_weight: rule, left and right must have the same dtype")
-        n, Ib = rule.shape[0], left.shape[1]
-        Ob = (left if right is None else right).shape[2]
-        return left.new_empty((n * Ib, n * Ob))
-
-    def _setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)  # right may be None
-
-    def _backward(ctx, grad_H):
-        return phm_weight_backward(grad_H, *ctx.saved_tensors)
-
-    torch.library.register_autograd("compacter_kernels::phm_weight", _backward, setup_context=_setup_context)
-    # The fused adapter: fake impls of cuda_adapter_fwd/_bwd and the differentiable
-    # cuda_compacter_fwd op on the factors (registered at import, which needs the C++ ops);
-    # PHM linear: the differentiable cuda_phm_linear_fwd (phm_weight + cuBLAS).
+    # The fake impls of the C++ ops and the Functions over them (registered at import, which
+    # needs the C++ ops).
     from .ops.cuda import adapter, phm_linear  # noqa: F401
     _registered = True

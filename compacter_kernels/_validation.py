@@ -12,55 +12,10 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .ops.autograd import autocast_dtype, task_slice
+from .ops.common import autocast_dtype
 from .reference import ACTIVATIONS
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-# Argument signatures that passed the checks: the checks read only what a signature holds (which
-# arguments are tensors, their shapes, dtypes and devices, the autocast state, the activation),
-# so a repeated call with the same signature skips them. Bounded; thread-safe enough (a race only
-# repeats a check). Not used while torch.compile traces (shapes may be symbolic there).
-_PASSED: set = set()
-_PASSED_MAX = 4096
-
-
-def _signature(tensors, what) -> Optional[tuple]:
-    """What the checks read of these arguments (the first one x) and of ``what`` (the op and its
-    options), or None where that is not a plain signature (then the checks run in full)."""
-    if torch.compiler.is_compiling():
-        return None
-    sig = []
-    for t in tensors:
-        if t is None:
-            sig.append(None)
-        elif isinstance(t, Tensor):
-            sig.append((t.shape, t.dtype, t.device))
-        else:  # the checks say what is wrong
-            return None
-    if sig[0] is None:
-        return None
-    sig.append(autocast_dtype(tensors[0]))
-    sig.append(what)
-    return tuple(sig)
-
-
-def _check_once(tensors, what, check, *args) -> None:
-    """check(*args) unless the `_signature` of (tensors, what) has passed before; remembers it if
-    it passes. One hash of the signature on a repeated call (host time)."""
-    key = _signature(tensors, what)
-    if key is not None:
-        try:
-            if key in _PASSED:
-                return
-        except TypeError:  # e.g. an activation that is not a string: the checks say what is wrong
-            key = None
-    check(*args)
-    if key is not None:
-        if len(_PASSED) >= _PASSED_MAX:
-            _PASSED.clear()
-        _PASSED.add(key)
 
 
 def _tensor(name: str, t, *, optional: bool = False) -> None:
@@ -181,10 +136,6 @@ def check_phm_weight(rule, left, right) -> None:
 
 
 def check_phm_linear(x, rule, left, right, bias) -> None:
-    _check_once((x, rule, left, right, bias), "phm_linear", _check_phm_linear, x, rule, left, right, bias)
-
-
-def _check_phm_linear(x, rule, left, right, bias) -> None:
     check_x(x)
     check_tensors({"x": x, "rule": rule, "left": left, "right": right, "bias": bias}, optional=("right", "bias"))
     in_features = _phm_in_features(rule, left)
@@ -195,19 +146,12 @@ def _check_phm_linear(x, rule, left, right, bias) -> None:
 
 def check_adapter(x, w_down, b_down, w_up, b_up, activation, scale, residual) -> float:
     """Checks ck.adapter's arguments; returns scale as a float."""
-    args = (x, w_down, b_down, w_up, b_up, residual)
-    _check_once(args, ("adapter", activation), _check_adapter, *args, activation)
+    _check_adapter(x, w_down, b_down, w_up, b_up, residual, activation)
     return check_scale(scale)
 
 
 def check_adapter_linear(x, weight_down, b_down, weight_up, b_up, activation, scale, residual) -> float:
     """check_adapter on nn.Linear weights (out, in): the checks see their (in, out) transposes."""
-    args = (x, weight_down, b_down, weight_up, b_up, residual)
-    _check_once(args, ("adapter_linear", activation), _check_adapter_linear, *args, activation)
-    return check_scale(scale)
-
-
-def _check_adapter_linear(x, weight_down, b_down, weight_up, b_up, residual, activation) -> None:
     for name, w in (("weight_down", weight_down), ("weight_up", weight_up)):
         _tensor(name, w)
         if w.dim() != 2:
@@ -218,6 +162,7 @@ def _check_adapter_linear(x, weight_down, b_down, weight_up, b_up, residual, act
         raise ValueError(f"weight_up must have shape ({d}, {k}) (d_model, bottleneck) to match weight_down "
                          f"{tuple(weight_down.shape)} (bottleneck, d_model), got {tuple(weight_up.shape)}")
     _check_adapter(x, weight_down.t(), b_down, weight_up.t(), b_up, residual, activation)  # x, biases, dtypes
+    return check_scale(scale)
 
 
 def _check_adapter(x, w_down, b_down, w_up, b_up, residual, activation) -> None:
@@ -240,14 +185,6 @@ def _check_adapter(x, w_down, b_down, w_up, b_up, residual, activation) -> None:
 def check_compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up,
                             bias_up, activation, scale, residual) -> float:
     """Checks ck.compacter_adapter's arguments; returns scale as a float."""
-    args = (x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up, residual)
-    # rule_down is rule_up matters to no check, so it is not part of the signature.
-    _check_once(args, ("compacter", activation), _check_compacter_adapter, *args, activation)
-    return check_scale(scale)
-
-
-def _check_compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up,
-                             bias_up, residual, activation) -> None:
     check_x(x)
     check_tensors(
         {
@@ -267,13 +204,16 @@ def _check_compacter_adapter(x, rule_down, left_down, right_down, bias_down, rul
     k = check_phm("_down", rule_down, left_down, right_down, bias_down, d)
     check_phm("_up", rule_up, left_up, right_up, bias_up, k, out_features=d)
     _shape("residual", residual, tuple(x.shape), "the shape of x")
+    return check_scale(scale)
 
 
 # ---- mixed-task batches ------------------------------------------------------------------------
 
-def check_task_ids(task_ids, x: Tensor, num_tasks: int) -> None:
-    """An integer tensor on x's device that broadcasts to x.shape[:-1], every id in [0, T). The
-    range check reads one flag back to the host (not while torch.compile traces)."""
+def check_task_ids(task_ids, x: Tensor, num_tasks: int) -> Tensor:
+    """An integer tensor (any integer dtype) on x's device that broadcasts to x.shape[:-1], every
+    id in [0, T); returns it as int64. The range check reads the smallest and largest id back to
+    the host, in eager mode only: it is skipped while torch.compile traces and while a CUDA graph
+    is captured (where an id out of range is the caller's to rule out)."""
     if not isinstance(task_ids, Tensor):
         raise TypeError(f"task_ids must be an integer torch.Tensor, got {type(task_ids).__name__}")
     if task_ids.dtype == torch.bool or task_ids.is_floating_point() or task_ids.is_complex():
@@ -288,11 +228,23 @@ def check_task_ids(task_ids, x: Tensor, num_tasks: int) -> None:
     if not ok:
         raise ValueError(f"task_ids of shape {tuple(task_ids.shape)} must broadcast to x.shape[:-1] = {rows} "
                          "(one id per row, or per sequence as (batch, 1))")
-    if task_ids.numel() and not torch.compiler.is_compiling():
+    if task_ids.dtype in _UNSIGNED:  # few ops take them; ids >= 2**63 become negative and fail the range check
+        task_ids = task_ids.view(torch.int64) if task_ids.dtype == torch.uint64 else task_ids.to(torch.int64)
+    else:
+        task_ids = task_ids.long()
+    if task_ids.numel() and not torch.compiler.is_compiling() and not _capturing(x):
         lo, hi = torch.stack(torch.aminmax(task_ids.reshape(-1))).tolist()  # one read back
         if lo < 0 or hi >= num_tasks:
             raise ValueError(f"task_ids must be in [0, {num_tasks}) (num_tasks from the stacked parameters), "
                              f"got ids from {lo} to {hi}")
+    return task_ids
+
+
+_UNSIGNED = tuple(getattr(torch, f"uint{b}") for b in (16, 32, 64) if hasattr(torch, f"uint{b}"))
+
+
+def _capturing(x: Tensor) -> bool:
+    return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _stacked(named: dict, T: int) -> None:
@@ -312,8 +264,8 @@ def _per_task_checks(check, *args) -> None:
 
 
 def check_multitask_compacter_adapter(x, task_ids, rule_down, left_down, right_down, bias_down, rule_up, left_up,
-                                      right_up, bias_up, activation, scale, residual) -> tuple[float, int]:
-    """Checks ck.multitask_compacter_adapter's arguments; returns (scale as a float, T)."""
+                                      right_up, bias_up, activation, scale, residual) -> tuple[float, Tensor]:
+    """Checks ck.multitask_compacter_adapter's arguments; returns (scale as a float, task_ids as int64)."""
     check_x(x)
     _tensor("left_down", left_down)
     if left_down.dim() != 4:
@@ -332,14 +284,18 @@ def check_multitask_compacter_adapter(x, task_ids, rule_down, left_down, right_d
     _stacked(stacked, T)
     if T < 1:
         raise ValueError("the stacked parameters have no task (T = 0)")
-    _per_task_checks(check_compacter_adapter, x, *task_slice(rule_down, left_down, right_down, bias_down, rule_up,
-                                                             left_up, right_up, bias_up), activation, scale, residual)
-    check_task_ids(task_ids, x, T)
-    return check_scale(scale), T
+    def first(t, stacked=True):
+        return None if t is None else t[0] if stacked else t
+
+    _per_task_checks(check_compacter_adapter, x, first(rule_down, rule_down.dim() == 4), left_down[0],
+                     first(right_down), first(bias_down), first(rule_up, rule_up.dim() == 4), left_up[0],
+                     first(right_up), first(bias_up), activation, scale, residual)
+    return check_scale(scale), check_task_ids(task_ids, x, T)
 
 
-def check_multitask_adapter(x, task_ids, w_down, b_down, w_up, b_up, activation, scale, residual) -> tuple[float, int]:
-    """Checks ck.multitask_adapter's arguments; returns (scale as a float, T)."""
+def check_multitask_adapter(x, task_ids, w_down, b_down, w_up, b_up, activation, scale,
+                            residual) -> tuple[float, Tensor]:
+    """Checks ck.multitask_adapter's arguments; returns (scale as a float, task_ids as int64)."""
     check_x(x)
     _tensor("w_down", w_down)
     if w_down.dim() != 3:
@@ -350,5 +306,4 @@ def check_multitask_adapter(x, task_ids, w_down, b_down, w_up, b_up, activation,
         raise ValueError("the stacked parameters have no task (T = 0)")
     _per_task_checks(check_adapter, x, w_down[0], None if b_down is None else b_down[0], w_up[0],
                      None if b_up is None else b_up[0], activation, scale, residual)
-    check_task_ids(task_ids, x, T)
-    return check_scale(scale), T
+    return check_scale(scale), check_task_ids(task_ids, x, T)

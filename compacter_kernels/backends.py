@@ -1,8 +1,10 @@
-"""Which backend runs an op: the registry, availability, and the "auto" choice.
+"""Which backend runs an op: availability, and the "auto" choice.
 
-A backend registers its implementations in ``IMPLEMENTATIONS[backend][op]``. ``"auto"`` picks
-the fastest one that is available for the inputs' device; CPU tensors go to the reference
-unless a backend is named. A backend that is named and cannot run raises an error saying why.
+A kernel backend's ops are its autograd Functions, listed in ``FUNCTIONS[backend][op]`` once the
+backend has loaded (ops "adapter" and "phm_linear"); the reference runs
+:mod:`compacter_kernels.reference`. ``"auto"`` picks the fastest backend available for the
+inputs' device; CPU tensors go to the reference unless a backend is named. A backend that is
+named and cannot run raises an error saying why.
 """
 
 from __future__ import annotations
@@ -10,14 +12,12 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from . import reference
 
 BACKENDS = ("reference", "triton", "cuda")
-OPS = ("phm_linear", "compacter_adapter", "adapter")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Preference order of "auto" for CUDA tensors. The CUDA kernels join it once they have passed
 # tests/test_kernels.py on a GPU; until then they run only when named
@@ -34,17 +34,7 @@ class BackendStatus:
         return self.available
 
 
-IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
-    "reference": {
-        "phm_linear": reference.phm_linear,
-        "compacter_adapter": reference.compacter_adapter,
-        "adapter": reference.adapter,
-        "multitask_compacter_adapter": reference.multitask_compacter_adapter,
-        "multitask_adapter": reference.multitask_adapter,
-    },
-    "triton": {},
-    "cuda": {},
-}
+FUNCTIONS: dict[str, dict[str, type]] = {"triton": {}, "cuda": {}}
 
 
 # Read once: Triton itself reads it when the package's kernels are defined, at import.
@@ -66,11 +56,7 @@ def _triton_status() -> BackendStatus:
         from .ops.triton import phm_linear as triton_phm_linear
     except Exception as e:  # a broken triton install must not break the package
         return BackendStatus(False, f"the Triton kernels failed to load: {e!r}")
-    IMPLEMENTATIONS["triton"].update(compacter_adapter=triton_adapter.compacter_adapter,
-                                     adapter=triton_adapter.adapter,
-                                     phm_linear=triton_phm_linear.phm_linear,
-                                     multitask_compacter_adapter=triton_adapter.multitask_compacter_adapter,
-                                     multitask_adapter=triton_adapter.multitask_adapter)
+    FUNCTIONS["triton"].update(adapter=triton_adapter.TritonAdapter, phm_linear=triton_phm_linear.TritonPHMLinear)
     if triton_interpret():
         return BackendStatus(True, f"triton {triton.__version__} in its CPU interpreter (TRITON_INTERPRET=1: "
                                    "for tests, not speed)")
@@ -90,10 +76,7 @@ def _cuda_status() -> BackendStatus:
     from .ops.cuda import adapter as cuda_adapter  # their ops were registered by _extension once _C loaded
     from .ops.cuda import phm_linear as cuda_phm_linear
 
-    IMPLEMENTATIONS["cuda"].update(compacter_adapter=cuda_adapter.compacter_adapter, adapter=cuda_adapter.adapter,
-                                   phm_linear=cuda_phm_linear.phm_linear,
-                                   multitask_compacter_adapter=cuda_adapter.multitask_compacter_adapter,
-                                   multitask_adapter=cuda_adapter.multitask_adapter)
+    FUNCTIONS["cuda"].update(adapter=cuda_adapter.CudaAdapter, phm_linear=cuda_phm_linear.CudaPHMLinear)
     return BackendStatus(True, reason + "; fused kernels not yet validated on a GPU: used only when named")
 
 
@@ -137,41 +120,24 @@ def warn_if_extension_missing() -> None:
                       stacklevel=4)
 
 
-# (op, backend, device type, dtype) -> the backend chosen: a repeated call skips the checks
-# below (host time). The name, not the function: IMPLEMENTATIONS is looked up on every call.
-_CHOSEN: dict = {}
-
-
-def select(op: str, backend: str, x: torch.Tensor) -> Callable:
-    """The implementation of ``op`` that ``backend`` (or "auto") runs for input ``x``."""
-    key = (op, backend, x.device.type, x.dtype)
-    name = _CHOSEN.get(key)
-    if name is not None:
-        return IMPLEMENTATIONS[name][op]
-    impl = _select(op, backend, x)
-    _CHOSEN[key] = next(name for name, impls in IMPLEMENTATIONS.items() if impls.get(op) is impl)
-    return impl
-
-
-def _select(op: str, backend: str, x: torch.Tensor) -> Callable:
+def select(backend: str, x: torch.Tensor) -> str:
+    """The backend (its name) that runs an op for input ``x`` when ``backend`` is asked for."""
     if x.device.type == "cuda" and not _warned_no_extension and not torch.compiler.is_compiling():
         warn_if_extension_missing()
     if backend == "auto":
         if x.device.type == "cuda":
             status = available_backends()
             for name in _AUTO_ORDER:
-                if status[name] and op in IMPLEMENTATIONS[name] and _unsupported(name, x) is None:
-                    return IMPLEMENTATIONS[name][op]
-        return IMPLEMENTATIONS["reference"][op]
+                if status[name] and _unsupported(name, x) is None:
+                    return name
+        return "reference"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     status = available_backends()[backend]
     if not status:
         raise RuntimeError(f"backend {backend!r} cannot run here: {status.reason}. "
                            "Use backend='auto' or see ck.available_backends().")
-    if op not in IMPLEMENTATIONS[backend]:
-        raise NotImplementedError(f"backend {backend!r} does not implement {op} yet; use backend='auto'")
     why = _unsupported(backend, x)
     if why is not None:
         raise ValueError(why)
-    return IMPLEMENTATIONS[backend][op]
+    return backend

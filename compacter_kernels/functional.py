@@ -1,63 +1,69 @@
-"""The public functional API: validate, pick a backend, run it.
+"""The public functional API: check the arguments, pick a backend, run its op.
 
-Same names and signatures as :mod:`compacter_kernels.reference`, plus ``backend``.
+Same names and signatures as :mod:`compacter_kernels.reference`, plus ``backend``. The kernel
+backends' ops are autograd Functions on 2-D activations (`_fused_adapter`, `_fused_phm_linear`).
 """
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Optional
+from typing import Optional
 
 from torch import Tensor
 
 from . import _validation, reference
-from .backends import select
-from .ops.autograd import autocast_dtype, plannable
-
-# A repeated fused-adapter call's route, fixed by its arguments' signature (`_plan_key`) after a
-# call with that signature has passed the checks: the backend entry point's ``plan``, or False
-# where it has none. Skips the checks, the backend's choice and the entry point's layers (host
-# time). Bounded; thread-safe enough (a race only plans twice).
-_PLANS: dict = {}
-_PLANS_MAX = 4096
+from .backends import FUNCTIONS, select
+from .ops.common import (Projection, adapter_math, autocast_dtype, autocast_inputs, needs_math, phm_linear_math,
+                         rows, wants_grad)
 
 
-def _plan_key(what: tuple, x, residual, params) -> Optional[tuple]:
-    """Everything the checks, the backend's choice and a plan read of a call: each tensor's shape,
-    strides, dtype and device, the autocast state and ``what`` (op, backend, activation); None
-    where the call is not plannable (tensor subclasses, torch.compile, transforms, a non-tensor)."""
-    if not plannable(x):
-        return None
-    key = [what, autocast_dtype(x), x.shape, x.stride(), x.dtype, x.device]
-    for t in (residual, *params):
-        if t is None:
-            key.append(None)
-        elif isinstance(t, Tensor):
-            key.append((t.shape, t.stride(), t.dtype, t.device))
-        else:  # the checks say what is wrong
-            return None
-    return tuple(key)
+def _fused_adapter(backend: str, x: Tensor, down: Projection, up: Projection, activation: str, scale: float,
+                   residual: Optional[Tensor], task_ids: Optional[Tensor] = None) -> Tensor:
+    """A kernel backend's fused adapter on x of any leading dims, the arguments checked. Under
+    autocast as the eager reference: matmuls in the autocast dtype (only x is cast; `autocast_inputs`)
+    and y promoted as eager promotes it. Differentiable torch ops (`adapter_math`) instead where a
+    kernel cannot serve: torch.func transforms and forward-mode AD (`needs_math`), no width to
+    launch over (d = 0 or k = 0), and the cuda backend's mixed-task batches (no grouped kernel)."""
+    shape = x.shape
+    x, residual, out_dtype = autocast_inputs(x, residual, up.bias)
+    if residual is x:  # the same function; torch.compile takes no tensor passed twice to a Function
+        residual = None
+    x2, r2 = rows(x), None if residual is None else rows(residual)
+    ids = None if task_ids is None else task_ids.expand(shape[:-1]).reshape(-1).contiguous()
+    if ids is not None and down.left.shape[0] == 1:  # one task: the single-task op, no grouping
+        down, up, ids = _first_task(down), _first_task(up), None
+    down, up = down.packed(), up.packed()
+    if (needs_math(x) or x2.shape[1] == 0 or down.out_features == 0
+            or (ids is not None and backend != "triton")):
+        y = adapter_math(x2, r2, down, up, activation, scale, out_dtype, ids)
+    else:
+        store_z = wants_grad(x, residual, (*down, *up))  # without a gradient to come, z is not written
+        shared_rule = down.rule is not None and down.rule is up.rule  # passed once (see ops.common)
+        y = FUNCTIONS[backend]["adapter"].apply(x2, r2, *down, None if shared_rule else up.rule, *up[1:], ids,
+                                                activation, scale, out_dtype, store_z, shared_rule)
+    return y.reshape(shape)
 
 
-def _planned(what: tuple, x: Tensor, residual: Optional[Tensor], params: tuple, scale, checked: Callable) -> Tensor:
-    """A fused adapter call: by its signature's plan where there is one, else ``checked()`` ->
-    (y, the backend entry point that ran), the checks included, whose plan is then kept.
-    ``params``: (rule, left, right, bias) down then up, as the entry point takes them."""
-    key = _plan_key(what, x, residual, params)
-    if key is not None:
-        try:
-            call = _PLANS.get(key)
-        except TypeError:  # an activation that is not a string: the checks say what is wrong
-            key = call = None
-        if call and type(scale) is float and math.isfinite(scale):
-            return call(x, residual, params, scale)
-    y, entry = checked()
-    if key is not None and key not in _PLANS:
-        plan = getattr(entry, "plan", None)
-        if len(_PLANS) >= _PLANS_MAX:
-            _PLANS.clear()
-        _PLANS[key] = (plan is not None and plan(x, residual, params, what[2])) or False
-    return y
+def _first_task(p: Projection) -> Projection:
+    """Task 0's projection of a stacked one (a rule of three dimensions is the tasks' shared one)."""
+    return Projection(p.rule if p.rule is None or p.rule.dim() == 3 else p.rule[0], p.left[0],
+                      None if p.right is None else p.right[0], None if p.bias is None else p.bias[0])
+
+
+def _fused_phm_linear(backend: str, x: Tensor, p: Projection) -> Tensor:
+    """A kernel backend's phm_linear on x of any leading dims. Under autocast as eager: the matmul
+    in the autocast dtype, the bias added after, promoting (an fp32 bias gives an fp32 y); only
+    x is cast: H is summed in fp32 from the factors as they are and rounded once."""
+    amp = autocast_dtype(x)
+    bias = p.bias
+    if amp is not None:
+        x, p = x.to(amp), p._replace(bias=None)
+    x2, p = rows(x), p.packed()
+    if needs_math(x) or x2.shape[1] == 0:
+        y = phm_linear_math(x2, p)
+    else:
+        y = FUNCTIONS[backend]["phm_linear"].apply(x2, *p)
+    y = y.reshape(*x.shape[:-1], y.shape[-1])
+    return y + bias if amp is not None and bias is not None else y
 
 
 def phm_weight(rule: Tensor, left: Tensor, right: Optional[Tensor] = None) -> Tensor:
@@ -77,7 +83,10 @@ def phm_linear(
 ) -> Tensor:
     """y = x @ H + bias with H = sum_i kron(rule[i], left[i] @ right[i]) (I, O)."""
     _validation.check_phm_linear(x, rule, left, right, bias)
-    return select("phm_linear", backend, x)(x, rule, left, right, bias)
+    name = select(backend, x)
+    if name == "reference":
+        return reference.phm_linear(x, rule, left, right, bias)
+    return _fused_phm_linear(name, x, Projection(rule, left, right, bias))
 
 
 def compacter_adapter(
@@ -97,14 +106,14 @@ def compacter_adapter(
     backend: str = "auto",
 ) -> Tensor:
     """y = r + scale * (act(x @ H_down + bias_down) @ H_up + bias_up), r = residual or x."""
-    params = (rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up)
-
-    def checked():
-        s = _validation.check_compacter_adapter(x, *params, activation, scale, residual)
-        impl = select("compacter_adapter", backend, x)
-        return impl(x, *params, activation=activation, scale=s, residual=residual), impl
-
-    return _planned(("compacter_adapter", backend, activation), x, residual, params, scale, checked)
+    scale = _validation.check_compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule_up, left_up,
+                                                right_up, bias_up, activation, scale, residual)
+    down = Projection(rule_down, left_down, right_down, bias_down)
+    up = Projection(rule_up, left_up, right_up, bias_up)
+    name = select(backend, x)
+    if name == "reference":
+        return reference.compacter_adapter(x, *down, *up, activation=activation, scale=scale, residual=residual)
+    return _fused_adapter(name, x, down, up, activation, scale, residual)
 
 
 def adapter(
@@ -120,36 +129,26 @@ def adapter(
     backend: str = "auto",
 ) -> Tensor:
     """Dense (Houlsby) adapter: r + scale * (act(x @ w_down + b_down) @ w_up + b_up)."""
-
-    def checked():
-        s = _validation.check_adapter(x, w_down, b_down, w_up, b_up, activation, scale, residual)
-        impl = select("adapter", backend, x)
-        return impl(x, w_down, b_down, w_up, b_up, activation=activation, scale=s, residual=residual), impl
-
-    return _planned(("adapter", backend, activation), x, residual, (None, w_down, None, b_down, None, w_up, None, b_up),
-                    scale, checked)
+    scale = _validation.check_adapter(x, w_down, b_down, w_up, b_up, activation, scale, residual)
+    name = select(backend, x)
+    if name == "reference":
+        return reference.adapter(x, w_down, b_down, w_up, b_up, activation=activation, scale=scale, residual=residual)
+    return _fused_adapter(name, x, Projection(None, w_down, None, b_down), Projection(None, w_up, None, b_up),
+                          activation, scale, residual)
 
 
 def _adapter_linear(x: Tensor, weight_down: Tensor, b_down: Optional[Tensor], weight_up: Tensor,
                     b_up: Optional[Tensor], *, activation: str, scale: float, residual: Optional[Tensor],
                     backend: str) -> Tensor:
-    """`adapter` on nn.Linear weights (out, in), as AdapterHub's layers hold them: the same as
-    ``adapter(x, weight_down.t(), b_down, weight_up.t(), b_up, ...)``, without the two transposes
-    autograd would record and run back, where the backend takes the weights as they are
-    (``impl.linear``; host time)."""
-
-    def checked():
-        s = _validation.check_adapter_linear(x, weight_down, b_down, weight_up, b_up, activation, scale, residual)
-        impl = select("adapter", backend, x)
-        linear = getattr(impl, "linear", None)
-        if linear is None:  # no plan: the entry point takes the transposes
-            return impl(x, weight_down.t(), b_down, weight_up.t(), b_up, activation=activation, scale=s,
-                        residual=residual), None
-        return linear(x, weight_down, b_down, weight_up, b_up, activation=activation, scale=s,
-                      residual=residual), linear
-
-    return _planned(("adapter_linear", backend, activation), x, residual,
-                    (None, weight_down, None, b_down, None, weight_up, None, b_up), scale, checked)
+    """`adapter` on nn.Linear weights (out, in), as AdapterHub's layers hold them: their .t()
+    views, which the triton kernels read as they are (no copy)."""
+    scale = _validation.check_adapter_linear(x, weight_down, b_down, weight_up, b_up, activation, scale, residual)
+    w_down, w_up = weight_down.t(), weight_up.t()
+    name = select(backend, x)
+    if name == "reference":
+        return reference.adapter(x, w_down, b_down, w_up, b_up, activation=activation, scale=scale, residual=residual)
+    return _fused_adapter(name, x, Projection(None, w_down, None, b_down), Projection(None, w_up, None, b_up),
+                          activation, scale, residual)
 
 
 def multitask_compacter_adapter(
@@ -174,15 +173,21 @@ def multitask_compacter_adapter(
     likewise up; ``right_* = None``: the PHM-Adapter's full ``(T, n, d/n, k/n)``), each rule shared
     ``(n, n, n)`` or per task ``(T, n, n, n)``; ``task_ids`` an integer tensor that broadcasts to
     ``x.shape[:-1]`` (per token, or ``(batch, 1)`` per sequence). Runs the backend's fused
-    single-task op once per task present (rows grouped by a stable sort), or, where no gradient is
-    wanted (``no_grad``, ``inference_mode``, frozen weights), the triton backend's forward for
-    all the tasks in one launch."""
-    scale, _ = _validation.check_multitask_compacter_adapter(x, task_ids, rule_down, left_down, right_down,
-                                                             bias_down, rule_up, left_up, right_up, bias_up,
-                                                             activation, scale, residual)
-    impl = select("multitask_compacter_adapter", backend, x)
-    return impl(x, task_ids, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
-                activation=activation, scale=scale, residual=residual)
+    ``x.shape[:-1]`` (per token, or ``(batch, 1)`` per sequence; any integer dtype). The triton
+    backend runs every task in the single-task op's launches (the rows grouped by task on the
+    device); the reference and cuda backends compute every task's projections of every row in
+    one matmul each and pick each row's own (T times the work). No value is read back to the
+    host but by the id range check, which is skipped under torch.compile and CUDA-graph capture."""
+    scale, task_ids = _validation.check_multitask_compacter_adapter(x, task_ids, rule_down, left_down, right_down,
+                                                                    bias_down, rule_up, left_up, right_up, bias_up,
+                                                                    activation, scale, residual)
+    down = Projection(rule_down, left_down, right_down, bias_down)
+    up = Projection(rule_up, left_up, right_up, bias_up)
+    name = select(backend, x)
+    if name == "reference":
+        return reference.multitask_compacter_adapter(x, task_ids, *down, *up, activation=activation, scale=scale,
+                                                     residual=residual)
+    return _fused_adapter(name, x, down, up, activation, scale, residual, task_ids)
 
 
 def multitask_adapter(
@@ -200,7 +205,11 @@ def multitask_adapter(
 ) -> Tensor:
     """Row i through task ``task_ids[i]``'s dense adapter: ``w_down (T, d, k)``, ``b_down (T, k)``,
     ``w_up (T, k, d)``, ``b_up (T, d)`` (see `multitask_compacter_adapter`)."""
-    scale, _ = _validation.check_multitask_adapter(x, task_ids, w_down, b_down, w_up, b_up, activation, scale,
-                                                   residual)
-    impl = select("multitask_adapter", backend, x)
-    return impl(x, task_ids, w_down, b_down, w_up, b_up, activation=activation, scale=scale, residual=residual)
+    scale, task_ids = _validation.check_multitask_adapter(x, task_ids, w_down, b_down, w_up, b_up, activation, scale,
+                                                          residual)
+    name = select(backend, x)
+    if name == "reference":
+        return reference.multitask_adapter(x, task_ids, w_down, b_down, w_up, b_up, activation=activation, scale=scale,
+                                           residual=residual)
+    return _fused_adapter(name, x, Projection(None, w_down, None, b_down), Projection(None, w_up, None, b_up),
+                          activation, scale, residual, task_ids)

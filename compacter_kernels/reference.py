@@ -1,6 +1,7 @@
 """Pure-PyTorch reference: the function every backend must compute.
 
-Readable on purpose: each line maps to ../shared/docs/compacter-math.md. ``H`` is
+Readable on purpose: each line is a line of the math (H = sum_i kron(A_i, S_i T_i), the
+bottleneck adapter of Houlsby et al. with it as its weights). ``H`` is
 rebuilt on every call, exactly as the original Compacter code and AdapterHub do,
 so this is also the "eager original" the benchmarks compare against.
 
@@ -175,34 +176,50 @@ def glorot_uniform_(t: Tensor) -> Tensor:
 
 # ---- mixed-task batches: T tasks' adapters, one per row ----------------------------------------
 
-def per_task(single: Callable, x: Tensor, task_ids: Tensor, num_tasks: int, task_args: Callable[[int], tuple],
-             **kwargs) -> Tensor:
-    """y[i] = single(x[i], *task_args(task_ids[i]), **kwargs): the rows grouped by task (a stable
-    sort), one ``single`` call per task present, the results put back in row order.
-    ``task_ids`` broadcasts to x.shape[:-1]; a ``residual`` keyword is split like x."""
+def task_matmul(a: Tensor, w: Tensor, task_ids: Tensor) -> Tensor:
+    """Row i of a (M, I) times w[task_ids[i]] of the stacked w (T, I, O), with no value read back
+    to the host (so torch.compile and CUDA graphs take it whole): every task's product of every
+    row in one matmul, T times the work of one, then each row's own picked. Narrowing (O <= I):
+    the (M, T, O) products and a gather; widening: each row placed in its task's block of a
+    (M, T * I) matrix, zeros elsewhere, times all the w's stacked."""
+    T, I, O = w.shape
+    M = a.shape[0]
+    if O <= I:
+        out = (a @ w.transpose(0, 1).reshape(I, T * O)).view(M, T, O)
+        return out.gather(1, task_ids.view(M, 1, 1).expand(M, 1, O)).squeeze(1)
+    one_hot = (task_ids.view(M, 1) == torch.arange(T, device=a.device)).to(a.dtype)
+    return (one_hot[:, :, None] * a[:, None, :]).reshape(M, T * I) @ w.reshape(T * I, O)
+
+
+def multitask_adapter(
+    x: Tensor,
+    task_ids: Tensor,
+    w_down: Tensor,
+    b_down: Optional[Tensor],
+    w_up: Tensor,
+    b_up: Optional[Tensor],
+    *,
+    activation: str = "gelu",
+    scale: float = 1.0,
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """Row i through task ``task_ids[i]``'s dense adapter: ``w_down (T, d, k)``, ``b_down (T, k)``,
+    ``w_up (T, k, d)``, ``b_up (T, d)``; ``task_ids`` broadcasts to x.shape[:-1]."""
     d = x.shape[-1]
-    x2 = x.reshape(-1, d)
     ids = task_ids.expand(x.shape[:-1]).reshape(-1)
-    residual = kwargs.pop("residual", None)
-    r2 = None if residual is None else residual.reshape(-1, d)
-    order = torch.argsort(ids, stable=True)
-    counts = torch.bincount(ids, minlength=num_tasks).tolist()  # one read back to the host
-    pieces, start = [], 0
-    for t, count in enumerate(counts):
-        if count:
-            rows = order[start:start + count]
-            start += count
-            pieces.append(single(x2.index_select(0, rows), *task_args(t), **kwargs,
-                                 residual=None if r2 is None else r2.index_select(0, rows)))
-    if not pieces:  # no rows: task 0's call on none, for the output's dtype
-        return single(x2, *task_args(0), **kwargs, residual=r2).reshape(x.shape)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    return torch.cat(pieces).index_select(0, inverse).reshape(*x.shape[:-1], -1)
+    z = task_matmul(x.reshape(ids.shape[0], d), w_down, ids)
+    if b_down is not None:
+        z = z + b_down[ids]
+    u = task_matmul(activation_fn(activation)(z), w_up, ids)
+    if b_up is not None:
+        u = u + b_up[ids]
+    return (x if residual is None else residual) + scale * u.reshape(x.shape)
 
 
-def _task(t: Optional[Tensor], i: int, stacked: bool = True) -> Optional[Tensor]:
-    return None if t is None else t[i] if stacked else t
+def stacked_phm_weight(rule: Tensor, left: Tensor, right: Optional[Tensor]) -> Tensor:
+    """Each task's H (T, I, O) of factors stacked per task; a rule of three dimensions is shared."""
+    return torch.stack([phm_weight(rule if rule.dim() == 3 else rule[t], left[t], None if right is None else right[t])
+                        for t in range(left.shape[0])])
 
 
 def multitask_compacter_adapter(
@@ -220,38 +237,10 @@ def multitask_compacter_adapter(
     activation: str = "gelu",
     scale: float = 1.0,
     residual: Optional[Tensor] = None,
-    single: Callable = compacter_adapter,
 ) -> Tensor:
     """Row i through task ``task_ids[i]``'s Compacter adapter. The factors carry a leading task
     dimension T (``left_down (T, n, d/n, r)``, ``bias_down (T, k)``, ...); each rule is shared,
-    (n, n, n), or per task, (T, n, n, n). A per-task loop of ``single`` (`per_task`)."""
-    T = left_down.shape[0]
-    per_rule_d, per_rule_u = rule_down.dim() == 4, rule_up.dim() == 4
-
-    def args(t):
-        return (_task(rule_down, t, per_rule_d), left_down[t], _task(right_down, t), _task(bias_down, t),
-                _task(rule_up, t, per_rule_u), left_up[t], _task(right_up, t), _task(bias_up, t))
-
-    return per_task(single, x, task_ids, T, args, activation=activation, scale=scale, residual=residual)
-
-
-def multitask_adapter(
-    x: Tensor,
-    task_ids: Tensor,
-    w_down: Tensor,
-    b_down: Optional[Tensor],
-    w_up: Tensor,
-    b_up: Optional[Tensor],
-    *,
-    activation: str = "gelu",
-    scale: float = 1.0,
-    residual: Optional[Tensor] = None,
-    single: Callable = adapter,
-) -> Tensor:
-    """Row i through task ``task_ids[i]``'s dense adapter: ``w_down (T, d, k)``, ``b_down (T, k)``,
-    ``w_up (T, k, d)``, ``b_up (T, d)``. A per-task loop of ``single`` (`per_task`)."""
-    def args(t):
-        return w_down[t], _task(b_down, t), w_up[t], _task(b_up, t)
-
-    return per_task(single, x, task_ids, w_down.shape[0], args, activation=activation, scale=scale,
-                    residual=residual)
+    (n, n, n), or per task, (T, n, n, n)."""
+    return multitask_adapter(x, task_ids, stacked_phm_weight(rule_down, left_down, right_down), bias_down,
+                             stacked_phm_weight(rule_up, left_up, right_up), bias_up, activation=activation,
+                             scale=scale, residual=residual)

@@ -20,8 +20,6 @@
 #endif
 
 TORCH_LIBRARY(compacter_kernels, m) {
-  m.def("phm_weight(Tensor rule, Tensor left, Tensor? right) -> Tensor",
-        {at::Tag::pt2_compliant_tag});
   // The fused adapter on dense H (impls in adapter.cu). activation: 0 gelu,
   // 1 gelu_tanh, 2 relu, 3 silu, 4 identity. store_z false: z is not written (an empty tensor).
   m.def("cuda_adapter_fwd(Tensor x, Tensor? residual, Tensor h_down, Tensor? bias_down, Tensor h_up, "

@@ -42,5 +42,5 @@ if "$PY" -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then
     echo "== no GPU: running the cuda backend's kernels in the CPU emulator"
     COMPACTER_KERNELS_EMULATE_CUDA=1 "$PY" -m pytest tests/test_kernels.py tests/test_hardening.py \
         tests/test_memory.py tests/test_correctness.py tests/test_cuda_emulation.py tests/test_multitask.py \
-        tests/test_plans.py -q -rs -p no:cacheprovider "$@"
+        tests/test_compile_models.py -q -rs -p no:cacheprovider "$@"
 fi

@@ -16,7 +16,7 @@ import tempfile
 
 import torch
 
-from compacter_kernels.ops.triton import common
+from compacter_kernels.ops.triton import config, grads, kron
 from compacter_kernels.ops.triton import adapter
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -68,31 +68,31 @@ def resources(compiled) -> dict:
     return out
 
 
-KERNELS = {"fwd": "_adapter_fwd_kernel", "bwd": "_adapter_bwd_kernel", "cols": "_adapter_cols_kernel"}
+KERNELS = {"fwd": "_adapter_fwd_kernel", "bwd": "_adapter_rows_kernel", "cols": "_adapter_cols_kernel"}
 
 
 def small_kernel_cases(kernel_name: str):
     """The kernels around the big three, at a Compacter adapter's shapes (d = 4096)."""
     if kernel_name == "grads":  # both projections of a factorised PHM adapter, shared rule, n = 4, rank 1
         for k in (24, 128):
-            (bp1, qp1), (bp2, qp2) = common.grads_tile(4096 // 4, k // 4), common.grads_tile(k // 4, 4096 // 4)
+            (bp1, qp1), (bp2, qp2) = config.grads_tile(4096 // 4, k // 4), config.grads_tile(k // 4, 4096 // 4)
             c = dict(N1=4, R1=1, RP1=1, RULE1=True, FACT1=True, BP1=bp1, QP1=qp1,
                      N2=4, R2=1, RP2=1, RULE2=True, FACT2=True, BP2=bp2, QP2=qp2,
                      TWO=True, SHARED=True, HAS_B1=True, HAS_B2=True, NP=4, GROUPED=False, TP=1)
-            yield f"k={k} n=4 r=1 shared rule", common._factor_grads_kernel, c, 4
-            yield f"k={k} n=4 r=1 shared rule, 64 tasks", common._factor_grads_kernel, {**c, "GROUPED": True,
+            yield f"k={k} n=4 r=1 shared rule", grads._factor_grads_kernel, c, 4
+            yield f"k={k} n=4 r=1 shared rule, 64 tasks", grads._factor_grads_kernel, {**c, "GROUPED": True,
                                                                                       "TP": 64}, 4
     elif kernel_name == "group":  # the row grouping of a mixed-task batch (one program)
         for tp in (2, 16, 64):
-            yield f"{tp} tasks", adapter._group_rows_kernel, common.grouping_consts(tp), 8
+            yield f"{tp} tasks", adapter._group_rows_kernel, config.grouping_consts(tp), 8
     elif kernel_name == "build_h":
-        c = dict(MODE1=common.MODE_PHM_FACTORED, N1=8, R1=1, MODE2=common.MODE_PHM_FACTORED, N2=8, R2=1, TWO=True,
+        c = dict(MODE1=kron.MODE_PHM_FACTORED, N1=8, R1=1, MODE2=kron.MODE_PHM_FACTORED, N2=8, R2=1, TWO=True,
                  BR=32, BC=32, GROUP=False, C=16, TP=2)
-        yield "two projections n=8 r=1", common._build_h_kernel, c, 4
-        yield "two projections n=8 r=1, grouping 64 tasks", common._build_h_kernel, {
-            **c, "GROUP": True, **common.grouping_consts(64)}, 4
+        yield "two projections n=8 r=1", kron._build_h_kernel, c, 4
+        yield "two projections n=8 r=1, grouping 64 tasks", kron._build_h_kernel, {
+            **c, "GROUP": True, **config.grouping_consts(64)}, 4
     elif kernel_name == "reduce":
-        yield "phm_linear dH, BA=64 BB=128", common._reduce_rows_kernel, dict(COLSUM=True, BA=64, BB=128, BM=64,
+        yield "phm_linear dH, BA=64 BB=128", grads._reduce_rows_kernel, dict(COLSUM=True, BA=64, BB=128, BM=64,
                                                                             IEEE=False), 8
 
 
@@ -100,11 +100,11 @@ def adapter_cases(kernel_name: str, dtype: str):
     """(label, kernel, constexprs, num_warps) at representative shapes, as the launchers pick them."""
     kernel = getattr(adapter, KERNELS[kernel_name])
     for k, n, r in [(24, 4, 1), (48, 4, 1), (128, 8, 1), (256, 8, 4)]:
-        BM, BD, KP, warps = adapter._blocks(4096, k, DTYPES[dtype], backward=kernel_name != "fwd")
-        inkernel = n * (r + 1) * KP <= common.INKERNEL_H_BUDGET
-        mode, N, R = (common.MODE_PHM_FACTORED, n, r) if inkernel else (common.MODE_DENSE, 1, 1)
+        BM, BD, KP, warps = config.adapter_blocks(4096, k, DTYPES[dtype], backward=kernel_name != "fwd")
+        inkernel = n * (r + 1) * KP <= config.INKERNEL_H_BUDGET
+        mode, N, R = (kron.MODE_PHM_FACTORED, n, r) if inkernel else (kron.MODE_DENSE, 1, 1)
         if kernel_name == "cols":  # as adapter._columns launches it
-            BA, BM, warps = adapter.columns_blocks(k)
+            BA, BM, warps = config.columns_blocks(k)
             c = dict(MODE_D=mode, N_D=N, R_D=R, HAS_RES=False, BA=BA, BM=BM, KP=KP, IEEE=False, GROUPED=False, TP=1)
             yield f"k={k} n={n} r={r} {'in-kernel H' if inkernel else 'prebuilt H'} BA={BA} BM={BM}", kernel, c, warps
             if k == 24:
@@ -121,10 +121,10 @@ def adapter_cases(kernel_name: str, dtype: str):
             c = {**c, "GROUPED": True, "TP": 64, "STORE_Z": False}
             yield f"k={k} n={n} r={r} 64 tasks grouped, no z BM={BM} BD={BD}", kernel, c, warps
     # A dense adapter on nn.Linear weights, read transposed (as AdapterHub's Houlsby passes them).
-    BM, BD, KP, warps = adapter._blocks(4096, 128, DTYPES[dtype], backward=kernel_name != "fwd")
-    T = dict(MODE_D=common.MODE_DENSE_T, N_D=1, R_D=1, MODE_U=common.MODE_DENSE_T, N_U=1, R_U=1)
+    BM, BD, KP, warps = config.adapter_blocks(4096, 128, DTYPES[dtype], backward=kernel_name != "fwd")
+    T = dict(MODE_D=kron.MODE_DENSE_T, N_D=1, R_D=1, MODE_U=kron.MODE_DENSE_T, N_U=1, R_U=1)
     if kernel_name == "cols":
-        BA, BM, warps = adapter.columns_blocks(128)
+        BA, BM, warps = config.columns_blocks(128)
         c = dict(MODE_D=T["MODE_D"], N_D=1, R_D=1, HAS_RES=False, BA=BA, BM=BM, KP=KP, IEEE=False, GROUPED=False, TP=1)
     else:
         c = dict(MODE_U=T["MODE_U"], N_U=1, R_U=1, HAS_RES=False, ACT=0, BM=BM, BD=BD, KP=KP, IEEE=False,

@@ -1,6 +1,6 @@
 """Time the fused Triton adapter ops over candidate block sizes, on a GPU.
 
-`ops/triton/adapter.py::_blocks` was read off the compiler (no spills), never timed. This times, per
+`ops/triton/config.py::adapter_blocks` was read off the compiler (no spills), never timed. This times, per
 shape, the forward op and the backward op (kernel 1 and its reductions) of a bf16 Compacter
 adapter for each candidate (BM, BD, num_warps), with CUDA events after warm-up (the bench's
 timer: median), checks each candidate's outputs against the current table's, and prints time,
@@ -27,7 +27,7 @@ if SMOKE:
 import torch  # noqa: E402
 
 from compacter_kernels.bench import cases, counts, timing  # noqa: E402
-from compacter_kernels.ops.triton import common  # noqa: E402
+from compacter_kernels.ops.triton import config, launch  # noqa: E402
 from compacter_kernels.ops.triton import adapter  # noqa: E402
 
 TARGET_SHAPES = "768x24,768x48,1024x32,1024x64,4096x128,4096x256"
@@ -53,9 +53,9 @@ class Recorder:
 
 
 def blocks_fixed(BM: int, BD: int, warps: int):
-    """A stand-in for adapter._blocks that returns one candidate."""
+    """A stand-in for config.adapter_blocks that returns one candidate."""
     def _blocks(d, k, dtype, backward=False):
-        return BM, min(common.padded(d), BD), common.padded(k), warps
+        return BM, min(launch.padded(d), BD), launch.padded(k), warps
     return _blocks
 
 
@@ -66,15 +66,15 @@ def make_call(op: str, inputs: dict, dtype: torch.dtype):
     order = itertools.cycle(range(len(xs)))
 
     def fwd(x):
-        return adapter.adapter_fwd(x, None, rule, ld, rd, bd, rule, lu, ru, bu, "gelu", 1.0, dtype)
+        return adapter.adapter_fwd(x, None, rule, ld, rd, bd, rule, lu, ru, bu, None, "gelu", 1.0, dtype, True)
 
     if op == "fwd":
         return (lambda: xs[next(order)].detach()), fwd, (lambda: fwd(xs[0].detach()))
-    saved = [fwd(x.detach())[1:] for x in xs]  # (z, H_down, H_up) per input
+    saved = [fwd(x.detach())[1:] for x in xs]  # (z, H_down, H_up, order, counts) per input
 
     def bwd(i):
         return adapter.adapter_bwd(dys[i], xs[i].detach(), *saved[i], rule, ld, rd, bd, rule, lu, ru, bu, "gelu",
-                                   1.0, False, True)
+                                   1.0, False, True, False)
 
     return (lambda: next(order)), bwd, (lambda: bwd(0))
 
@@ -107,14 +107,14 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU (smoke)'}: copy bandwidth {bw:.0f} GB/s, "
           f"M={M}, {str(dtype).replace('torch.', '')}")
     start = time.perf_counter()
-    kernels = {"fwd": "_adapter_fwd_kernel", "bwd": "_adapter_bwd_kernel"}
+    kernels = {"fwd": "_adapter_fwd_kernel", "bwd": "_adapter_rows_kernel"}
     for (d, k), op in itertools.product(shapes, ops):
         case = cases.Case("compacter", M, d, k, dtype=dtype)
         inputs = cases.make_inputs(case, device, 1 if args.smoke else cases.input_copies(case, device))
         floor_ms = counts.floor_bytes("compacter", op, M, d, k, torch.finfo(dtype).bits // 8) / (bw * 1e9) * 1e3
         setup, run, once = make_call(op, inputs, dtype)
         expected = once()
-        current = adapter._blocks(d, k, dtype, backward=op == "bwd")
+        current = config.adapter_blocks(d, k, dtype, backward=op == "bwd")
         print(f"\n{op} d={d} k={k}: floor {floor_ms:.4f} ms; current BM={current[0]} BD={current[1]} "
               f"warps={current[3]}")
         print(f"  {'BM':>4} {'BD':>4} {'warps':>5} {'ms':>9} {'floor':>6} {'regs':>5} {'spills':>6}")
@@ -123,11 +123,11 @@ def main() -> int:
             if time.perf_counter() - start > args.seconds:
                 print(f"  stopped: --seconds {args.seconds:.0f} reached")
                 break
-            if (BM, min(common.padded(d), BD), warps) in [r[:3] for r in results]:
+            if (BM, min(launch.padded(d), BD), warps) in [r[:3] for r in results]:
                 continue  # BD clamps to d: the same kernel as a candidate already timed
             recorder = Recorder(getattr(adapter, kernels[op]))
-            saved = adapter._blocks, getattr(adapter, kernels[op])
-            adapter._blocks = blocks_fixed(BM, BD, warps)
+            saved = config.adapter_blocks, getattr(adapter, kernels[op])
+            config.adapter_blocks = blocks_fixed(BM, BD, warps)
             setattr(adapter, kernels[op], recorder)
             try:
                 ok = same(once(), expected)
@@ -139,10 +139,10 @@ def main() -> int:
                 print(f"  {BM:4d} {BD:4d} {warps:5d}  failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
                 continue
             finally:
-                adapter._blocks = saved[0]
+                config.adapter_blocks = saved[0]
                 setattr(adapter, kernels[op], saved[1])
-            mark = "*" if (BM, min(common.padded(d), BD), warps) == (current[0], current[1], current[3]) else " "
-            results.append((BM, min(common.padded(d), BD), warps, t, ok, spills))  # spills None: not known
+            mark = "*" if (BM, min(launch.padded(d), BD), warps) == (current[0], current[1], current[3]) else " "
+            results.append((BM, min(launch.padded(d), BD), warps, t, ok, spills))  # spills None: not known
             regs, spills = ("-" if v is None else v for v in (regs, spills))
             print(f"{mark} {BM:4d} {BD:4d} {warps:5d} {t:9.4f} {floor_ms / t:6.0%} {regs:>5} {spills:>6}"
                   f"{'' if ok else '  WRONG: outputs differ'}")

@@ -49,17 +49,10 @@ class _Recorder(TorchDispatchMode):
 def _triton_impls() -> dict:
     from compacter_kernels.ops.triton import adapter, phm_linear
 
-    return {"compacter_kernels::triton_adapter_fwd": adapter._adapter_fwd,
-            "compacter_kernels::triton_adapter_bwd": adapter._adapter_bwd,
-            "compacter_kernels::triton_phm_linear_fwd": phm_linear._phm_linear_fwd,
-            "compacter_kernels::triton_phm_linear_bwd": phm_linear._phm_linear_bwd}
-
-
-def _cuda_impls() -> dict:
-    from compacter_kernels.ops.cuda import adapter, phm_linear
-
-    return {"compacter_kernels::cuda_compacter_fwd": adapter._adapter_fwd,
-            "compacter_kernels::cuda_phm_linear_fwd": phm_linear._phm_linear_fwd}
+    return {"compacter_kernels::triton_adapter_fwd": adapter.adapter_forward,
+            "compacter_kernels::triton_adapter_bwd": adapter.adapter_backward,
+            "compacter_kernels::triton_phm_linear_fwd": phm_linear.phm_linear_forward,
+            "compacter_kernels::triton_phm_linear_bwd": phm_linear.phm_linear_backward}
 
 
 def _emulated_launches() -> int:
@@ -72,7 +65,7 @@ def counting(backend: str = "triton"):
     Triton launches (the interpreter's or the compiler's; what a launch does on the host is
     hidden from the aten count); cuda: the CUDA emulator's launches, as "emulated" (the C++
     ops' own allocations are hidden from the aten count)."""
-    recorder = _Recorder(_triton_impls() if backend == "triton" else _cuda_impls())
+    recorder = _Recorder(_triton_impls() if backend == "triton" else {})  # the cuda backend has C++ ops only
     if backend == "cuda":
         before = _emulated_launches()
         try:

@@ -5,7 +5,7 @@ import torch
 
 import compacter_kernels as ck
 from compacter_kernels import reference as ref
-from utils import compacter_inputs, dense_inputs, phm_factors
+from utils import compacter_inputs, dense_inputs, phm_factors, why_backend_cannot_run
 
 
 def test_available_backends_reports_every_backend_with_a_reason():
@@ -133,68 +133,38 @@ def test_meta_tensors_give_shapes_through_the_reference():
     assert ck.compacter_adapter(*inp.args(), backend="reference").shape == (2, 3, 16)
 
 
-# ---- the ops' two ways in: autograd.Function in eager, the custom op otherwise ------------------
+# ---- one route per op: an autograd Function over custom ops -----------------------------------
 
-@torch.library.custom_op("ck_test::scaled", mutates_args=())
-def _scaled_op(x: torch.Tensor, s: float) -> torch.Tensor:
-    return x * s
-
-
-@_scaled_op.register_fake
-def _(x, s):
-    return torch.empty_like(x)
-
-
-def _routed(calls):
-    """_eager_or_op around ck_test::scaled, recording which way each call went."""
-    from compacter_kernels.ops.autograd import _eager_function, _eager_or_op
-
-    def setup_context(ctx, inputs, output):
-        ctx.s = inputs[1]
-
-    def eager_forward(ctx, x, s):
-        calls.append("function")
-        ctx.s = s
-        return x * s
-
-    def backward(ctx, dy):
-        return dy * ctx.s, None
-
-    _scaled_op.register_autograd(backward, setup_context=setup_context)
-    op = _scaled_op
-
-    def counted_op(x, s):
-        calls.append("op")
-        return op(x, s)
-
-    return _eager_or_op(counted_op, _eager_function(eager_forward, backward), lambda x, s: x * s)
-
-
-def test_eager_calls_skip_the_op_dispatch_and_keep_their_gradient():
-    calls = []
-    f = _routed(calls)
-    x = torch.randn(5, requires_grad=True)
-    y = f(x, 3.0)
-    (g,) = torch.autograd.grad(y.sum(), x)
-    assert calls == ["function"] and torch.equal(y, x * 3) and torch.equal(g, torch.full((5,), 3.0))
-
-
-def test_meta_fake_dispatch_modes_and_compile_take_the_op():
+def test_meta_fake_dispatch_modes_and_compile_take_the_one_route():
+    """A kernel backend's op is one autograd Function over custom ops, whatever the caller: meta
+    tensors, FakeTensorMode and dispatch modes see the custom ops (their fake impls, no launch),
+    and torch.compile(fullgraph=True) traces the same Function with the same values."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    calls = []
-    f = _routed(calls)
-    assert f(torch.empty(4, device="meta"), 2.0).device.type == "meta"
-    with FakeTensorMode():
-        f(torch.empty(4), 2.0)
-    with FlopCounterMode(display=False):
-        f(torch.randn(4), 2.0)
-    assert calls == ["op"] * 3
-    calls.clear()
-    x = torch.randn(6)
-    y = torch.compile(f, backend="aot_eager", fullgraph=True)(x, 2.0)
-    assert calls and set(calls) == {"op"} and torch.equal(y, x * 2)  # traced through the op
+    if why_backend_cannot_run("triton") is not None:
+        pytest.skip(why_backend_cannot_run("triton"))
+    seen = []
+
+    class Seen(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    inp = compacter_inputs(lead=(3,), d=16, k=8, n=4, rank=1, dtype=torch.float32)
+    meta = [t if t is None else t.detach().to("meta").requires_grad_() for t in inp.args()]
+    y = ck.compacter_adapter(*meta, backend="triton")
+    assert y.device.type == "meta" and y.shape == meta[0].shape
+    assert torch.autograd.grad(y.sum(), meta[0])[0].shape == meta[0].shape
+    with FakeTensorMode() as mode:
+        fake = [t if t is None else mode.from_tensor(t) for t in inp.args()]
+        assert ck.compacter_adapter(*fake, backend="triton").shape == inp.x.shape
+    with FlopCounterMode(display=False), Seen():
+        y_eager = ck.compacter_adapter(*inp.args(), backend="triton")
+    assert "compacter_kernels::triton_adapter_fwd" in seen
+    compiled = torch.compile(lambda *a: ck.compacter_adapter(*a, backend="triton"), backend="aot_eager",
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(*inp.args()), y_eager)
 
 
 # ---- what a new user sees: the install's state, said where they look -----------------------------

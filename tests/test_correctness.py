@@ -11,7 +11,7 @@ import torch
 
 import compacter_kernels as ck
 from compacter_kernels import reference as ref
-from compacter_kernels.ops.triton import common as _triton_common
+from compacter_kernels.ops.triton import config, launch
 from utils import (CUDA_EMULATED, ON_GPU, check_op, checkout_env, compacter_inputs, dense_inputs, double_leaves,
                    phm_factors, why_backend_cannot_run)
 
@@ -31,7 +31,7 @@ def backend(request):
 
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
-    monkeypatch.setattr(_triton_common, "POISON", True)
+    monkeypatch.setattr(launch, "POISON", True)
 
 
 # ---- the three ops, each as a function of all its tensors (residual last) ------------------------
@@ -91,7 +91,7 @@ def _odd_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
 def test_every_argument_in_an_odd_layout(backend, op, layout, h_budget, monkeypatch):
     if h_budget and backend != "triton":
         pytest.skip("only the triton backend builds H inside its kernels")
-    monkeypatch.setattr(_triton_common, "INKERNEL_H_BUDGET", h_budget)
+    monkeypatch.setattr(config, "INKERNEL_H_BUDGET", h_budget)
     make, args = _op_inputs(op)
     for i, t in enumerate(args):
         if t is None:
@@ -158,6 +158,29 @@ def test_torch_func_grad_and_vmap_match_the_reference(backend, op):
                       lambda f: torch.func.vmap(lambda x: f(x, *rest)),
                       lambda f: torch.func.jacrev(lambda x: f(x, *rest).sum(0))):
         torch.testing.assert_close(transform(fn)(args[0]), transform(rf)(args[0]), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("frozen", [True, False])
+def test_forward_mode_ad_gives_every_tangent(backend, op, frozen):
+    """torch.autograd.forward_ad and torch.func.jvp: y's tangent for dual x and (unless frozen)
+    dual parameters, with frozen weights, and after an earlier call of the same shapes (never a
+    y without its tangent)."""
+    import torch.autograd.forward_ad as fwAD
+
+    make, args = _op_inputs(op, lead=(3, 4))
+    args = [None if t is None else t.detach() for t in args]
+    fn, rf = make(backend), make("reference")
+    duals = [0] if frozen else [i for i, t in enumerate(args) if t is not None]
+    tangents = {i: torch.randn_like(args[i]) for i in duals}
+    _, want = torch.func.jvp(lambda *d: rf(*[d[duals.index(i)] if i in duals else t for i, t in enumerate(args)]),
+                             tuple(args[i] for i in duals), tuple(tangents[i] for i in duals))
+    fn(*args)  # an earlier call of the same shapes
+    with fwAD.dual_level():
+        y = fn(*[fwAD.make_dual(t, tangents[i]) if i in duals else t for i, t in enumerate(args)])
+        tangent = fwAD.unpack_dual(y).tangent
+    assert tangent is not None
+    torch.testing.assert_close(tangent, want, atol=1e-5, rtol=1e-4)
 
 
 # ---- 4. torch.compile(fullgraph=True) in a fresh process ------------------------------------------
@@ -358,14 +381,10 @@ def test_two_threads_give_the_sequential_results(backend):
 
 
 def test_a_repeated_call_skips_no_check_that_matters():
-    """Validation is remembered per signature (shapes, dtypes, devices, autocast, options): after
-    a good call, every bad variant of the same arguments still raises its named error."""
-    from compacter_kernels import _validation
-
-    _validation._PASSED.clear()
+    """After a good call, every bad variant of the same arguments still raises its named error
+    (nothing about a call is remembered)."""
     good = _compacter_call("reference")
     good()
-    assert _validation._PASSED
     for call, change, exc, match in BAD_INPUTS:
         if call is _compacter_call:
             with pytest.raises(exc, match=match):

@@ -1,4 +1,4 @@
-"""The compiled extension `compacter_kernels._C`: build, import guard, op registration, phm_weight.
+"""The compiled extension `compacter_kernels._C`: build, import guard, op registration.
 
 Without a GPU these still check the build (import, schema, fake impl, staleness) and the
 pure-torch backward; the kernel itself is checked by the GPU tests at the bottom.
@@ -15,11 +15,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import compacter_kernels
 from compacter_kernels import _extension
-from compacter_kernels._phm_grad import phm_weight_backward
+from compacter_kernels import functional as F
+from compacter_kernels.ops.common import Projection
 from compacter_kernels._source_hash import source_hash
 
 REQUIRE = os.environ.get("COMPACTER_KERNELS_REQUIRE_EXTENSION") == "1"
-SCHEMA = "compacter_kernels::phm_weight(Tensor rule, Tensor left, Tensor? right) -> Tensor"
+SCHEMA = ("compacter_kernels::cuda_build_h(Tensor?[] rules, Tensor[] lefts, Tensor?[] rights, ScalarType dtype) "
+          "-> Tensor[]")
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 
 
@@ -67,7 +69,7 @@ def test_build_info(ext):
 
 
 def test_schema(ext):
-    op = torch.ops.compacter_kernels.phm_weight.default
+    op = torch.ops.compacter_kernels.cuda_build_h.default
     assert str(op._schema) == SCHEMA
     assert torch.Tag.pt2_compliant_tag in op.tags
 
@@ -77,15 +79,18 @@ def test_schema(ext):
 def test_fake_impl(ext, dtype, factorised):
     n, I, O, r = 4, 32, 24, 3
     with FakeTensorMode():  # fake CUDA tensors need no GPU
-        out = torch.ops.compacter_kernels.phm_weight(*factors(n, I, O, r, dtype, "cuda", factorised))
+        rule, left, right = factors(n, I, O, r, dtype, "cuda", factorised)
+        (out,) = torch.ops.compacter_kernels.cuda_build_h([rule], [left], [right], dtype)
     assert out.shape == (I, O) and out.dtype == dtype and out.device.type == "cuda"
-    meta = torch.ops.compacter_kernels.phm_weight(*factors(n, I, O, r, dtype, "meta", factorised))
+    rule, left, right = factors(n, I, O, r, dtype, "meta", factorised)
+    (meta,) = torch.ops.compacter_kernels.cuda_build_h([rule], [left], [right], dtype)
     assert meta.shape == (I, O) and meta.dtype == dtype and meta.device.type == "meta"
 
 
 def test_cpu_has_no_kernel(ext):
-    with pytest.raises(NotImplementedError, match="phm_weight.*'CPU' backend"):
-        torch.ops.compacter_kernels.phm_weight(*factors(4, 8, 8, 1))
+    rule, left, right = factors(4, 8, 8, 1)
+    with pytest.raises(NotImplementedError, match="cuda_build_h.*'CPU' backend"):
+        torch.ops.compacter_kernels.cuda_build_h([rule], [left], [right], rule.dtype)
 
 
 def test_not_built_reason(monkeypatch):
@@ -144,82 +149,7 @@ def test_source_hash_sees_edits(tmp_path):
     assert source_hash(tmp_path) != h
 
 
-# --- backward (pure torch, no extension needed) ---------------------------------------------
-
-@pytest.mark.parametrize("factorised", [True, False])
-@pytest.mark.parametrize("n,I,O,r", [(4, 16, 12, 1), (3, 9, 15, 2), (12, 24, 36, 4)])
-def test_phm_weight_backward_matches_autograd(factorised, n, I, O, r):
-    args = [t if t is None else t.requires_grad_() for t in factors(n, I, O, r, factorised=factorised)]
-    H = kron_sum(*args)
-    dH = torch.randn_like(H)
-    expected = torch.autograd.grad(H, [t for t in args if t is not None], dH)
-    got = phm_weight_backward(dH, *(t if t is None else t.detach() for t in args))
-    if not factorised:
-        assert got[2] is None
-    for g, e in zip([t for t in got if t is not None], expected):
-        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_phm_weight_backward_low_precision(dtype):
-    args64 = factors(4, 16, 12, 2)
-    dH = torch.randn(16, 12, dtype=torch.float64)
-    ref = phm_weight_backward(dH, *args64)
-    got = phm_weight_backward(dH.to(dtype), *(t.to(dtype) for t in args64))
-    for g, e in zip(got, ref):
-        assert g.dtype == dtype
-        # Only the rounding of the inputs and of the result: computed in float32 internally.
-        torch.testing.assert_close(g.double(), e, rtol=3e-2, atol=3e-2)
-
-
-# --- the CUDA kernel ----------------------------------------------------------------------
-
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
-       torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
-
-
-@requires_gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("factorised", [True, False])
-@pytest.mark.parametrize("n,I,O,r", [(4, 768, 24, 1), (12, 768, 48, 4), (3, 9, 15, 2), (4, 4, 4, 1)])
-def test_phm_weight_cuda_matches_kron(ext, dtype, factorised, n, I, O, r):
-    args = factors(n, I, O, r, dtype=dtype, device="cuda", factorised=factorised)
-    out = torch.ops.compacter_kernels.phm_weight(*args)
-    # Reference in float32 from the same (rounded) inputs: the kernel accumulates in float.
-    ref = kron_sum(*(t if t is None else t.float() for t in args))
-    assert out.shape == (I, O) and out.dtype == dtype
-    torch.testing.assert_close(out.float(), ref, **TOL[dtype])
-
-
-@requires_gpu
-@pytest.mark.parametrize("factorised", [True, False])
-def test_phm_weight_cuda_opcheck(ext, factorised):
-    args = [t if t is None else t.requires_grad_()
-            for t in factors(4, 16, 12, 2, dtype=torch.float32, device="cuda", factorised=factorised)]
-    torch.library.opcheck(torch.ops.compacter_kernels.phm_weight.default, tuple(args))
-
-
-@requires_gpu
-def test_phm_weight_cuda_gradcheck(ext):
-    args = [t.requires_grad_() for t in factors(3, 6, 9, 2, device="cuda")]
-    assert torch.autograd.gradcheck(torch.ops.compacter_kernels.phm_weight, tuple(args))
-
-
-@requires_gpu
-def test_phm_weight_cuda_rejects_bad_inputs(ext):
-    rule, left, right = factors(4, 16, 12, 2, dtype=torch.float32, device="cuda")
-    op = torch.ops.compacter_kernels.phm_weight
-    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
-        op(rule.cpu(), left, right)
-    with pytest.raises(RuntimeError, match="same dtype|must match"):
-        op(rule.half(), left, right)
-    with pytest.raises(RuntimeError, match="must have shape"):
-        op(rule, left, right[:, :1].contiguous())
-    with pytest.raises(RuntimeError, match="must be contiguous"):
-        op(rule, left, right.transpose(1, 2).contiguous().transpose(1, 2))
-
-
-# --- the fused adapter ops (cuda_adapter_fwd / _bwd, and cuda_compacter_fwd on the factors) ---
+# --- the fused adapter ops (cuda_adapter_fwd / _bwd, and the Function over them) -------------
 # Registration, fake impls and the autograd glue, checked on meta / fake tensors: no GPU needed.
 # The kernels themselves are checked against the reference by tests/test_kernels.py on a GPU.
 
@@ -244,11 +174,8 @@ def test_adapter_schemas(ext):
         op = getattr(torch.ops.compacter_kernels, name).default
         assert str(op._schema) == schema
         assert torch.Tag.pt2_compliant_tag in op.tags
-    # The differentiable op on the factors, registered from Python once _C has loaded.
-    op = torch.ops.compacter_kernels.cuda_compacter_fwd.default
-    assert [a.name for a in op._schema.arguments] == [
-        "x", "residual", "rule_down", "left_down", "right_down", "bias_down", "rule_up", "left_up", "right_up",
-        "bias_up", "activation", "scale", "out_dtype"]
+    # No Python op of its own: the backend's Function calls these C++ ops directly.
+    assert not hasattr(torch.ops.compacter_kernels, "cuda_compacter_fwd")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -296,7 +223,6 @@ def _meta_compacter_inputs(dtype, factorised=True, d=32, k=16, n=4, r=2, lead=(3
 def test_cuda_adapter_autograd_glue_on_meta(ext, dtype, factorised, with_residual):
     """Forward and backward of the cuda entry points on meta tensors: every op's fake impl and
     the autograd formula's shapes and dtypes (a gradient for every input, of its shape)."""
-    from compacter_kernels.ops.cuda import adapter as cuda_adapter
 
     def check_grads(y, leaves):
         grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
@@ -305,20 +231,19 @@ def test_cuda_adapter_autograd_glue_on_meta(ext, dtype, factorised, with_residua
 
     x, (rd, ld, rgd), bd, (ru, lu, rgu), bu = _meta_compacter_inputs(dtype, factorised)
     residual = torch.empty_like(x, requires_grad=True) if with_residual else None
-    y = cuda_adapter.compacter_adapter(x, rd, ld, rgd, bd, ru, lu, rgu, bu, activation="silu", scale=0.5,
-                                       residual=residual)
+    y = F._fused_adapter("cuda", x, Projection(rd, ld, rgd, bd), Projection(ru, lu, rgu, bu), "silu", 0.5, residual)
     assert y.shape == x.shape and y.dtype == dtype and y.device.type == "meta"
     check_grads(y, [t for t in (x, rd, ld, rgd, bd, ru, lu, rgu, bu, residual) if t is not None])
     # The dense (Houlsby) entry point.
     w_down = torch.empty(32, 16, dtype=dtype, device="meta", requires_grad=True)
     w_up = torch.empty(16, 32, dtype=dtype, device="meta", requires_grad=True)
-    y = cuda_adapter.adapter(x, w_down, None, w_up, bu, activation="relu", scale=2.0, residual=residual)
+    y = F._fused_adapter("cuda", x, Projection(None, w_down, None, None), Projection(None, w_up, None, bu), "relu",
+                         2.0, residual)
     assert y.shape == x.shape and y.dtype == dtype
     check_grads(y, [t for t in (x, w_down, w_up, bu, residual) if t is not None])
 
 
 def test_cuda_adapter_rejects_cpu_tensors(ext):
-    from compacter_kernels.ops.cuda import adapter as cuda_adapter
 
     x, hd, hu = torch.randn(4, 8), torch.randn(8, 4), torch.randn(4, 8)
     with pytest.raises(NotImplementedError, match="cuda_adapter_fwd.*'CPU' backend"):
@@ -327,13 +252,14 @@ def test_cuda_adapter_rejects_cpu_tensors(ext):
         torch.ops.compacter_kernels.cuda_adapter_bwd(x, x, torch.randn(4, 4), hd, hu, None, hd, None, None, None, hu,
                                                      None, None, 0, 1.0, False, False)
     with pytest.raises(RuntimeError, match="needs CUDA tensors, got x on cpu"):
-        cuda_adapter.adapter(x, hd, None, hu, None)
+        F._fused_adapter("cuda", x, Projection(None, hd, None, None), Projection(None, hu, None, None), "gelu", 1.0,
+                         None)
     with pytest.raises(RuntimeError, match="needs CUDA tensors, got x on cpu"):
-        cuda_adapter.compacter_adapter(x, *factors(4, 8, 4, 1, torch.float32), None,
-                                       *factors(4, 4, 8, 1, torch.float32), None)
+        F._fused_adapter("cuda", x, Projection(*factors(4, 8, 4, 1, torch.float32), None),
+                         Projection(*factors(4, 4, 8, 1, torch.float32), None), "gelu", 1.0, None)
 
 
-# --- PHM linear on the cuda backend (phm_weight + cuBLAS, ops/cuda/phm_linear.py) -------------
+# --- PHM linear on the cuda backend (cuda_build_h + cuBLAS, ops/cuda/phm_linear.py) -----------
 # Registration, fake impl and autograd glue without a GPU; the backward math on CPU in float64;
 # the run against the reference is tests/test_kernels.py's (backend "cuda") and the GPU tests here.
 
@@ -350,23 +276,21 @@ def _phm_linear_inputs(dtype, device, factorised=True, bias=True, lead=(2, 5), n
 
 
 def test_cuda_phm_linear_registered(ext):
-    from compacter_kernels.backends import IMPLEMENTATIONS, available_backends
+    from compacter_kernels.backends import FUNCTIONS, available_backends
+    from compacter_kernels.ops.cuda import adapter as cuda_adapter
     from compacter_kernels.ops.cuda import phm_linear as cuda_phm_linear
 
-    op = torch.ops.compacter_kernels.cuda_phm_linear_fwd.default
-    assert [a.name for a in op._schema.arguments] == ["x", "rule", "left", "right", "bias"]
     available_backends()
-    assert IMPLEMENTATIONS["cuda"]["phm_linear"] is cuda_phm_linear.phm_linear
+    assert FUNCTIONS["cuda"] == {"adapter": cuda_adapter.CudaAdapter, "phm_linear": cuda_phm_linear.CudaPHMLinear}
 
 
 def test_cuda_phm_linear_rejects_cpu_tensors(ext):
-    from compacter_kernels.ops.cuda import phm_linear as cuda_phm_linear
 
     args = _phm_linear_inputs(torch.float32, "cpu")
     with pytest.raises(ValueError, match="the cuda backend needs CUDA tensors, got a tensor on cpu"):
         compacter_kernels.phm_linear(*args, backend="cuda")
     with pytest.raises(RuntimeError, match="needs CUDA tensors, got x on cpu"):
-        cuda_phm_linear.phm_linear(*args)
+        F._fused_phm_linear("cuda", args[0], Projection(*args[1:]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -381,14 +305,14 @@ def test_cuda_phm_linear_fake_and_meta(ext, dtype, factorised, bias):
 
     with FakeTensorMode():
         x, *params = _phm_linear_inputs(dtype, "cuda", factorised, bias)
-        y = cuda_phm_linear.phm_linear(x, *params)
+        y = F._fused_phm_linear("cuda", x, Projection(*params))
         H = torch.empty(32, 24, dtype=dtype, device="cuda")
         dx, dH, db = cuda_phm_linear.phm_linear_backward(y.reshape(10, 24), x.reshape(10, 32), H, bias)
     assert (y.shape, y.dtype, y.device.type) == ((2, 5, 24), dtype, "cuda")
     assert (dx.shape, dx.dtype, dH.shape, dH.dtype) == ((10, 32), dtype, (32, 24), torch.float32)
     assert (db.shape, db.dtype) == ((24,), torch.float32) if bias else db is None
     args = _phm_linear_inputs(dtype, "meta", factorised, bias)
-    y = cuda_phm_linear.phm_linear(*args)
+    y = F._fused_phm_linear("cuda", args[0], Projection(*args[1:]))
     assert (y.shape, y.dtype, y.device.type) == ((2, 5, 24), dtype, "meta")
     leaves = [t for t in args if t is not None]
     for t, g in zip(leaves, torch.autograd.grad(y, leaves, torch.ones_like(y))):
@@ -409,8 +333,8 @@ def test_cuda_phm_linear_backward_math(ext, factorised, M):
     expected = torch.autograd.grad(y, leaves, dy)
     H = kron_sum(rule, left, right).detach()
     dx, dH, db = phm_linear_backward(dy, x.detach(), H, has_bias=True)
-    got = [dx, *(g for g in phm_weight_backward(dH, rule.detach(), left.detach(),
-                                                None if right is None else right.detach()) if g is not None), db]
+    factor_leaves = [t for t in (rule, left, right) if t is not None]
+    got = [dx, *torch.autograd.grad(kron_sum(rule, left, right), factor_leaves, dH), db]
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
     assert phm_linear_backward(dy, x.detach(), H, has_bias=False)[2] is None
@@ -446,7 +370,7 @@ def test_cuda_phm_linear_backward_keeps_dH_in_fp32_on_gpu(ext, dtype, M):
 @requires_gpu
 @pytest.mark.parametrize("M", [0, 1, 300])
 def test_cuda_phm_linear_on_gpu(ext, M):
-    """The real op (phm_weight kernel, cuBLAS) against the reference, M = 0 included, and opcheck
+    """The real op (cuda_build_h, cuBLAS) against the reference, M = 0 included, and opcheck
     (tests/test_kernels.py holds it to the common standard over shapes and dtypes)."""
     args = _phm_linear_inputs(torch.float32, "cuda", lead=(M,))
     y = compacter_kernels.phm_linear(*args, backend="cuda")

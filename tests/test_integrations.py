@@ -43,15 +43,17 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    """Records (backend, op) for every call of a registered implementation: proves the fused op ran."""
+    """Records (backend that ran, op) for every call of a functional op: proves the fused op ran."""
+    from compacter_kernels import functional
+
     calls = []
-    backends.available_backends()  # registers the Triton implementations when importable
-    for backend, impls in backends.IMPLEMENTATIONS.items():
-        for op, fn in list(impls.items()):
-            def wrapper(*args, _fn=fn, _key=(backend, op), **kwargs):
-                calls.append(_key)
-                return _fn(*args, **kwargs)
-            monkeypatch.setitem(impls, op, wrapper)
+    for attr, op in (("compacter_adapter", "compacter_adapter"), ("adapter", "adapter"), ("_adapter_linear", "adapter"),
+                     ("multitask_compacter_adapter", "multitask_compacter_adapter"),
+                     ("multitask_adapter", "multitask_adapter"), ("phm_linear", "phm_linear")):
+        def wrapper(x, *args, _fn=getattr(functional, attr), _op=op, backend="auto", **kwargs):
+            calls.append((backends.select(backend, x), _op))
+            return _fn(x, *args, backend=backend, **kwargs)
+        monkeypatch.setattr(functional, attr, wrapper)
     return calls
 
 

@@ -9,7 +9,7 @@ import torch
 
 import compacter_kernels as ck
 from compacter_kernels import reference as ref
-from compacter_kernels.ops.triton import common as _triton_common
+from compacter_kernels.ops.triton import config, launch
 from utils import (ON_GPU, assert_matches_reference, check_op, compacter_inputs, dense_inputs, phm_factors,
                    why_backend_cannot_run)
 
@@ -29,7 +29,7 @@ def backend(request):
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
     """Kernel outputs start as NaN: any element a kernel fails to write fails the test."""
-    monkeypatch.setattr(_triton_common, "POISON", True)
+    monkeypatch.setattr(launch, "POISON", True)
 
 
 @pytest.fixture(params=["in_kernel", "prebuilt"])
@@ -37,7 +37,7 @@ def h_build(request, monkeypatch, backend):
     """Both ways the Triton kernels get H: tiles built in registers, or H built once per call."""
     if backend != "triton" and request.param == "in_kernel":
         pytest.skip(f"only the triton backend builds H inside its kernels; {backend} runs once, as prebuilt")
-    monkeypatch.setattr(_triton_common, "INKERNEL_H_BUDGET", 10**9 if request.param == "in_kernel" else 0)
+    monkeypatch.setattr(config, "INKERNEL_H_BUDGET", 10**9 if request.param == "in_kernel" else 0)
 
 
 def _skip_unsupported(dtype, backend):
@@ -46,10 +46,6 @@ def _skip_unsupported(dtype, backend):
 
 
 def _kernel(op, backend):
-    from compacter_kernels.backends import IMPLEMENTATIONS
-
-    if op not in IMPLEMENTATIONS[backend]:
-        pytest.skip(f"backend {backend!r} has no {op} kernel")
     return lambda *a, **kw: getattr(ck, op)(*a, backend=backend, **kw)
 
 
@@ -189,18 +185,34 @@ def test_phm_linear_matches_reference(backend, n, I, O, rank, dtype, bias, h_bui
 # ---- composition with PyTorch ---------------------------------------------------------------------
 
 def test_opcheck_triton_ops():
+    """The custom ops under the Functions (their schemas, fake impls, no aliasing): single-task,
+    dense with a residual, mixed-task, the backward, and phm_linear's two. Their autograd is the
+    Functions' (tested everywhere else), so the inputs here need no gradient."""
     if not ck.available_backends()["triton"]:
         pytest.skip(ck.available_backends()["triton"].reason)
-    inp = compacter_inputs(lead=(5,), d=32, k=16, n=4, dtype=torch.float32, device=DEVICE)
-    x2 = inp.x.detach().requires_grad_()
-    args = (x2, None, *inp.args()[1:], "gelu", 0.5, torch.float32)
-    torch.library.opcheck(torch.ops.compacter_kernels.triton_adapter_fwd.default, args)
-    x, wd, bd, wu, bu = dense_inputs(lead=(5,), d=32, k=16, dtype=torch.float32, device=DEVICE)
-    torch.library.opcheck(torch.ops.compacter_kernels.triton_adapter_fwd.default,
-                          (x, torch.randn_like(x), None, wd, None, bd, None, wu, None, bu, "relu", 1.0, torch.float32))
-    rule, left, right = phm_factors(4, 16, 24, 2, dtype=torch.float32, device=DEVICE, requires_grad=True)
+    from compacter_kernels.ops.triton import adapter as triton_adapter
+
+    inp = compacter_inputs(lead=(5,), d=32, k=16, n=4, dtype=torch.float32, device=DEVICE, requires_grad=False)
+    params = inp.args()[1:]
+    fwd = torch.ops.compacter_kernels.triton_adapter_fwd.default
+    torch.library.opcheck(fwd, (inp.x, None, *params, None, "gelu", 0.5, torch.float32, True))
+    x, wd, bd, wu, bu = dense_inputs(lead=(5,), d=32, k=16, dtype=torch.float32, device=DEVICE, requires_grad=False)
+    torch.library.opcheck(fwd, (x, torch.randn_like(x), None, wd, None, bd, None, wu, None, bu, None, "relu", 1.0,
+                                torch.float32, False))
+    ids = torch.tensor([1, 0, 1, 1, 0], device=DEVICE)
+    stacked = (None, torch.stack([wd, wd.flip(0)]), None, torch.stack([bd, bd]), None, torch.stack([wu, wu]), None,
+               torch.stack([bu, bu]))
+    torch.library.opcheck(fwd, (x, None, *stacked, ids, "silu", 1.0, torch.float32, True))
+    y, z, hd, hu, order, counts = triton_adapter.adapter_fwd(inp.x, None, *params, None, "gelu", 0.5, torch.float32,
+                                                             True)
+    torch.library.opcheck(torch.ops.compacter_kernels.triton_adapter_bwd.default,
+                          (torch.randn_like(y), inp.x, z, hd, hu, order, counts, *params, "gelu", 0.5, False,
+                           params[0] is params[4], False))
+    rule, left, right = phm_factors(4, 16, 24, 2, dtype=torch.float32, device=DEVICE)
     torch.library.opcheck(torch.ops.compacter_kernels.triton_phm_linear_fwd.default,
-                          (x[:, :16].detach().requires_grad_(), rule, left, right, None))
+                          (x[:, :16], rule, left, right, None))
+    torch.library.opcheck(torch.ops.compacter_kernels.triton_phm_linear_bwd.default,
+                          (torch.randn(5, 24, device=DEVICE), x[:, :16], rule, left, right, None))
 
 
 def test_torch_compile_fullgraph_of_a_module():

@@ -46,7 +46,7 @@ M, D, K, N, RANK = 48, 64, 16, 4, 1  # M != d, so x and a (d, k) weight differ i
 def _expected(op: str, e: int, backend: str) -> dict[str, timing.SavedBytes]:
     """Bytes each provider saves, counted from what its forward saves.
 
-    Fused (both backends: ops/autograd.py, register_adapter_op): x, z (M, k), the weight
+    Fused (both backends: ops/common.py, save_adapter): x, z (M, k), the weight
     factors and the biases (kept for a second derivative only: parameters, no copies); the new
     tensors are z and the H's (d*k each) where the backend builds them once per call and
     keeps them (cuda always for Compacter; triton past the in-kernel budget, not at this size).

@@ -36,9 +36,10 @@ def _compacter_args(T, d=32, k=16, n=4, rank=1, dtype=torch.float64, per_task_ru
 def _per_row(x, ids, params, task_slices, single, **kw):
     """The definition: each row through its own task's single-task op (fp64, no grouping)."""
     d = x.shape[-1]
-    x2, ids2 = x.reshape(-1, d), ids.expand(x.shape[:-1]).reshape(-1)
+    ids2 = ids.expand(x.shape[:-1]).reshape(-1)
+    x2 = x.reshape(ids2.shape[0], d)  # d may be 0
     r = kw.pop("residual", None)
-    r2 = None if r is None else r.reshape(-1, d)
+    r2 = None if r is None else r.reshape(ids2.shape[0], d)
     rows = [single(x2[i:i + 1], *task_slices(params, int(t)), **kw,
                    residual=None if r2 is None else r2[i:i + 1]) for i, t in enumerate(ids2.tolist())]
     return torch.cat(rows).reshape(x.shape)
@@ -260,7 +261,7 @@ def test_grouped_forward_matches_the_per_task_loop(dtype, T, kind, rank, per_tas
 
 @triton_only
 def test_grouped_forward_is_one_launch_and_writes_no_z():
-    from compacter_kernels.ops.triton import common
+    from compacter_kernels.ops.triton import launch
     from counters import counting, traffic
 
     T, M = 6, 50
@@ -272,7 +273,7 @@ def test_grouped_forward_is_one_launch_and_writes_no_z():
     assert dict(counts.launches) == {"_group_rows_kernel": 1, "_adapter_fwd_kernel": 1}
     # torch ops: only the range check of task_ids (one read back).
     assert set(counts.aten) <= {"aminmax", "stack", "_local_scalar_dense"}, counts.aten
-    if common.interpreting():
+    if launch.interpreting():
         with torch.no_grad(), traffic() as moved:
             y = ck.multitask_compacter_adapter(x, ids, *params, backend="triton")
         assert moved.of(y) == (0, 1) and moved.of(x) == (2, 0)  # y written once; no z at all
@@ -284,7 +285,7 @@ def test_grouped_forward_is_one_launch_and_writes_no_z():
     fwd, bwd = forward_backward_counts(lambda x: ck.multitask_compacter_adapter(x, ids, *trained, backend="triton"),
                                        (x.requires_grad_(),), [x, *leaves.values()])
     assert dict(fwd.launches) == {"_group_rows_kernel": 1, "_adapter_fwd_kernel": 1}
-    assert dict(bwd.launches) == {"_adapter_bwd_kernel": 1, "_adapter_cols_kernel": 1, "_factor_grads_kernel": 1}
+    assert dict(bwd.launches) == {"_adapter_rows_kernel": 1, "_adapter_cols_kernel": 1, "_factor_grads_kernel": 1}
     assert not bwd.aten, bwd.aten
 
 
@@ -339,3 +340,134 @@ def test_grouped_prebuilt_h_is_one_launch_for_every_task():
     assert dict(counts.launches) == {"_build_h_kernel": 1, "_adapter_fwd_kernel": 1}
     want = ck.multitask_compacter_adapter(x, ids, *params, backend="reference")
     torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+
+
+# ---- what an adversarial round found: absent tasks, id dtypes, empty widths, second derivatives,
+# torch.compile, forward-mode AD, reads back to the host ----------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("present", [[0], [2], [1, 2], [0, 2]])
+def test_any_task_may_be_absent_in_training(backend, present):
+    """Every gradient of every task (zeros for an absent one's) equals one call per row."""
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    T, lead = 3, (5, 4)
+    params = _compacter_args(T, dtype=dtype, shared=False)
+    x = torch.randn(*lead, 32, dtype=torch.float64).to(DEVICE, dtype).requires_grad_()
+    ids = torch.tensor(present, device=DEVICE)[torch.randint(0, len(present), (lead[0], 1))]
+
+    def fused(x, *p):
+        return ck.multitask_compacter_adapter(x, ids, *p, backend=backend)
+
+    def naive(x, *p):
+        return _per_row(x, ids, p, _compacter_slices, ck.reference.compacter_adapter)
+
+    check_op(fused, naive, (x, *params), dtype, f"tasks {present} of {T}, {backend}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("id_dtype", [torch.int8, torch.int16, torch.int32, torch.uint8]
+                         + [getattr(torch, f"uint{b}") for b in (16, 32, 64) if hasattr(torch, f"uint{b}")])
+def test_every_integer_id_dtype_is_accepted(backend, id_dtype):
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    T = 3
+    params = _compacter_args(T, dtype=dtype)
+    x = torch.randn(7, 32, dtype=dtype, device=DEVICE)
+    ids = torch.tensor([2, 0, 1, 1, 0, 2, 2], device=DEVICE)
+    want = ck.multitask_compacter_adapter(x, ids, *params, backend=backend)
+    got = ck.multitask_compacter_adapter(x, ids.to(id_dtype), *params, backend=backend)
+    assert torch.equal(got, want)
+    if id_dtype == getattr(torch, "uint64", None):  # 2**64 - 1 is not a task, whatever its bits read as
+        with pytest.raises(ValueError, match=r"task_ids must be in \[0, 3\)"):
+            ck.multitask_compacter_adapter(x, torch.full((7,), 2**64 - 1, dtype=id_dtype), *params, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_widths_of_the_dense_op(backend):
+    """d_model = 0 (no features) and a bottleneck of width 0: y = r (+ scale * b_up), every
+    gradient of its shape."""
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    T = 3
+    ids = torch.tensor([[1], [0]], device=DEVICE)
+    for d, k in ((0, 4), (6, 0), (0, 0)):
+        g = lambda *s: torch.randn(*s, dtype=dtype, device=DEVICE).requires_grad_()  # noqa: E731
+        params = (g(T, d, k), g(T, k), g(T, k, d), g(T, d))
+        x = g(2, 5, d)
+        y = ck.multitask_adapter(x, ids, *params, backend=backend)
+        want = _per_row(x, ids, params, _dense_slices, ck.reference.adapter, activation="gelu", scale=1.0)
+        torch.testing.assert_close(y, want)
+        grads = torch.autograd.grad(y.sum(), (x, *params), allow_unused=True, materialize_grads=True)
+        assert [t.shape for t in grads] == [t.shape for t in (x, *params)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dense", [True, False])
+def test_second_derivatives_of_both_mixed_task_ops(backend, dense):
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    T = 3
+    x = torch.randn(9, 32, dtype=dtype, device=DEVICE, requires_grad=True)
+    ids = torch.tensor([2, 0, 0, 1, 2, 2, 0, 1, 1], device=DEVICE)
+    if dense:
+        g = lambda *s: (0.3 * torch.randn(*s, dtype=dtype, device=DEVICE)).requires_grad_()  # noqa: E731
+        params = [g(T, 32, 8), g(T, 8), g(T, 8, 32), g(T, 32)]
+        fused = lambda x, *p: ck.multitask_adapter(x, ids, *p, backend=backend)  # noqa: E731
+        naive = lambda x, *p: _per_row(x, ids, p, _dense_slices, ck.reference.adapter, activation="gelu",  # noqa
+                                       scale=1.0)
+    else:
+        params = _compacter_args(T, dtype=dtype)
+        fused = lambda x, *p: ck.multitask_compacter_adapter(x, ids, *p, backend=backend)  # noqa: E731
+        naive = lambda x, *p: _per_row(x, ids, p, _compacter_slices, ck.reference.compacter_adapter)  # noqa: E731
+    leaves = [x] + [p for p in params if p is not None]
+    unique = list({id(t): t for t in leaves}.values())
+
+    def penalty(fn):
+        (gx,) = torch.autograd.grad(fn(x, *params).square().sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), unique)
+
+    for a, b in zip(penalty(fused), penalty(naive)):  # fp32: a sum of products that cancel, hence the tolerance
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a, b, rtol=1e-7 if dtype == torch.float64 else 5e-3,
+                                   atol=(1e-9 if dtype == torch.float64 else 5e-3) * scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_mode_ad_gives_the_tangent(backend):
+    """A dual x (or dual parameters) gets y's tangent, with frozen weights and on a repeated call
+    of the same shapes too: never a y without its tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    T = 3
+    params = [None if p is None else p.detach() for p in _compacter_args(T, dtype=dtype)]  # frozen
+    x = torch.randn(6, 32, dtype=dtype, device=DEVICE)
+    ids = torch.tensor([2, 0, 1, 1, 0, 2], device=DEVICE)
+    tx = torch.randn_like(x)
+    f = lambda x: ck.multitask_compacter_adapter(x, ids, *params, backend=backend)  # noqa: E731
+    _, want = torch.func.jvp(lambda x: ck.multitask_compacter_adapter(x, ids, *params, backend="reference"),
+                             (x,), (tx,))
+    for _ in range(2):
+        f(x)  # an earlier call of the same shapes
+        with fwAD.dual_level():
+            y = f(fwAD.make_dual(x, tx))
+            tangent = fwAD.unpack_dual(y).tangent
+        assert tangent is not None
+        torch.testing.assert_close(tangent, want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_mixed_task_ops_read_nothing_back_under_compile():
+    """torch.compile(fullgraph=True) takes both mixed-task ops whole (no bincount().tolist(), no
+    range check) on every backend, forward and backward, with the eager values."""
+    for backend in BACKENDS:
+        dtype = torch.float64 if backend == "reference" else torch.float32
+        params = _compacter_args(3, dtype=dtype)
+        x = torch.randn(2, 5, 32, dtype=dtype, device=DEVICE, requires_grad=True)
+        ids = torch.tensor([[2], [0]], device=DEVICE)
+
+        def f(x, *p):
+            return ck.multitask_compacter_adapter(x, ids, *p, backend=backend)
+
+        compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+        leaves = [x] + list({id(p): p for p in params if p is not None}.values())
+        y, y_eager = compiled(x, *params), f(x, *params)
+        torch.testing.assert_close(y, y_eager)
+        for a, b in zip(torch.autograd.grad(y.sum(), leaves), torch.autograd.grad(y_eager.sum(), leaves)):
+            torch.testing.assert_close(a, b)

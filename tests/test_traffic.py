@@ -9,11 +9,11 @@ import torch
 
 import compacter_kernels as ck
 from compacter_kernels.ops.triton import adapter
-from compacter_kernels.ops.triton import common as _triton_common
+from compacter_kernels.ops.triton import config, launch
 from counters import traffic
 from utils import compacter_inputs, why_backend_cannot_run
 
-pytestmark = pytest.mark.skipif(not _triton_common.interpreting() or why_backend_cannot_run("triton") is not None,
+pytestmark = pytest.mark.skipif(not launch.interpreting() or why_backend_cannot_run("triton") is not None,
                                 reason="the traffic counter reads Triton's interpreter (TRITON_INTERPRET=1)")
 
 CASES = [(768, 24, 1), (1024, 64, 1)]  # H built in the kernels; H prebuilt
@@ -44,23 +44,23 @@ def test_backward_reads_x_and_z_once_and_writes_dx_once(d, k, rank):
     inp, _, dy, grads, _, bwd = _run(d, k, rank)
     assert bwd.of(inp.x) == (1, 0)
     assert bwd.of(grads[0]) == (0, 1)
-    assert bwd.by_name("_adapter_bwd_kernel.z_ptr") == (1, 0)
+    assert bwd.by_name("_adapter_rows_kernel.z_ptr") == (1, 0)
     assert bwd.of(dy) == (2, 0)  # once in the rows kernel, once in the columns kernel
-    tiles = -(-d // adapter.columns_blocks(k)[0])
+    tiles = -(-d // config.columns_blocks(k)[0])
     for buf in ("g_ptr", "dz_ptr"):  # written once, read once per column tile of the columns kernel
-        assert bwd.by_name(f"_adapter_bwd_kernel.{buf}") == (tiles, 1)
+        assert bwd.by_name(f"_adapter_rows_kernel.{buf}") == (tiles, 1)
 
 
 @pytest.mark.xfail(strict=True, reason="issue 13: g and dz are read once per column tile of d")
 def test_backward_reads_g_and_dz_once():
     _, _, _, _, _, bwd = _run(768, 24, 1)
-    assert bwd.by_name("_adapter_bwd_kernel.g_ptr")[0] <= 1 and bwd.by_name("_adapter_bwd_kernel.dz_ptr")[0] <= 1
+    assert bwd.by_name("_adapter_rows_kernel.g_ptr")[0] <= 1 and bwd.by_name("_adapter_rows_kernel.dz_ptr")[0] <= 1
 
 
 def test_with_a_residual_dy_is_read_twice_and_copied_once():
     inp, _, dy, grads, _, bwd = _run(768, 24, 1, residual=True)
     assert bwd.of(dy) == (2, 0) and bwd.of(grads[0]) == (0, 1)
-    assert bwd.by_name("_adapter_bwd_kernel.dres_ptr") == (0, 1)
+    assert bwd.by_name("_adapter_rows_kernel.dres_ptr") == (0, 1)
 
 
 @pytest.mark.parametrize("d,k,rank", CASES + [(96, 24, None)], ids=IDS + ["d96-k24-unfactored"])
@@ -76,11 +76,11 @@ def test_the_benchmarks_byte_model_is_what_the_counter_counts(d, k, rank):
         return sum(record.loaded[k] + record.stored[k] for k in keys)
 
     assert moved(fwd, "_adapter_fwd_kernel.z_ptr", tensors=(inp.x, y)) == adapter.counted_bytes(
-        M, d, k, e, 4, backward=False, programs=_triton_common.num_programs_target(None))
-    counted = moved(bwd, *(f"_adapter_bwd_kernel.{b}" for b in ("z_ptr", "g_ptr", "dz_ptr")),
+        M, d, k, e, 4, backward=False, programs=launch.num_programs_target(None))
+    counted = moved(bwd, *(f"_adapter_rows_kernel.{b}" for b in ("z_ptr", "g_ptr", "dz_ptr")),
                     "_adapter_cols_kernel.part_ptr", "_adapter_cols_kernel.csum_ptr", tensors=(inp.x, dy, grads[0]))
     assert counted == adapter.counted_bytes(M, d, k, e, 4, backward=True,
-                                            programs=_triton_common.num_programs_target(None))
+                                            programs=launch.num_programs_target(None))
 
 
 def test_the_counter_sees_an_extra_read(monkeypatch):
@@ -103,8 +103,8 @@ def test_partials_stay_within_two_percent_of_the_floor_at_32768_rows(d, k):
     M, e, n = 32768, 2, 4
     floor = (3 * M * d + M * k) * e
     per_split = 2 * d * k * 4 * (1 + n)
-    tiles = -(-d // adapter.columns_blocks(k)[0])
-    splits, rows = _triton_common.split_rows(M, 64, tiles, per_split, floor, 264)
+    tiles = -(-d // config.columns_blocks(k)[0])
+    splits, rows = config.split_rows(M, 64, tiles, per_split, floor, 264)
     assert splits * rows >= M and splits * per_split <= 0.02 * floor, (splits, per_split, floor)
 
 

@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=_positive_int, help="sequences per batch (default: 2 on CPU, 32 on GPU)")
     g.add_argument("--seq", type=_positive_int, help="tokens per sequence (default: 64 on CPU, 128 on GPU)")
     g.add_argument("--steps", type=_positive_int, help="timed steps (default: 5 on CPU, 20 on GPU)")
+    g.add_argument("--no-compile", dest="e2e_compile", action="store_false",
+                   help="skip each backend's compiled variant (torch.compile(fullgraph=True), mode='reduce-overhead' "
+                        "on a GPU)")
     return p
 
 
@@ -126,12 +129,12 @@ def _counted_bytes(case: Case, mode: str, provider: str, device: torch.device) -
     if provider != "triton" or case.op == "phm_linear":
         return None
     try:
-        from ..ops.triton import adapter, common
+        from ..ops.triton import adapter, launch
     except ImportError:  # no triton: no such provider either
         return None
     e = torch.finfo(case.dtype).bits // 8
     n = case.n if case.op == "compacter" else 1
-    programs = common.num_programs_target(device.index if device.type == "cuda" else None)
+    programs = launch.num_programs_target(device.index if device.type == "cuda" else None)
     return sum(adapter.counted_bytes(case.M, case.d, case.k, e, n, backward=m == "bwd", programs=programs)
                for m in (("fwd", "bwd") if mode == "fwd+bwd" else (mode,)))
 
@@ -269,7 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         backends = [p for p in args.providers if p in ("reference", *cases.FUSED)]
         rows, ok = e2e.run(args.model, args.layers or (12 if gpu else 2), args.batch or (32 if gpu else 2),
                            args.seq or (128 if gpu else 64), args.steps or (20 if gpu else 5), args.dtype[0],
-                           backends, device)
+                           backends, device, compile=args.e2e_compile)
         meta = report.metadata(device, command, model=args.model)
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"compacter-e2e-{_stamp()}.json"

@@ -5,6 +5,9 @@ Placement as in the Compacter paper (Houlsby's): one adapter on the attention ou
 the feed-forward output of every layer, before each residual add and LayerNorm; every adapter
 uses one shared ``PHMRule``. Trained: the adapters, the rule and a classifier head, on
 synthetic token batches. The same weights and batch run with each backend, so the losses match.
+Each backend runs eager and, as "<backend>+compile", with the model under
+torch.compile(fullgraph=True): mode="reduce-overhead" (CUDA graphs, what takes host time out of
+a step) on a GPU, the aot_eager backend elsewhere (a check that the step compiles, not a timing).
 """
 
 from __future__ import annotations
@@ -74,9 +77,17 @@ def set_backend(model: nn.Module, backend: str) -> None:
             m.backend = backend
 
 
+def _compiled(model: nn.Module, device: torch.device):
+    torch._dynamo.reset()  # one model object serves every backend: no guard from the last one kept
+    if device.type == "cuda":
+        return torch.compile(model, fullgraph=True, mode="reduce-overhead")
+    return torch.compile(model, fullgraph=True, backend="aot_eager")
+
+
 def run(model_name: str, layers: int, batch: int, seq: int, steps: int, dtype: torch.dtype,
-        backends: list[str], device: torch.device) -> tuple[list[dict], bool]:
-    """Time ``steps`` training steps per backend; returns (rows, all losses agree)."""
+        backends: list[str], device: torch.device, compile: bool = True) -> tuple[list[dict], bool]:
+    """Time ``steps`` training steps per backend, eager and (``compile``) compiled; returns
+    (rows, all losses agree)."""
     torch.manual_seed(0)
     model = AdapterEncoder(model_name, layers).to(device=device, dtype=dtype)
     init = copy.deepcopy(model.state_dict())
@@ -86,20 +97,25 @@ def run(model_name: str, layers: int, batch: int, seq: int, steps: int, dtype: t
     print(f"e2e: {model_name}, {layers} layers, batch {batch} x seq {seq}, {dtype}, "
           f"{trainable} trainable parameters (adapters + shared rule + head), {2 * layers} adapters")
     rows: list[dict] = []
-    for backend in backends:
+    for backend, compiled in [(b, c) for b in backends for c in ((False, True) if compile else (False,))]:
+        name = backend + ("+compile" if compiled else "")
         reason = cases.skip_reason(backend, device)
         if reason:
-            print(f"skipped: {backend}: {reason}")
-            rows.append({"backend": backend, "status": "skipped", "reason": reason})
+            print(f"skipped: {name}: {reason}")
+            rows.append({"backend": name, "status": "skipped", "reason": reason})
             continue
         model.load_state_dict(init)
         set_backend(model, backend)
+        forward = _compiled(model, device) if compiled else model
+        graphs = compiled and device.type == "cuda"
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         losses: list[torch.Tensor] = []
 
         def step(_state=None):
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(ids).float(), labels)
+            loss = F.cross_entropy(forward(ids).float(), labels)
             loss.backward()
             opt.step()
             losses.append(loss.detach())
@@ -108,7 +124,7 @@ def run(model_name: str, layers: int, batch: int, seq: int, steps: int, dtype: t
         t = timing.measure(lambda: None, step, device, warmup_ms=0, rep_ms=0, min_reps=steps, max_reps=steps)
         mem = timing.peak_memory_mib(lambda: None, step, device)
         host = _host_ms(step, device, steps)
-        rows.append({"backend": backend, "status": "ok", "reason": "", "step_median_ms": t.median_ms,
+        rows.append({"backend": name, "status": "ok", "reason": "", "step_median_ms": t.median_ms,
                      "step_p20_ms": t.p20_ms, "step_p80_ms": t.p80_ms, "steps": t.reps, "peak_mib": mem,
                      "host_median_ms": host,
                      "first_loss": losses[0].item(), "last_loss": losses[-1].item(), "total_steps": len(losses)})

@@ -58,17 +58,27 @@ def _inputs(T: int, M: int, d: int, k: int, n: int, dtype, device, seq: int):
     return x, ids, params
 
 
+def _per_task(x, ids, params, backend):
+    """One single-task call per task present, on its rows (what a loop over the tasks runs)."""
+    rd, ld, rgd, bd, ru, lu, rgu, bu = params
+    d = x.shape[-1]
+    x2, flat = x.reshape(-1, d), ids.expand(x.shape[:-1]).reshape(-1)
+    y = torch.empty_like(x2)
+    for t in flat.unique().tolist():
+        rows = (flat == t).nonzero().squeeze(1)
+        y[rows] = ck.compacter_adapter(x2[rows], rd if rd.dim() == 3 else rd[t], ld[t], rgd[t], bd[t],
+                                       ru if ru.dim() == 3 else ru[t], lu[t], rgu[t], bu[t], backend=backend)
+    return y.reshape(x.shape)
+
+
 def _loop(x, ids, params):
     """One fused single-task call per task present, on its rows (the per-task loop)."""
-    rd, ld, rgd, bd, ru, lu, rgu, bu = params
-    return ck.reference.multitask_compacter_adapter(
-        x, ids, rd, ld, rgd, bd, ru, lu, rgu, bu,
-        single=lambda xt, *p, **kw: ck.compacter_adapter(xt, *p, **kw, backend="triton"))
+    return _per_task(x, ids, params, "triton")
 
 
 def _eager_loop(x, ids, params):
     """One eager reference call per task present (the unfused per-task loop)."""
-    return ck.multitask_compacter_adapter(x, ids, *params, backend="reference")
+    return _per_task(x, ids, params, "reference")
 
 
 def _fused(x, ids, params):

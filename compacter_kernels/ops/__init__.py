@@ -1,9 +1,12 @@
 """The kernel backends' ops: one folder per backend, one file per op (Liger-Kernel's layout).
 
-    autograd.py   what every backend shares: entry points, layout rule, autograd registrations,
-                  the ops' differentiable math; imports no backend
-    triton/       the Triton kernels, their launchers and torch.library ops (common.py: the pieces
-                  both ops use)
-    cuda/         the CUDA extension's Python side (imported by compacter_kernels._extension once
+    common.py     what both backends share: the named Projection, the layout the kernels read,
+                  autocast, the ops' differentiable math, and what the adapter Functions share
+    triton/       adapter.py, phm_linear.py: each op's kernels, its forward and backward
+                  launchers, their custom ops and its autograd Function; kron.py the Kronecker and
+                  activation building blocks, grads.py the backward's reductions and factor
+                  gradients, config.py every tile rule, launch.py what every launch shares
+    cuda/         adapter.py, phm_linear.py: one autograd Function per op over the CUDA
+                  extension's C++ ops (imported by compacter_kernels._extension once
                   compacter_kernels._C has loaded)
 """

@@ -1,7 +1,6 @@
 // CPU impls of the extension's CUDA ops that run csrc/'s kernels in the emulator
 // (emulated_cuda.h): the adapter ops go through the same host code as the CUDA build
-// (csrc/adapter_host.h) with a launcher that emulates the launches, and phm_weight runs its
-// kernel (csrc/phm_weight.cuh). Loaded by tests/emulation.py only when
+// (csrc/adapter_host.h) with a launcher that emulates the launches. Loaded by tests/emulation.py only when
 // COMPACTER_KERNELS_EMULATE_CUDA=1, into a test process of its own: it registers CPU kernels
 // for ops that otherwise have none.
 #include "emulated_launcher.h"  // first: the CUDA names the kernels use
@@ -10,7 +9,6 @@
 
 #include <vector>
 
-#include "phm_weight.cuh"
 
 namespace compacter_kernels {
 namespace adapter {
@@ -63,28 +61,6 @@ std::vector<int64_t> last_layouts() {
 }  // namespace
 }  // namespace adapter
 
-namespace {
-
-// The kernel only; phm_weight.cu's argument checks are the CUDA build's (tested on a GPU).
-at::Tensor emulated_phm_weight(const at::Tensor& rule, const at::Tensor& left, const std::optional<at::Tensor>& right) {
-  TORCH_CHECK(rule.is_contiguous() && left.is_contiguous() && (!right || right->is_contiguous()));
-  const int64_t n = rule.size(0), Ib = left.size(1), Ob = right ? right->size(2) : left.size(2);
-  const int64_t r = right ? left.size(2) : 0;
-  auto out = at::full({n * Ib, n * Ob}, NAN, left.options());
-  constexpr unsigned threads = 64;
-  // Two blocks at most: every thread goes round the grid-stride loop at test sizes.
-  const auto blocks = static_cast<unsigned>(std::min<int64_t>(2, (out.numel() + threads - 1) / threads));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, left.scalar_type(), "emulated_phm_weight", [&] {
-    emulate_launch({blocks, 1, 1}, threads, 0, [&] {
-      phm_weight_kernel<scalar_t>(rule.data_ptr<scalar_t>(), left.data_ptr<scalar_t>(),
-                                  right ? right->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), n, Ib, Ob, r);
-    });
-  });
-  return out;
-}
-
-}  // namespace
-
 TORCH_LIBRARY(compacter_kernels_emulation, m) {
   m.def("last_layouts() -> int[]", &adapter::last_layouts);
   m.def("launches() -> int", &adapter::launches);
@@ -95,7 +71,6 @@ TORCH_LIBRARY_IMPL(compacter_kernels, CPU, m) {
   m.impl("cuda_adapter_bwd", &adapter::emulated_adapter_bwd);
   m.impl("cuda_build_h", &adapter::emulated_build_h);
   m.impl("cuda_phm_grads", &adapter::emulated_phm_grads);
-  m.impl("phm_weight", &emulated_phm_weight);
 }
 
 }  // namespace compacter_kernels

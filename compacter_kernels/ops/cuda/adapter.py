@@ -30,8 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..autograd import (ACT_CODE, adapter_entry_points, adapter_forward_op, multitask_entry_points,
-                        register_adapter_op, rows)
+from ..common import ACT_CODE, adapter_grads, math_adapter_grads, rows, save_adapter
 
 if not hasattr(torch.ops.compacter_kernels, "cuda_adapter_fwd"):
     raise ImportError("compacter_kernels.ops.cuda needs the CUDA extension's ops: it is imported by "
@@ -48,8 +47,9 @@ def build_h(projections, dtype: torch.dtype) -> list:
 
 
 def check_device(x: Tensor) -> None:
-    # Without this, CPU tensors would fail inside cuda_build_h with the dispatcher's message.
-    if x.device.type != "cuda":
+    # Without this, CPU tensors would fail inside cuda_build_h with the dispatcher's message
+    # (meta tensors take the C++ ops' fake impls).
+    if x.device.type not in ("cuda", "meta"):
         raise RuntimeError(f"the cuda backend needs CUDA tensors, got x on {x.device}")
 
 
@@ -96,49 +96,40 @@ def _cuda_phm_grads_fake(dh, rule, left, right):
     return like(rule), like(left), like(right)
 
 
-# ---- the differentiable op on the factors (what torch.compile and autograd see) -----------------
+# ---- the op with autograd ------------------------------------------------------------------------
 
-def _inference(*args):
-    """y alone, where no gradient is wanted (no_grad, inference_mode, frozen weights): z not written."""
-    return _forward(*args, store_z=False)[0]
+class CudaAdapter(torch.autograd.Function):
+    """The fused adapter with autograd for 2-D x, on the C++ ops (the arguments of
+    ops.triton.adapter.TritonAdapter; ``task_ids`` must be None: no grouped kernel here, a
+    mixed-task batch runs as `adapter_math`). Two launches forward: ``cuda_build_h`` builds every
+    PHM projection's H in fp32 from its factors and rounds it once to x's dtype (a dense weight
+    of another dtype is converted; one in x's dtype is read as it is: an empty placeholder), and
+    those H's are kept for backward; then ``cuda_adapter_fwd``. Three launches backward
+    (``cuda_adapter_bwd``). The same route in eager mode and under torch.compile."""
 
+    @staticmethod
+    def forward(ctx, x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
+                task_ids, activation, scale, out_dtype, store_z, shared_rule):
+        check_device(x)
+        h_down, h_up = build_h(((rule_down, left_down, right_down),
+                                (rule_down if shared_rule else rule_up, left_up, right_up)), x.dtype)
+        y, z = torch.ops.compacter_kernels.cuda_adapter_fwd(
+            x, residual, h_down if h_down.numel() else left_down, _bias(bias_down, x.dtype),
+            h_up if h_up.numel() else left_up, _bias(bias_up, x.dtype), ACT_CODE[activation], scale, out_dtype,
+            store_z)
+        save_adapter(ctx, (x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up,
+                           bias_up, task_ids), (z, h_down, h_up), (activation, scale, out_dtype), shared_rule)
+        return y
 
-def _forward(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
-             activation, scale, out_dtype, store_z: bool = True):
-    """(y in out_dtype, z, H_down, H_up) for 2-D x (M, d), in two launches; the arguments of
-    ``triton_adapter_fwd``. The H's built (`build_h`) are kept for backward (d*k elements each; an
-    empty placeholder for a dense weight in x's dtype, which backward reads as it is). rule_* None
-    means the projection is dense (left_* is the matrix). Under autocast x comes in the autocast
-    dtype while the parameters keep theirs, and out_dtype may be wider than x's."""
-    check_device(x)
-    down, up = (rule_down, left_down, right_down), (rule_up, left_up, right_up)
-    h_down, h_up = build_h((down, up), x.dtype)  # empty where the kernels read a dense weight as it is
-    y, z = torch.ops.compacter_kernels.cuda_adapter_fwd(
-        x, residual, h_down if h_down.numel() else left_down, _bias(bias_down, x.dtype),
-        h_up if h_up.numel() else left_up, _bias(bias_up, x.dtype), ACT_CODE[activation], scale, out_dtype, store_z)
-    return y, z, h_down, h_up
-
-
-def h_shapes(D: int, K: int, down, up, dtype: torch.dtype) -> tuple:
-    """The shapes of the H's the forward keeps: a PHM projection's, and a dense weight's
-    converted to x's dtype (a weight already in it is used as it is: (0,))."""
-    return _built_shape(*down, dtype), _built_shape(*up, dtype)
-
-
-adapter_fwd, _adapter_fwd = adapter_forward_op("compacter_kernels::cuda_compacter_fwd", _forward)
-
-
-def _kernels_bwd(dy, x, z, h_down, h_up, rd, ld, rgd, bd, ru, lu, rgu, bu, activation, scale, has_residual,
-                 shared_rule):
-    return torch.ops.compacter_kernels.cuda_adapter_bwd(
-        rows(dy), x, z, h_down if h_down.numel() else ld, h_up if h_up.numel() else lu, rd, ld, rgd, bd, ru, lu, rgu,
-        bu, ACT_CODE[activation], scale, has_residual, shared_rule)
-
-
-# ---- backend entry points (signatures of compacter_kernels.reference) ---------------------------
-
-# The backward calls the C++ ops directly either way: no Python op of its own to bypass.
-compacter_adapter, adapter = adapter_entry_points(
-    register_adapter_op(adapter_fwd, _forward, _kernels_bwd, None, h_shapes), _inference)
-# Mixed-task batches: one call of the fused single-task op per task present (no grouped kernel yet).
-multitask_compacter_adapter, multitask_adapter = multitask_entry_points(compacter_adapter, adapter)
+    @staticmethod
+    def backward(ctx, dy):
+        inputs, (z, h_down, h_up) = ctx.saved_tensors[:11], ctx.saved_tensors[11:]
+        if torch.is_grad_enabled():  # create_graph=True: a backward that can be differentiated again
+            return math_adapter_grads(ctx, inputs, dy)
+        x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up, _ = inputs
+        activation, scale, _ = ctx.consts
+        dx, dres, *grads = torch.ops.compacter_kernels.cuda_adapter_bwd(
+            rows(dy), x, z, h_down if h_down.numel() else left_down, h_up if h_up.numel() else left_up, rule_down,
+            left_down, right_down, bias_down, rule_down if ctx.shared_rule else rule_up, left_up, right_up, bias_up,
+            ACT_CODE[activation], scale, residual is not None, ctx.shared_rule)
+        return adapter_grads(ctx, inputs, dx, dres, grads)

@@ -24,12 +24,10 @@ Import only once ``compacter_kernels._C`` has loaded (``_extension._register()``
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
-from ..autograd import no_autocast, phm_linear_entry_point, register_phm_linear_op
+from ..common import math_phm_linear_grads, no_autocast
 from . import adapter as cuda_adapter
 
 
@@ -52,29 +50,27 @@ def phm_linear_backward(dy: Tensor, x: Tensor, H: Tensor, has_bias: bool):
     return dx, dH, db
 
 
-def _phm_linear_fwd(x: Tensor, rule: Tensor, left: Tensor, right: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
-    """y (M, O) = x (M, I) @ H + bias; bias (if any) in x's dtype (under autocast the entry point
-    adds it outside the op); the factors in any float dtype (H is summed in fp32)."""
-    cuda_adapter.check_device(x)  # the backend's one device check (the CPU emulation of the tests lifts it)
-    (H,) = cuda_adapter.build_h(((rule, left, right),), x.dtype)
-    return torch.mm(x, H) if bias is None else torch.addmm(bias, x, H)
+class CudaPHMLinear(torch.autograd.Function):
+    """y (M, O) = x (M, I) @ H + bias for 2-D x with autograd: ``cuda_build_h`` builds H in fp32
+    from the factors (any float dtype) and rounds it once to x's dtype; the products run on
+    cuBLAS. The same route in eager mode and under torch.compile (C++ ops and torch ops)."""
 
-
-phm_linear_fwd = torch.library.custom_op("compacter_kernels::cuda_phm_linear_fwd", _phm_linear_fwd, mutates_args=())
-
-
-def _kernels_bwd(dy, x, rule, left, right, bias):
-    # H is rebuilt rather than saved. The op's own dtypes even when .backward() runs inside an
-    # autocast region (it would round the fp32 products to the autocast dtype).
-    with no_autocast(dy):
+    @staticmethod
+    def forward(ctx, x, rule, left, right, bias):
+        cuda_adapter.check_device(x)  # the backend's one device check (the CPU emulation of the tests lifts it)
+        ctx.save_for_backward(x, rule, left, right, bias)
         (H,) = cuda_adapter.build_h(((rule, left, right),), x.dtype)
-        dx, dH, db = phm_linear_backward(dy, x, H, bias is not None)
-    return (dx, *torch.ops.compacter_kernels.cuda_phm_grads(dH, rule, left, right),
-            None if bias is None else db.to(bias.dtype))
+        return torch.mm(x, H) if bias is None else torch.addmm(bias, x, H)
 
-
-# Backend entry point, signature of compacter_kernels.reference.phm_linear. Under autocast only x
-# is cast: H is summed in fp32 from the factors as they are and rounded once, so no factor (and
-# no factor gradient) is rounded.
-phm_linear = phm_linear_entry_point(
-    register_phm_linear_op(phm_linear_fwd, _phm_linear_fwd, _kernels_bwd, _kernels_bwd))
+    @staticmethod
+    def backward(ctx, dy):
+        x, rule, left, right, bias = inputs = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            return math_phm_linear_grads(ctx, inputs, dy)
+        # H is rebuilt rather than saved. The op's own dtypes even when .backward() runs inside an
+        # autocast region (it would round the fp32 products to the autocast dtype).
+        with no_autocast(dy):
+            (H,) = cuda_adapter.build_h(((rule, left, right),), x.dtype)
+            dx, dH, db = phm_linear_backward(dy, x, H, bias is not None)
+            g_rule, g_left, g_right = torch.ops.compacter_kernels.cuda_phm_grads(dH, rule, left, right)
+        return dx, g_rule, g_left, None if right is None else g_right, None if bias is None else db.to(bias.dtype)

@@ -18,9 +18,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..autograd import phm_linear_entry_point, register_phm_linear_op, rows
-from .common import (LAUNCH_LOCK, Projection, build_h, cdiv, empty, factor_grads, h_consts, h_ptrs, h_tile,
-                     interpreting, padded, prebuilds, proj_key, reduce_rows)
+from ..common import Projection, math_phm_linear_grads, rows
+from . import config
+from .grads import GradsInput, factor_grads, reduce_rows
+from .kron import build_h, h_consts, h_ptrs, h_tile, proj_key
+from .launch import LAUNCH_LOCK, cdiv, empty
 
 
 @triton.jit
@@ -58,13 +60,11 @@ def _phm_matmul_kernel(
 @functools.lru_cache(maxsize=1024)  # computed once per key (host time)
 def _matmul_plan(M: int, KRED: int, NOUT: int, dtype: torch.dtype, key: tuple, has_bias: bool, trans: bool):
     """(grid, constexprs, whether H is prebuilt) of the PHM matmul; key the projection's `proj_key`."""
-    BM = 16 if interpreting() else (32 if dtype == torch.float32 else 64)
-    BN = min(padded(NOUT), 32 if interpreting() else 128)
-    BK = min(padded(KRED), 32 if interpreting() else 64)
-    prebuilt = prebuilds(key, BN)
+    BM, BN, BK, warps = config.matmul_blocks(KRED, NOUT, dtype)
+    prebuilt = config.prebuilds(key, BN)
     mode, N, R = h_consts(key, prebuilt)
     consts = dict(TRANS=trans, MODE=mode, N=N, R=R, HAS_BIAS=has_bias, BM=BM, BN=BN, BK=BK,
-                  IEEE=dtype == torch.float32, num_warps=4)
+                  IEEE=dtype == torch.float32, num_warps=warps)
     return (cdiv(M, BM), cdiv(NOUT, BN)), consts, prebuilt
 
 
@@ -86,15 +86,14 @@ def _matmul_h(x2: Tensor, rule, left, right, bias: Optional[Tensor], trans: bool
     return y
 
 
-def _phm_linear_fwd(x: Tensor, rule: Tensor, left: Tensor, right: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+def phm_linear_forward(x: Tensor, rule: Tensor, left: Tensor, right: Optional[Tensor],
+                       bias: Optional[Tensor]) -> Tensor:
+    """y (M, O) = x (M, I) @ H + bias for 2-D x, in one launch (two where H is prebuilt)."""
     return _matmul_h(rows(x), rule, left, right, bias, trans=False)
 
 
-phm_linear_fwd = torch.library.custom_op("compacter_kernels::triton_phm_linear_fwd", _phm_linear_fwd, mutates_args=())
-
-
-def _phm_linear_bwd(dy: Tensor, x: Tensor, rule: Tensor, left: Tensor, right: Optional[Tensor],
-                   bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def phm_linear_backward(dy: Tensor, x: Tensor, rule: Tensor, left: Tensor, right: Optional[Tensor],
+                        bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, d rule, d left, d right, d bias) in three launches (dx; reduce_rows; factor_grads),
     each gradient in its parameter's dtype; an absent parameter's an empty placeholder."""
     dy2 = rows(dy)
@@ -107,12 +106,22 @@ def _phm_linear_bwd(dy: Tensor, x: Tensor, rule: Tensor, left: Tensor, right: Op
         partials = reduce_rows(rows(x), dy2, colsum=bias is not None,
                                floor_bytes=(2 * M * I + M * O) * x.element_size(), reads=rule.shape[0])
         (g_rule, g_left, g_right), _, (g_bias, _) = factor_grads(
-            partials, Projection(rule, left, right, 0, O, 1), biases=(None if bias is None else (bias, 0, O), None))
+            partials, GradsInput(rule, left, right, 0, O, 1), biases=(None if bias is None else (bias, 0, O), None))
         grads = [g_rule, g_left, g_right, g_bias]
     return dx, *(x.new_empty(0) if g is None else g for g in grads)  # outputs may not alias: one each
 
 
-phm_linear_bwd = torch.library.custom_op("compacter_kernels::triton_phm_linear_bwd", _phm_linear_bwd, mutates_args=())
+# ---- custom ops: what torch.compile, FakeTensor and dispatch modes see ---------------------------
+
+phm_linear_fwd = torch.library.custom_op("compacter_kernels::triton_phm_linear_fwd", phm_linear_forward,
+                                         mutates_args=())
+phm_linear_bwd = torch.library.custom_op("compacter_kernels::triton_phm_linear_bwd", phm_linear_backward,
+                                         mutates_args=())
+
+
+@phm_linear_fwd.register_fake
+def _(x, rule, left, right, bias):
+    return x.new_empty((x.shape[0], Projection(rule, left, right, bias).out_features))
 
 
 @phm_linear_bwd.register_fake
@@ -121,6 +130,18 @@ def _(dy, x, rule, left, right, bias):
     return x.new_empty(x.shape), like(rule), like(left), like(right), like(bias)
 
 
-# Backend entry point, signature of compacter_kernels.reference.phm_linear.
-phm_linear = phm_linear_entry_point(
-    register_phm_linear_op(phm_linear_fwd, _phm_linear_fwd, phm_linear_bwd, _phm_linear_bwd))
+class TritonPHMLinear(torch.autograd.Function):
+    """y = x @ H + bias for 2-D x with autograd, on the two custom ops (eager and torch.compile alike)."""
+
+    @staticmethod
+    def forward(ctx, x, rule, left, right, bias):
+        ctx.save_for_backward(x, rule, left, right, bias)
+        return phm_linear_fwd(x, rule, left, right, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        inputs = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            return math_phm_linear_grads(ctx, inputs, dy)
+        grads = phm_linear_bwd(dy, *inputs)
+        return tuple(None if t is None else g for t, g in zip(inputs, grads))

@@ -1,298 +1,17 @@
-"""Pieces shared by the Triton ops: activations, the in-kernel Kronecker tile, the split-M
-reduction, block-size table, and output allocation."""
+"""The backward's reductions over rows and the factors' gradients, shared by both Triton ops."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import os
-import threading
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ..autograd import transposed
-
-
-# How an H is given: dense (I, O) matrix; full PHM weight B; factorised S @ T; a dense matrix
-# stored transposed (the (O, I) contiguous weight of an nn.Linear, passed as weight.t()).
-MODE_DENSE, MODE_PHM, MODE_PHM_FACTORED, MODE_DENSE_T = 0, 1, 2, 3
-
-# Set to True (tests do) to fill every output with NaN before a kernel writes it, so a kernel
-# that leaves part of an output unwritten cannot pass.
-POISON = os.environ.get("COMPACTER_KERNELS_POISON", "0") == "1"
-
-
-def empty(shape, *, dtype, device) -> torch.Tensor:
-    out = torch.empty(shape, dtype=dtype, device=device)
-    return out.fill_(float("nan")) if POISON else out
-
-
-# Triton reads TRITON_INTERPRET when the kernels are decorated, at import: read once here too.
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def interpreting() -> bool:
-    return _INTERPRETING
-
-
-# Held around every launch in Triton's CPU interpreter, which patches module-level state while a
-# kernel runs (two threads at once fail there); compiled launches need no lock.
-LAUNCH_LOCK = threading.Lock() if interpreting() else contextlib.nullcontext()
-
-
-@functools.lru_cache(maxsize=None)
-def num_programs_target(device_index: Optional[int]) -> int:
-    """About two waves of programs on the GPU (a few on the CPU interpreter)."""
-    if device_index is None:
-        return 4
-    return 2 * torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def device_index(t: torch.Tensor) -> Optional[int]:
-    i = t.get_device()  # -1 off the GPU; one call, cheaper than reading t.device twice (host time)
-    return None if i < 0 else i
-
-
-# Host-side integer helpers: triton.cdiv / triton.next_power_of_2 are ConstexprFunction objects,
-# about 1.6 us a call, and a backward makes dozens of these calls.
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def pow2(n: int) -> int:
-    """The least power of two >= n (1 for n <= 1)."""
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
-def padded(n: int) -> int:
-    """tl.dot needs every tile side >= 16, and tiles are powers of two."""
-    return max(16, pow2(n))
-
-
-# ---- activations (z in fp32) -------------------------------------------------------------------
-
-@triton.jit
-def _tanh(u):
-    # libdevice tanh fails in the interpreter; this is exact in fp32 range.
-    return 2.0 * tl.sigmoid(2.0 * u) - 1.0
-
-
-@triton.jit
-def act_fwd(z, ACT: tl.constexpr):
-    if ACT == 0:  # gelu (erf)
-        return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    elif ACT == 1:  # gelu_tanh
-        return 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
-    elif ACT == 2:  # relu
-        return tl.maximum(z, 0.0)
-    elif ACT == 3:  # silu
-        return z * tl.sigmoid(z)
-    else:
-        return z
-
-
-@triton.jit
-def act_bwd(z, ACT: tl.constexpr):
-    """act'(z)."""
-    if ACT == 0:
-        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-        return cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
-    elif ACT == 1:
-        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
-    elif ACT == 2:
-        return tl.where(z > 0.0, 1.0, 0.0)
-    elif ACT == 3:
-        s = tl.sigmoid(z)
-        return s * (1.0 + z * (1.0 - s))
-    else:
-        return tl.full(z.shape, 1.0, tl.float32)
-
-
-# ---- H tiles built in registers ----------------------------------------------------------------
-
-@triton.jit
-def h_tile(rule_ptr, left_ptr, right_ptr, ri, ci, mask, P, Q, O,
-           MODE: tl.constexpr, N: tl.constexpr, R: tl.constexpr):
-    """fp32 tile of H[ri, ci] (ri, ci broadcastable index tensors), 0 where ~mask.
-
-    H[a*P + p, c*Q + q] = sum_i rule[i, a, c] * B[i, p, q], B[i] = left[i] (MODE_PHM) or
-    left[i] @ right[i] (MODE_PHM_FACTORED); MODE_DENSE reads a contiguous (I, O) matrix,
-    MODE_DENSE_T one stored transposed, (O, I) contiguous (N = 1: P = I). Nothing of H is
-    written to memory.
-    """
-    if MODE == 0:
-        return tl.load(left_ptr + ri * O + ci, mask=mask, other=0.0).to(tl.float32)
-    if MODE == 3:
-        return tl.load(left_ptr + ci * P + ri, mask=mask, other=0.0).to(tl.float32)
-    a = ri // P
-    p = ri % P
-    c = ci // Q
-    q = ci % Q
-    acc = tl.zeros(mask.shape, tl.float32)
-    for i in tl.static_range(N):
-        A = tl.load(rule_ptr + (i * N + a) * N + c, mask=mask, other=0.0).to(tl.float32)
-        if MODE == 1:
-            B = tl.load(left_ptr + (i * P + p) * Q + q, mask=mask, other=0.0).to(tl.float32)
-        else:
-            B = tl.zeros(mask.shape, tl.float32)
-            for r in tl.static_range(R):
-                s = tl.load(left_ptr + (i * P + p) * R + r, mask=ri < P * N, other=0.0).to(tl.float32)
-                t = tl.load(right_ptr + (i * R + r) * Q + q, mask=ci < Q * N, other=0.0).to(tl.float32)
-                B += s * t
-        acc += A * B
-    return tl.where(mask, acc, 0.0)
-
-
-# Building H tiles inside every program costs about n*(r+1) FMAs and loads per element of H per
-# row block: affordable while n*(r+1)*tile_cols stays within this budget (T5-base: 4*2*32 = 256).
-# Past it, H is built once per call (d*k elements, L2-resident) and read as a dense matrix.
-# A prediction from counting, not yet a measurement: see benchmarks/NOTES.md.
-INKERNEL_H_BUDGET = 256
-
-
-def proj_key(rule, left, right):
-    """What a projection's kernel constants depend on: None for a dense matrix ("T" stored
-    transposed), else (n, r), r = 0 for the full B (no right factor)."""
-    if rule is None:
-        return "T" if transposed(left) else None
-    return rule.shape[-1], 0 if right is None else left.shape[-1]
-
-
-def prebuilds(key: Optional[tuple], tile_cols: int) -> bool:
-    """Whether a PHM projection (`proj_key`) has its H built once per call (by build_h) rather
-    than tile by tile inside every program: past INKERNEL_H_BUDGET (``tile_cols`` is the width of
-    the H tiles a program builds per row block). Shapes only, so the fake impls decide alike."""
-    return isinstance(key, tuple) and key[0] * (max(key[1], 1) + 1) * tile_cols > INKERNEL_H_BUDGET
-
-
-def h_consts(key: Optional[tuple], prebuilt: bool) -> tuple[int, int, int]:
-    """(MODE, N, R) of a projection (`proj_key`) in the kernels; prebuilt: its H is a dense matrix."""
-    if key == "T":
-        return MODE_DENSE_T, 1, 1
-    if key is None or prebuilt:
-        return MODE_DENSE, 1, 1
-    n, r = key
-    return (MODE_PHM, n, 1) if r == 0 else (MODE_PHM_FACTORED, n, r)
-
-
-def h_ptrs(rule, left, right, H: Optional[torch.Tensor], dtype: torch.dtype) -> tuple:
-    """(rule, left, right) pointers of a projection for the kernels, `h_consts`' order: a dense
-    or prebuilt H three times; a dense matrix in another dtype than x's (autocast) is cast once
-    here, not per program (keeping its layout, transposed or not).
-
-    ``dtype`` is x's, the dtype of the tl.dot operands. The factors may be in another (fp32
-    under autocast): the kernels read them as they are and build H tiles in fp32, rounded once
-    to ``dtype`` before tl.dot; a dense or prebuilt H is passed in ``dtype``, rounded once.
-    """
-    if rule is None:
-        H = left if left.dtype == dtype else left.to(dtype)  # preserve_format: the same strides
-    if H is not None:
-        return H, H, H
-    return rule, left, left if right is None else right
-
-
-@triton.jit
-def _build_h_tile(rule_ptr, left_ptr, right_ptr, h_ptr, tile, I, O, BR: tl.constexpr, BC: tl.constexpr,
-                  MODE: tl.constexpr, N: tl.constexpr, R: tl.constexpr):
-    tiles_c = tl.cdiv(O, BC)
-    ri = (tile // tiles_c) * BR + tl.arange(0, BR)[:, None]
-    ci = (tile % tiles_c) * BC + tl.arange(0, BC)[None, :]
-    mask = (ri < I) & (ci < O)
-    h = h_tile(rule_ptr, left_ptr, right_ptr, ri, ci, mask, I // N, O // N, O, MODE, N, R)
-    tl.store(h_ptr + ri * O + ci, h.to(h_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def group_rows(ids_ptr, order_ptr, counts_ptr, M, T, C: tl.constexpr, TP: tl.constexpr):
-    """In one program: counts[t] = rows of task t, and order = the rows sorted by task, stably (a
-    counting sort in two passes over the ids, C at a time): what the grouped kernels read."""
-    tasks = tl.arange(0, TP)
-    counts = tl.zeros((TP,), tl.int32)
-    for m0 in range(0, M, C):
-        offs = m0 + tl.arange(0, C)
-        ids = tl.load(ids_ptr + offs, mask=offs < M, other=-1).to(tl.int32)
-        counts += tl.sum((ids[:, None] == tasks[None, :]).to(tl.int32), axis=0)
-    tl.store(counts_ptr + tasks, counts.to(tl.int64), mask=tasks < T)
-    next_pos = tl.cumsum(counts, axis=0) - counts  # where each task's next row goes
-    for m0 in range(0, M, C):
-        offs = m0 + tl.arange(0, C)
-        ids = tl.load(ids_ptr + offs, mask=offs < M, other=-1).to(tl.int32)
-        hit = (ids[:, None] == tasks[None, :]).to(tl.int32)  # (C, TP) one-hot
-        rank = tl.cumsum(hit, axis=0) - hit  # same-task rows before this one in the chunk
-        pos = tl.sum(hit * (next_pos[None, :] + rank), axis=1)
-        tl.store(order_ptr + pos, offs.to(tl.int64), mask=offs < M)
-        next_pos += tl.sum(hit, axis=0)
-
-
-def grouping_consts(T: int) -> dict:
-    """The constexprs of `group_rows` for T tasks."""
-    TP = max(2, pow2(T))
-    return dict(C=max(16, 4096 // TP), TP=TP)
-
-
-@triton.jit
-def _build_h_kernel(r1, l1, rg1, h1, I1, O1, tiles1, r2, l2, rg2, h2, I2, O2,
-                    t_r1, t_l1, t_rg1, t_r2, t_l2, t_rg2, ids_ptr, order_ptr, counts_ptr, M, T,
-                    MODE1: tl.constexpr, N1: tl.constexpr, R1: tl.constexpr,
-                    MODE2: tl.constexpr, N2: tl.constexpr, R2: tl.constexpr, TWO: tl.constexpr,
-                    BR: tl.constexpr, BC: tl.constexpr, GROUP: tl.constexpr, C: tl.constexpr, TP: tl.constexpr):
-    """H = sum_i kron(A_i, B_i) of one or two projections, summed in fp32 and rounded once to
-    the output's dtype; one (BR, BC) tile per program, the first projection's tiles first.
-    Along grid axis 1, the tasks of stacked factors (task t's at t times its stride, its H at
-    t * I * O). With GROUP, program (0, 0) groups a mixed-task batch's rows (`group_rows`)
-    and the tiles start at program 1: the grouping needs no launch of its own."""
-    pid, t = tl.program_id(0) - GROUP, tl.program_id(1)
-    if pid < 0:
-        if GROUP:
-            if t == 0:
-                group_rows(ids_ptr, order_ptr, counts_ptr, M, T, C, TP)
-    elif pid < tiles1:
-        _build_h_tile(r1 + t * t_r1, l1 + t * t_l1, rg1 + t * t_rg1, h1 + t * I1 * O1, pid, I1, O1, BR, BC, MODE1,
-                      N1, R1)
-    elif TWO:
-        _build_h_tile(r2 + t * t_r2, l2 + t * t_l2, rg2 + t * t_rg2, h2 + t * I2 * O2, pid - tiles1, I2, O2, BR, BC,
-                      MODE2, N2, R2)
-
-
-def build_h(projections, dtype: torch.dtype, tasks: int = 0, grouping=None) -> list:
-    """The H (I, O) in ``dtype`` of each (rule, left, right) of ``projections`` (one or two), in
-    one launch. ``tasks`` T > 0: the factors are stacked per task (a rule of three dimensions
-    shared by the tasks), and each H is (T, I, O). ``grouping`` (ids, order, counts): the same
-    launch also groups a mixed-task batch's rows by task (`group_rows`), filling order and counts."""
-    BR, BC = 32, 32
-    args, strides, consts, hs, tiles = [], [], {}, [], []
-    for j, (rule, left, right) in enumerate(projections, start=1):
-        n = rule.shape[-1]
-        I, O = n * left.shape[-2], n * (left if right is None else right).shape[-1]
-        H = torch.empty((tasks, I, O) if tasks else (I, O), dtype=dtype, device=left.device)
-        hs.append(H)
-        tiles.append(cdiv(I, BR) * cdiv(O, BC))
-        mode = MODE_PHM if right is None else MODE_PHM_FACTORED
-        args.append((rule, left, left if right is None else right, H, I, O))
-        strides.append((rule[0].numel() if tasks and rule.dim() == 4 else 0, left[0].numel() if tasks else 0,
-                        (left if right is None else right)[0].numel() if tasks else 0))
-        consts.update({f"MODE{j}": mode, f"N{j}": n, f"R{j}": 1 if right is None else left.shape[-1]})
-    if len(projections) == 1:
-        args.append(args[0])
-        strides.append(strides[0])
-        consts.update(MODE2=consts["MODE1"], N2=consts["N1"], R2=consts["R1"])
-    if grouping is None:
-        H = hs[0]
-        rows_args, consts = (H, H, H, 0, 1), {**consts, "GROUP": False, "C": 16, "TP": 2}
-    else:
-        ids, order, counts = grouping
-        rows_args, consts = (ids, order, counts, ids.shape[0], tasks), {**consts, "GROUP": True,
-                                                                          **grouping_consts(tasks)}
-    with LAUNCH_LOCK:
-        _build_h_kernel[(sum(tiles) + (grouping is not None), max(1, tasks))](
-            *args[0], tiles[0], *args[1], *strides[0], *strides[1], *rows_args, TWO=len(projections) == 2, BR=BR,
-            BC=BC, **consts, num_warps=4)
-    return hs
+from . import config
+from .launch import LAUNCH_LOCK, cdiv, device_index, empty, num_programs_target, pow2
 
 
 # ---- the backward's reductions over rows: A^T @ B split over M, then the factors' gradients ------
@@ -307,7 +26,6 @@ def build_h(projections, dtype: torch.dtype, tasks: int = 0, grouping=None) -> l
 # Deterministic: every sum runs in a fixed order, no atomics.
 
 # The most bytes the partial sums may cost, as a fraction of the least traffic of the backward.
-PARTIALS_BUDGET = 0.02
 
 
 @triton.jit
@@ -350,27 +68,14 @@ class Partials(NamedTuple):  # a NamedTuple: a frozen dataclass costs ~1.5 us to
     csum: torch.Tensor
 
 
-def split_rows(M: int, BM: int, tiles: int, bytes_per_split: int, floor_bytes: int, programs: int):
-    """(splits, rows per split) of a reduction over rows: about ``programs`` programs in all,
-    whole BM-row blocks per split, and never so many splits that the partials
-    (``bytes_per_split`` each, written and read back) cost more than PARTIALS_BUDGET of
-    ``floor_bytes``."""
-    splits = max(1, min(cdiv(M, BM), cdiv(programs, tiles), int(PARTIALS_BUDGET * floor_bytes) // bytes_per_split))
-    rows_per_split = cdiv(cdiv(M, splits), BM) * BM
-    return max(1, cdiv(M, rows_per_split)), rows_per_split
-
-
 @functools.lru_cache(maxsize=1024)  # computed once per key (host time)
 def _reduce_rows_plan(M: int, IA: int, IB: int, dtype: torch.dtype, colsum: bool, floor_bytes: int, reads: int,
                       programs: int):
     """(grid, rows per split, constexprs) of reduce_rows."""
-    BB = min(padded(IB), 128)
-    BA = min(padded(IA), 64 if BB > 64 else 128)
-    BM = 32 if interpreting() else 64
+    BA, BB, BM, warps = config.reduce_rows_blocks(IA, IB)
     tiles = cdiv(IA, BA) * cdiv(IB, BB)
-    splits, rows_per_split = split_rows(M, BM, tiles, IA * IB * 4 * (1 + reads), floor_bytes, programs)
-    consts = dict(COLSUM=colsum, BA=BA, BB=BB, BM=BM, IEEE=dtype == torch.float32,
-                  num_warps=8)  # 4 spill at BA=64, BB=128 on sm_80 (scripts/triton_resources.py)
+    splits, rows_per_split = config.split_rows(M, BM, tiles, IA * IB * 4 * (1 + reads), floor_bytes, programs)
+    consts = dict(COLSUM=colsum, BA=BA, BB=BB, BM=BM, IEEE=dtype == torch.float32, num_warps=warps)
     return (tiles, splits), rows_per_split, consts
 
 
@@ -558,7 +263,7 @@ def _factor_grads_kernel(
                                      mask=(ra < N2) & (rc < N2))
 
 
-class Projection(NamedTuple):
+class GradsInput(NamedTuple):
     """One projection's factors as factor_grads takes them: (rule, left, right) with rule None for
     a dense (I, O) matrix (left); its dH's partials at ``offset`` in the partial buffer, element
     H[row, col] at row * s_row + col * s_col. For a mixed-task batch (factor_grads' ``grouping``)
@@ -569,14 +274,6 @@ class Projection(NamedTuple):
     offset: int
     s_row: int
     s_col: int
-
-
-@functools.lru_cache(maxsize=1024)
-def grads_tile(P: int, Q: int) -> tuple[int, int]:
-    """(BP, QP): the rows and (padded) columns of B_i that a factor_grads program holds at once;
-    1024 elements keep its tiles in registers (no spills on sm_80/sm_90: scripts/triton_resources.py)."""
-    QP = pow2(Q)
-    return max(1, min(pow2(P), 1024 // QP)), QP
 
 
 _NO_PROJECTION = ((1, 1, 1, False, False, 1, 1), 1, 1, 1, 1, (0, 0, 0))  # an absent second projection
@@ -596,13 +293,13 @@ def _projection_plan(rule_shape, left_shape, right_shape, tasks: bool):
     fact = right_shape is not None
     if rule_shape is None:  # dense: dW = dH, as the slice of a rule-less N = 1 projection, split into row chunks
         (P, Q), N, R = left_shape, 1, 1
-        BP, QP = grads_tile(P, Q)
+        BP, QP = config.grads_tile(P, Q)
         rows = BP
     else:
         N, P = rule_shape[-1], left_shape[1]
         R = left_shape[2] if fact else 1
         Q = right_shape[2] if fact else left_shape[2]
-        BP, QP = grads_tile(P, Q)
+        BP, QP = config.grads_tile(P, Q)
         rows = P  # d rule and d right sum over every row of B_i: one program along them
     return (N, R, pow2(R), rule_shape is not None, fact, BP, QP), P, Q, rows, cdiv(P, rows), strides
 
@@ -621,7 +318,7 @@ class FactorGradsPlan(NamedTuple):
     consts: dict
 
 
-def _spec(pr: Optional[Projection]) -> Optional[tuple]:
+def _spec(pr: Optional[GradsInput]) -> Optional[tuple]:
     if pr is None:
         return None
     return (None if pr.rule is None else tuple(pr.rule.shape), tuple(pr.left.shape),
@@ -631,7 +328,7 @@ def _spec(pr: Optional[Projection]) -> Optional[tuple]:
 @functools.lru_cache(maxsize=1024)  # computed once per key (host time)
 def factor_grads_plan(first: tuple, second: Optional[tuple] = None, bias1: Optional[tuple] = None,
                       bias2: Optional[tuple] = None, shared_rule: bool = False, T: int = 0) -> FactorGradsPlan:
-    """factor_grads' launch from its projections' specs, `Projection`'s fields with shapes for
+    """factor_grads' launch from its projections' specs, `GradsInput`'s fields with shapes for
     tensors (None: no second projection), the biases' (shape, offset into csum, length) (None:
     absent) and T tasks (0: one, the factors not stacked per task)."""
     assert first[3] == 0, "the first projection's partials start the buffer"
@@ -687,7 +384,7 @@ def run_factor_grads(plan: FactorGradsPlan, partials: Partials, first: tuple, se
     return g1, g2, db
 
 
-def factor_grads(partials: Partials, first: Projection, second: Optional[Projection] = None, *,
+def factor_grads(partials: Partials, first: GradsInput, second: Optional[GradsInput] = None, *,
                  biases=(None, None), shared_rule: bool = False, grouping=None):
     """Every parameter gradient from a reduction's partials, in one launch: for each projection
     (d rule, d left, d right), None where a factor is absent; then (d bias1, d bias2) for the
