@@ -77,6 +77,9 @@ def _cuda_status() -> BackendStatus:
     from .ops.cuda import phm_linear as cuda_phm_linear
 
     FUNCTIONS["cuda"].update(adapter=cuda_adapter.CudaAdapter, phm_linear=cuda_phm_linear.CudaPHMLinear)
+    if not torch.cuda.is_available():  # as the triton backend says it: built, but its kernels need a GPU
+        return BackendStatus(False, f"{reason} is built, but no GPU is visible: its kernels run on CUDA tensors "
+                                    "only (for tests, COMPACTER_KERNELS_EMULATE_CUDA=1 runs them in a CPU emulator)")
     return BackendStatus(True, reason + "; fused kernels not yet validated on a GPU: used only when named")
 
 

@@ -12,8 +12,8 @@ from torch import Tensor
 
 from . import _validation, reference
 from .backends import FUNCTIONS, select
-from .ops.common import (Projection, adapter_math, autocast_dtype, autocast_inputs, needs_math, phm_linear_math,
-                         rows, wants_grad)
+from .ops.common import (Projection, adapter_math, autocast_dtype, autocast_inputs, needs_math, out_features,
+                         phm_linear_math, rows, wants_grad)
 
 
 def _fused_adapter(backend: str, x: Tensor, down: Projection, up: Projection, activation: str, scale: float,
@@ -32,15 +32,15 @@ def _fused_adapter(backend: str, x: Tensor, down: Projection, up: Projection, ac
     if ids is not None and down.left.shape[0] == 1:  # one task: the single-task op, no grouping
         down, up, ids = _first_task(down), _first_task(up), None
     down, up = down.packed(), up.packed()
-    if (needs_math(x) or x2.shape[1] == 0 or down.out_features == 0
+    if (needs_math(x) or x2.shape[1] == 0 or out_features(down) == 0
             or (ids is not None and backend != "triton")):
         y = adapter_math(x2, r2, down, up, activation, scale, out_dtype, ids)
     else:
         store_z = wants_grad(x, residual, (*down, *up))  # without a gradient to come, z is not written
         shared_rule = down.rule is not None and down.rule is up.rule  # passed once (see ops.common)
-        y = FUNCTIONS[backend]["adapter"].apply(x2, r2, *down, None if shared_rule else up.rule, *up[1:], ids,
-                                                activation, scale, out_dtype, store_z, shared_rule)
-    return y.reshape(shape)
+        y = FUNCTIONS[backend]["adapter"].apply(x2, r2, *down, None if shared_rule else up.rule, up.left, up.right,
+                                                up.bias, ids, activation, scale, out_dtype, store_z, shared_rule)
+    return y if y.shape == shape else y.reshape(shape)
 
 
 def _first_task(p: Projection) -> Projection:

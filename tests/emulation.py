@@ -61,7 +61,11 @@ def enable() -> None:
         raise RuntimeError(f"{ENV}=1 needs the built extension: {_extension.status()[1]}")
     _build("compacter_kernels_cuda_emulation", "emulated_ops.cpp")
 
-    # The package refuses CPU tensors for the cuda backend; the emulated ops take them.
+    # The package refuses CPU tensors for the cuda backend (and calls it unavailable without a
+    # GPU); the emulated ops take them.
+    backends.available_backends()
+    backends._STATUS["cuda"] = backends.BackendStatus(True, f"{_extension.status()[1]}, its kernels in the CPU "
+                                                            "emulator (tests)")
     unsupported = backends._unsupported
     backends._unsupported = lambda name, x: None if name == "cuda" and x.dtype in backends.KERNEL_DTYPES \
         else unsupported(name, x)

@@ -199,3 +199,8 @@ def test_python_m_compacter_kernels_reports_every_backend():
     if not torch.cuda.is_available():  # triton cannot run kernels here: said so, with the way for tests
         line = next(line for line in out.stdout.splitlines() if line.startswith("  triton "))
         assert "UNAVAILABLE" in line and "no GPU is visible" in line and "TRITON_INTERPRET=1" in line, line
+        from compacter_kernels import _extension
+
+        if _extension.status()[0]:  # built: said of cuda as of triton, with the way for tests
+            line = next(line for line in out.stdout.splitlines() if line.startswith("  cuda "))
+            assert "UNAVAILABLE" in line and "is built, but no GPU is visible" in line and "EMULATE_CUDA" in line, line

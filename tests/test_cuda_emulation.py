@@ -57,9 +57,14 @@ def test_the_new_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.compacter_kernels.cuda_build_h.default,
                           ([rule, None], [left, torch.randn(16, 32)], [right, None], torch.bfloat16))
     torch.library.opcheck(torch.ops.compacter_kernels.cuda_phm_grads.default, (torch.randn(32, 16), rule, left, right))
-    x, b = torch.randn(10, 32, requires_grad=True), torch.randn(16, requires_grad=True)
-    torch.library.opcheck(torch.ops.compacter_kernels.cuda_phm_linear_fwd.default,
-                          (x, *(t.requires_grad_() for t in (rule, left, right)), b))
+    # The adapter's forward and backward (no Python op of their own: CudaAdapter calls these).
+    x, hd, hu, bd, bu = torch.randn(10, 32), torch.randn(32, 16), torch.randn(16, 32), torch.randn(16), torch.randn(32)
+    torch.library.opcheck(torch.ops.compacter_kernels.cuda_adapter_fwd.default,
+                          (x, None, hd, bd, hu, bu, 0, 0.5, torch.float32, True))
+    _, z = torch.ops.compacter_kernels.cuda_adapter_fwd(x, None, hd, bd, hu, bu, 0, 0.5, torch.float32, True)
+    torch.library.opcheck(torch.ops.compacter_kernels.cuda_adapter_bwd.default,
+                          (torch.randn(10, 32), x, z, hd, hu, None, hd, None, bd, None, hu, None, bu, 0, 0.5, False,
+                           False))
 
 
 # ---- the adapter ops' argument checks (csrc/adapter_host.h, shared with the CUDA build) ----------

@@ -29,17 +29,19 @@ class Projection(NamedTuple):
     right: Optional[Tensor]
     bias: Optional[Tensor]
 
-    @property
-    def out_features(self) -> int:
-        if self.rule is None:
-            return self.left.shape[-1]
-        return self.rule.shape[-1] * (self.left if self.right is None else self.right).shape[-1]
-
     def packed(self) -> "Projection":
         """The layout the kernels read: each tensor packed (`packed`), but a dense matrix stored
         `transposed` (an nn.Linear weight's .t()), which the kernels read as it is."""
         left = self.left if self.rule is None and transposed(self.left) else self.left.contiguous()
         return Projection(packed(self.rule), left, packed(self.right), packed(self.bias))
+
+
+def out_features(p: Projection) -> int:
+    """The output width O of a projection (a function, not a property: older torch.compile
+    versions cannot trace a property of a NamedTuple)."""
+    if p.rule is None:
+        return p.left.shape[-1]
+    return p.rule.shape[-1] * (p.left if p.right is None else p.right).shape[-1]
 
 
 def rows(t: Tensor) -> Tensor:
@@ -75,7 +77,13 @@ _AUTOCAST_DEVICES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "m
                               if torch.amp.is_autocast_available(d))
 
 
+# One call that says whether autocast is on for any device (nn.RNN uses it too): the common case.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    if not _any_autocast():
+        return None
     dev = x.device.type
     if dev not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(dev):
         return None
@@ -111,6 +119,16 @@ def needs_math(x: Tensor) -> bool:
         return False
     return (torch.autograd.forward_ad._current_level >= 0
             or torch._C._functorch.peek_interpreter_stack() is not None)
+
+
+def traced(x: Tensor) -> bool:
+    """Whether a Function must call its custom op rather than the op's own function: while
+    torch.compile traces, for fake, meta and subclass tensors, and under dispatch modes, all of
+    which see the op and its fake impl. Plain tensors in eager mode call the function itself:
+    the same code without the Python dispatcher's round trip, which costs more host time than
+    the launches at small sizes (benchmarks/NOTES.md)."""
+    return (torch.compiler.is_compiling() or type(x) is not torch.Tensor or x.is_meta
+            or torch._C._len_torch_dispatch_stack() > 0)
 
 
 def wants_grad(x: Tensor, residual: Optional[Tensor], params) -> bool:

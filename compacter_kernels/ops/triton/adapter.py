@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..common import ACT_CODE, Projection, adapter_grads, math_adapter_grads, rows, save_adapter, transposed
+from ..common import (ACT_CODE, Projection, adapter_grads, math_adapter_grads, out_features, rows, save_adapter, traced,
+                      transposed)
 from . import config
 from .grads import GradsInput, Partials, factor_grads
 from .kron import (MODE_DENSE, MODE_PHM, MODE_PHM_FACTORED, act_bwd, act_fwd, build_h, group_rows, h_consts, h_ptrs,
@@ -342,7 +343,7 @@ def adapter_forward(
     down = Projection(rule_down, left_down, right_down, bias_down)
     up = Projection(rule_up, left_up, right_up, bias_up)
     M, D = x.shape
-    K = down.out_features
+    K = out_features(down)
     grouped = task_ids is not None
     T = left_down.shape[0] if grouped else 1
     BM, BD, KP, warps = config.adapter_blocks(D, K, x.dtype)
@@ -503,7 +504,7 @@ def _(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up
       activation, scale, out_dtype, store_z):
     down = Projection(rule_down, left_down, right_down, bias_down)
     up = Projection(rule_up, left_up, right_up, bias_up)
-    (M, D), K = x.shape, down.out_features
+    (M, D), K = x.shape, out_features(down)
     KP, grouped = padded(K), task_ids is not None
     lead = (left_down.shape[0],) if grouped else ()
     hd = x.new_empty((*lead, D, K) if _saved_h(down, KP, x.dtype, grouped) else (0,))
@@ -525,14 +526,16 @@ def _(dy, x, z, h_down, h_up, order, counts, rule_down, left_down, right_down, b
 class TritonAdapter(torch.autograd.Function):
     """The fused adapter with autograd: y = r + scale * (act(x @ H_down + b_down) @ H_up + b_up)
     for 2-D x, r = residual or x (see `adapter_forward` for the arguments; ``task_ids`` None: one
-    task). The same route in eager mode and under torch.compile, which sees the two custom ops."""
+    task). The same route in eager mode and under torch.compile, which sees the two custom ops
+    (`traced`)."""
 
     @staticmethod
     def forward(ctx, x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
                 task_ids, activation, scale, out_dtype, store_z, shared_rule):
-        y, z, hd, hu, order, counts = adapter_fwd(x, residual, rule_down, left_down, right_down, bias_down,
-                                                  rule_down if shared_rule else rule_up, left_up, right_up, bias_up,
-                                                  task_ids, activation, scale, out_dtype, store_z)
+        forward = adapter_fwd if traced(x) else adapter_forward
+        y, z, hd, hu, order, counts = forward(x, residual, rule_down, left_down, right_down, bias_down,
+                                              rule_down if shared_rule else rule_up, left_up, right_up, bias_up,
+                                              task_ids, activation, scale, out_dtype, store_z)
         save_adapter(ctx, (x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up,
                            bias_up, task_ids), (z, hd, hu, order, counts), (activation, scale, out_dtype), shared_rule)
         return y
@@ -544,8 +547,9 @@ class TritonAdapter(torch.autograd.Function):
             return math_adapter_grads(ctx, inputs, dy)
         x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up, task_ids = inputs
         activation, scale, _ = ctx.consts
-        dx, dres, *grads = adapter_bwd(dy, x, z, hd, hu, order, counts, rule_down, left_down, right_down, bias_down,
-                                       rule_down if ctx.shared_rule else rule_up, left_up, right_up, bias_up,
-                                       activation, scale,
+        backward = adapter_bwd if traced(dy) else adapter_backward
+        dx, dres, *grads = backward(dy, x, z, hd, hu, order, counts, rule_down, left_down, right_down, bias_down,
+                                    rule_down if ctx.shared_rule else rule_up, left_up, right_up, bias_up,
+                                    activation, scale,
                                        residual is not None, ctx.shared_rule, task_ids is not None)
         return adapter_grads(ctx, inputs, dx, dres, grads)

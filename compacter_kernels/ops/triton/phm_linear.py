@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..common import Projection, math_phm_linear_grads, rows
+from ..common import Projection, math_phm_linear_grads, out_features, rows, traced
 from . import config
 from .grads import GradsInput, factor_grads, reduce_rows
 from .kron import build_h, h_consts, h_ptrs, h_tile, proj_key
@@ -121,7 +121,7 @@ phm_linear_bwd = torch.library.custom_op("compacter_kernels::triton_phm_linear_b
 
 @phm_linear_fwd.register_fake
 def _(x, rule, left, right, bias):
-    return x.new_empty((x.shape[0], Projection(rule, left, right, bias).out_features))
+    return x.new_empty((x.shape[0], out_features(Projection(rule, left, right, bias))))
 
 
 @phm_linear_bwd.register_fake
@@ -136,12 +136,12 @@ class TritonPHMLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, rule, left, right, bias):
         ctx.save_for_backward(x, rule, left, right, bias)
-        return phm_linear_fwd(x, rule, left, right, bias)
+        return (phm_linear_fwd if traced(x) else phm_linear_forward)(x, rule, left, right, bias)
 
     @staticmethod
     def backward(ctx, dy):
         inputs = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True
             return math_phm_linear_grads(ctx, inputs, dy)
-        grads = phm_linear_bwd(dy, *inputs)
+        grads = (phm_linear_bwd if traced(dy) else phm_linear_backward)(dy, *inputs)
         return tuple(None if t is None else g for t, g in zip(inputs, grads))
