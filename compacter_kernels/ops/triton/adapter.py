@@ -400,7 +400,6 @@ def counted_bytes(M: int, D: int, K: int, e: int, n: int, backward: bool, progra
     return 4 * M * D * e + M * K * e + 2 * M * K * e * (1 + tiles) + partials
 
 
-
 def _grads_input(p: Projection, offset: int, s_row: int, s_col: int, grouped: bool) -> tuple[GradsInput, bool]:
     """factor_grads' input for projection p, its dH partials at ``offset``, H[row, col] at
     row * s_row + col * s_col; and whether its matrix is stored `transposed` (an nn.Linear
