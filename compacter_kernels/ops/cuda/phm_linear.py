@@ -31,12 +31,16 @@ from ..common import math_phm_linear_grads, no_autocast
 from . import adapter as cuda_adapter
 
 
+# torch.mm(..., out_dtype=) came with torch 2.8.
+_MM_OUT_DTYPE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
+
+
 def _mm_wide(a: Tensor, b: Tensor) -> Tensor:
     """a @ b in fp32 (fp64 for fp64 inputs); fp16/bf16 products are not rounded on the way out."""
     if a.dtype in (torch.float16, torch.bfloat16):
-        if a.is_cuda:  # cuBLAS writes its fp32 accumulator as it is (mm.dtype, CUDA only, torch >= 2.8)
+        if a.is_cuda and _MM_OUT_DTYPE:  # cuBLAS writes its fp32 accumulator as it is (CUDA only)
             return torch.mm(a, b, out_dtype=torch.float32)
-        a, b = a.float(), b.float()  # elsewhere (meta, the CPU tests): same values via an upcast
+        a, b = a.float(), b.float()  # elsewhere (meta, the CPU tests, older torch): the same values via an upcast
     return a @ b
 
 
