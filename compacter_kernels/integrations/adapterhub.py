@@ -176,7 +176,7 @@ def _fused_forward(self: Adapter, x: Tensor, residual_input: Tensor, output_gati
         context = _innermost(ForwardContext)  # once for both projections (host time)
         out = F.compacter_adapter(x, *_phm_args(down, context), *_phm_args(up, context), activation=spec.activation,
                                   scale=float(self.scaling), residual=residual, backend=spec.backend)
-    else:  # nn.Linear stores (out, in): passed as they are (no transposes for autograd to record)
+    else:  # nn.Linear stores (out, in): passed as they are (the kernels read the .t() views without a copy)
         d, u = down._parameters, up._parameters
         out = F._adapter_linear(x, d["weight"], d["bias"], u["weight"], u["bias"], activation=spec.activation,
                                 scale=float(self.scaling), residual=residual, backend=spec.backend)
@@ -263,9 +263,9 @@ def _fused_batch_split(self: BottleneckLayer, adapter_setup: BatchSplit, state, 
         out = F.multitask_compacter_adapter(x, ids, *args, **kwargs)
     else:  # nn.Linear stores (out, in): the op takes the (in, out) transposes
         layers = [(a.adapter_down[0], a.adapter_up) for a in adapters]
-        out = F.multitask_adapter(x, ids, _stack([d.weight.t() for d, _ in layers]), _stack([d.bias for d, _ in layers]),
-                                  _stack([u.weight.t() for _, u in layers]), _stack([u.bias for _, u in layers]),
-                                  **kwargs)
+        out = F.multitask_adapter(x, ids, _stack([d.weight.t() for d, _ in layers]),
+                                  _stack([d.bias for d, _ in layers]), _stack([u.weight.t() for _, u in layers]),
+                                  _stack([u.bias for _, u in layers]), **kwargs)
     return pre._replace(hidden_states=out, bottleneck_up=None, last=names[-1])
 
 
