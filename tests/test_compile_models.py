@@ -27,4 +27,5 @@ def test_a_compiled_bert_with_fused_adapters_trains_as_eager(backend):
     proc = subprocess.run([sys.executable, str(HERE / "compile_models.py"), backend], capture_output=True, text=True,
                           cwd=HERE, env={**os.environ, "PYTHONPATH": str(HERE)}, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert proc.stdout.split() == ["ok", "fuse_adapters", "ok", "batch_split", "ok", "add_adapters"], proc.stdout
+    done = [line for line in proc.stdout.splitlines() if line.startswith("ok ")]  # the emulator's build talks too
+    assert done == ["ok fuse_adapters", "ok batch_split", "ok add_adapters"], proc.stdout
