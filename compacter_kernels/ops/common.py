@@ -147,13 +147,9 @@ def h_math(p: Projection, dtype: torch.dtype) -> Tensor:
     if p.rule is None:
         return p.left.to(dtype)
     ct = torch.promote_types(dtype, torch.float32)
-    rule, left = p.rule.to(ct), p.left.to(ct)
-    b = left if p.right is None else left @ p.right.to(ct)  # (.., n, I/n, O/n)
-    if b.dim() == 4 and rule.dim() == 3:  # stacked factors, one rule for every task
-        rule = rule.expand(b.shape[0], *rule.shape)
-    *lead, n, p_, q = b.shape
-    h = torch.einsum("...iab,...ipq->...apbq", rule, b).reshape(*lead, n * p_, n * q)
-    return h.to(dtype)
+    factors = (p.rule.to(ct), p.left.to(ct), None if p.right is None else p.right.to(ct))
+    stacked = p.left.dim() == 4  # factors stacked per task
+    return (reference.stacked_phm_weight(*factors) if stacked else reference.phm_weight(*factors)).to(dtype)
 
 
 def _bias(b: Optional[Tensor], task_of_row: Optional[Tensor]) -> Optional[Tensor]:
@@ -213,6 +209,16 @@ def create_graph_grads(needs_input_grad, math_fn, tensors, grad_out: Tensor) -> 
 # right_up, bias_up, task_ids, activation, scale, out_dtype, store_z, shared_rule). With
 # shared_rule (one rule tensor for both projections, the paper's) rule_up is None and rule_down
 # serves both: torch.compile takes no tensor passed twice to a Function.
+
+def fake_adapter_grads(dy: Tensor, x: Tensor, params: tuple, has_residual: bool, shared_rule: bool) -> tuple:
+    """What a fused adapter's backward op gives, shapes and dtypes only (its fake impl): (dx,
+    d residual, each parameter's gradient), an empty tensor for each absent one, for d residual
+    without a residual and for d rule_up with a shared rule."""
+    grads = [x.new_empty(0) if t is None else torch.empty_like(t) for t in params]
+    if shared_rule:
+        grads[4] = x.new_empty(0)
+    return (torch.empty_like(x), dy.new_empty(x.shape if has_residual else (0,)), *grads)
+
 
 def save_adapter(ctx, inputs: tuple, saved: tuple, consts: tuple, shared_rule: bool) -> None:
     """Keeps a fused adapter's 11 tensor inputs and what its forward saved for backward (references,

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..common import ACT_CODE, adapter_grads, math_adapter_grads, rows, save_adapter
+from ..common import ACT_CODE, adapter_grads, fake_adapter_grads, math_adapter_grads, rows, save_adapter
 
 if not hasattr(torch.ops.compacter_kernels, "cuda_adapter_fwd"):
     raise ImportError("compacter_kernels.ops.cuda needs the CUDA extension's ops: it is imported by "
@@ -73,10 +73,8 @@ def _cuda_adapter_fwd_fake(x, residual, h_down, bias_down, h_up, bias_up, activa
 def _cuda_adapter_bwd_fake(dy, x, z, h_down, h_up, rule_down, left_down, right_down, bias_down, rule_up, left_up,
                            right_up, bias_up, activation, scale, has_residual, shared_rule):
     torch._check(x.dim() == 2 and z.dim() == 2, lambda: "cuda_adapter_bwd: x and z must be 2-D")
-    like = lambda t: x.new_empty(0) if t is None else torch.empty_like(t)  # noqa: E731
-    return (torch.empty_like(x), dy.new_empty(x.shape if has_residual else (0,)), like(rule_down), like(left_down),
-            like(right_down), like(bias_down), x.new_empty(0) if shared_rule else like(rule_up), like(left_up),
-            like(right_up), like(bias_up))
+    return fake_adapter_grads(dy, x, (rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up),
+                              has_residual, shared_rule)
 
 
 def _built_shape(rule, left, right, dtype) -> tuple:

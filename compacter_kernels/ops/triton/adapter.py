@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..common import (ACT_CODE, Projection, adapter_grads, math_adapter_grads, out_features, rows, save_adapter, traced,
-                      transposed)
+from ..common import (ACT_CODE, Projection, adapter_grads, fake_adapter_grads, math_adapter_grads, out_features, rows,
+                      save_adapter, traced, transposed)
 from . import config
 from .grads import GradsInput, Partials, factor_grads
 from .kron import (MODE_DENSE, MODE_PHM, MODE_PHM_FACTORED, act_bwd, act_fwd, build_h, group_rows, h_consts, h_ptrs,
@@ -516,10 +516,8 @@ def _(x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up
 @adapter_bwd.register_fake
 def _(dy, x, z, h_down, h_up, order, counts, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up,
       bias_up, activation, scale, has_residual, shared_rule, grouped):
-    like = lambda t: x.new_empty(0) if t is None else torch.empty_like(t)  # noqa: E731
-    return (torch.empty_like(x), dy.new_empty(x.shape if has_residual else (0,)), like(rule_down), like(left_down),
-            like(right_down), like(bias_down), x.new_empty(0) if shared_rule else like(rule_up), like(left_up),
-            like(right_up), like(bias_up))
+    return fake_adapter_grads(dy, x, (rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up),
+                              has_residual, shared_rule)
 
 
 class TritonAdapter(torch.autograd.Function):
