@@ -233,7 +233,11 @@ def check_task_ids(task_ids, x: Tensor, num_tasks: int) -> Tensor:
     else:
         task_ids = task_ids.long()
     if task_ids.numel() and not torch.compiler.is_compiling() and not _capturing(x):
-        lo, hi = torch.stack(torch.aminmax(task_ids.reshape(-1))).tolist()  # one read back
+        lo_hi = torch.stack(torch.aminmax(task_ids.reshape(-1)))
+        try:
+            lo, hi = lo_hi.tolist()  # one read back
+        except RuntimeError:  # torch 2.6 inside torch.func transforms: no tolist() of their wrapped tensors
+            lo, hi = lo_hi[0].item(), lo_hi[1].item()
         if lo < 0 or hi >= num_tasks:
             raise ValueError(f"task_ids must be in [0, {num_tasks}) (num_tasks from the stacked parameters), "
                              f"got ids from {lo} to {hi}")
