@@ -59,7 +59,8 @@ def phm_weight(rule: Tensor, left: Tensor, right: Optional[Tensor] = None) -> Te
     n, p, q = B.shape
     # Batched Kronecker product, then the sum over i (the original code's formulation):
     # kron(A, B)[a*p + i, c*q + j] = A[a, c] * B[i, j].
-    kron = rule[:, :, None, :, None] * B[:, None, :, None, :]  # (n, n, p, n, q)
+    # unsqueeze, not rule[:, :, None, :, None]: torch 2.6 records each full slice, a slice_backward kernel each.
+    kron = rule.unsqueeze(2).unsqueeze(4) * B.unsqueeze(1).unsqueeze(3)  # (n, n, p, n, q)
     return kron.sum(0).reshape(n * p, n * q)
 
 
@@ -188,7 +189,7 @@ def task_matmul(a: Tensor, w: Tensor, task_ids: Tensor) -> Tensor:
         out = (a @ w.transpose(0, 1).reshape(I, T * O)).view(M, T, O)
         return out.gather(1, task_ids.view(M, 1, 1).expand(M, 1, O)).squeeze(1)
     one_hot = (task_ids.view(M, 1) == torch.arange(T, device=a.device)).to(a.dtype)
-    return (one_hot[:, :, None] * a[:, None, :]).reshape(M, T * I) @ w.reshape(T * I, O)
+    return (one_hot.unsqueeze(2) * a.unsqueeze(1)).reshape(M, T * I) @ w.reshape(T * I, O)
 
 
 def multitask_adapter(
