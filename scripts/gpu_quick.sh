@@ -69,10 +69,16 @@ else
   E2E=(--model bert-base --steps 10)
 fi
 
+# A dry run checks the extension the test set-up built; COMPACTER_KERNELS_REQUIRE_EXTENSION=0 lets it be absent
+# (scripts/test_oldest.sh: a torch built for another CUDA than the toolkit's), and the tests skip the cuda backend.
+REQUIRE_EXT=1
+[ $DRY = 1 ] && [ "${COMPACTER_KERNELS_REQUIRE_EXTENSION:-1}" = 0 ] && REQUIRE_EXT=0
+
 build() {  # in place, for sm_90 only; the last 200 lines kept
   if [ $DRY = 1 ]; then  # rebuilding in place would overwrite the _C a running test process has loaded
     echo "dry run: the extension the test set-up built is checked, not rebuilt"
-    "$PY" -c "from compacter_kernels import _extension; ok, why = _extension.status(); print(why); assert ok"
+    "$PY" -c "from compacter_kernels import _extension; ok, why = _extension.status(); print(why); \
+assert ok or $REQUIRE_EXT == 0"
     return
   fi
   TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 COMPACTER_KERNELS_FORCE_CUDA_BUILD=1 "$PY" setup.py build_ext --inplace \
@@ -83,12 +89,12 @@ build() {  # in place, for sm_90 only; the last 200 lines kept
   return $rc
 }
 export -f build
-export DRY OUT PY
+export DRY OUT PY REQUIRE_EXT
 stage build 180 "$OUT/build.log" bash -c build
 
 workers=()
 if [ $DRY = 0 ] && "$PY" -c "import xdist" 2>/dev/null; then workers=(-n 16); fi
-COMPACTER_KERNELS_CUDA_AUTO=1 COMPACTER_KERNELS_REQUIRE_EXTENSION=1 \
+COMPACTER_KERNELS_CUDA_AUTO=1 COMPACTER_KERNELS_REQUIRE_EXTENSION=$REQUIRE_EXT \
   stage tests 170 "$OUT/tests.log" "$PY" -m pytest "${TESTS[@]}" -q -p no:cacheprovider -rf "${workers[@]}"
 
 if command -v compute-sanitizer > /dev/null && [ $DRY = 0 ]; then
