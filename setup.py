@@ -5,8 +5,9 @@ CUDA build (needs the torch you will run with, so no build isolation):
     CUDA_HOME=/usr/local/cuda pip install --no-build-isolation .      # add -e for a dev checkout
 
 No CUDA problem fails a plain install: with no toolkit, a CPU-only torch, a toolkit whose CUDA major
-version differs from torch's, or a failed extension build, the package installs WITHOUT its extension
-and the build log says why in one WARNING line.
+version differs from torch's, a failed extension build, or a torch older than the oldest supported
+(MIN_TORCH: pip then replaces it, so an extension built against it would not load), the package
+installs WITHOUT its extension and the build log says why in one WARNING line.
 
 Environment switches:
     COMPACTER_KERNELS_SKIP_CUDA_BUILD=1   pure-Python install (Triton / PyTorch backends only)
@@ -31,6 +32,7 @@ ROOT = Path(__file__).parent.resolve()
 PKG = "compacter_kernels"
 DEFAULT_ARCHS = ("8.0", "9.0")
 INSTALL_HINT = "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation ."
+MIN_TORCH = "2.6"  # the oldest supported torch (scripts/test_oldest.sh tests it; README says so)
 
 
 def _env_flag(name):
@@ -75,6 +77,11 @@ def _cuda_unavailable_reason():
     except ImportError:
         return ("torch is not importable in the build environment (pip's build isolation hides the "
                 "installed torch: pass --no-build-isolation)")
+    installed = tuple(int(v) for v in re.findall(r"\d+", torch.__version__)[:2])
+    if installed < tuple(int(v) for v in MIN_TORCH.split(".")):
+        # pip replaces it with a newer torch after the build: an extension built now would not load.
+        return (f"the installed torch {torch.__version__} is older than {MIN_TORCH}, the oldest supported, and pip "
+                f"replaces it: install torch>={MIN_TORCH} first")
     if torch.version.cuda is None:
         return f"the installed torch {torch.__version__} is a CPU-only build"
     if CUDA_HOME is None or not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
@@ -232,7 +239,9 @@ setup(
     description="Fused GPU kernels for Compacter / Houlsby adapters",
     packages=find_packages(include=[f"{PKG}*"]),
     python_requires=">=3.10",
-    install_requires=["torch"],  # unpinned: never replaces the torch the extension was built against
+    # A lower bound only (the oldest tested: scripts/test_oldest.sh): pip keeps any installed torch in range,
+    # so an install never replaces the torch the extension is built against.
+    install_requires=[f"torch>={MIN_TORCH}"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy"],
         "bench": ["numpy", "matplotlib"],  # compacter-bench's plots (and torch's NumPy interop)

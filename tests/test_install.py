@@ -10,6 +10,7 @@ major version differs from torch's, or an extension build that fails, gives a wh
 one WARNING line saying why; COMPACTER_KERNELS_FORCE_CUDA_BUILD=1 turns each into a failed build.
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a clean checkout holds; build outputs and environments stay behind.
-IGNORED = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "*.so", "__pycache__",
+IGNORED = shutil.ignore_patterns(".git", ".venv*", "build", "dist", "*.egg-info", "*.so", "__pycache__",
                                  ".pytest_cache", "bench-results", "gpu-results")
 
 
@@ -236,3 +237,46 @@ def test_failed_cuda_build_installs_without_the_extension_unless_forced(sdist_tr
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0 and WITHOUT_KERNELS not in log, log[-3000:]
     assert not list(forced.glob("*.whl"))
+
+
+def _setup_min_torch():
+    return re.search(r'^MIN_TORCH = "([\d.]+)"', (ROOT / "setup.py").read_text(), re.M)[1]
+
+
+def test_the_declared_torch_range_is_the_tested_one():
+    """setup.py's MIN_TORCH is what the metadata requires, what scripts/test_oldest.sh installs and
+    what the README says."""
+    low = _setup_min_torch()
+    oldest = re.search(r"^OLDEST_TORCH=([\d.]+)", (ROOT / "scripts" / "test_oldest.sh").read_text(), re.M)[1]
+    assert oldest.startswith(low + "."), (low, oldest)
+    assert f"torch >= {low}" in (ROOT / "README.md").read_text()
+
+
+def test_a_torch_older_than_the_range_installs_without_the_extension(sdist_tree, tmp_path):
+    """pip replaces a torch older than MIN_TORCH after building (the metadata asks for torch>=MIN_TORCH),
+    so no extension is built against it: one WARNING line says why; forced, the build fails."""
+    low = _setup_min_torch()
+    major, minor = map(int, low.split("."))
+    old = f"{major}.{minor - 1}.1+cu124" if minor else f"{major - 1}.9.0+cu124"
+    fake = tmp_path / "fake" / "torch"  # stands for the old torch: setup.py reads only these
+    (fake / "utils").mkdir(parents=True)
+    (fake / "__init__.py").write_text(f"import types\n__version__ = {old!r}\nversion = types.SimpleNamespace(cuda='12.4')\n")
+    (fake / "utils" / "__init__.py").write_text("")
+    (fake / "utils" / "cpp_extension.py").write_text("CUDA_HOME = None\n")
+    why = f"the installed torch {old} is older than {low}, the oldest supported, and pip replaces it"
+
+    out = tmp_path / "wheels"
+    proc = _pip_wheel(sdist_tree, out, {**_build_env(tmp_path / "no-cuda-here"), "PYTHONPATH": str(fake.parent)})
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    line = _warning_line(log)
+    assert why in line and f"install torch>={low} first" in line, line
+    wheel, _ = _wheel_names(out)
+    metadata = next(n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".dist-info/METADATA"))
+    assert f"Requires-Dist: torch>={low}" in zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
+
+    forced = tmp_path / "forced"
+    proc = _pip_wheel(sdist_tree, forced, {**_build_env(tmp_path / "no-cuda-here", force=True),
+                                           "PYTHONPATH": str(fake.parent)})
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and why in log and WITHOUT_KERNELS not in log, log[-3000:]
