@@ -14,6 +14,7 @@ from . import _validation, reference
 from .backends import FUNCTIONS, select
 from .ops.common import (Projection, adapter_math, autocast_dtype, autocast_inputs, needs_math, out_features,
                          phm_linear_math, rows, wants_grad)
+from .ops.triton.config import fused_fits
 
 
 def _fused_adapter(backend: str, x: Tensor, down: Projection, up: Projection, activation: str, scale: float,
@@ -22,7 +23,8 @@ def _fused_adapter(backend: str, x: Tensor, down: Projection, up: Projection, ac
     autocast as the eager reference: matmuls in the autocast dtype (only x is cast; `autocast_inputs`)
     and y promoted as eager promotes it. Differentiable torch ops (`adapter_math`) instead where a
     kernel cannot serve: torch.func transforms and forward-mode AD (`needs_math`), no width to
-    launch over (d = 0 or k = 0), and the cuda backend's mixed-task batches (no grouped kernel)."""
+    launch over (d = 0 or k = 0), a bottleneck too wide for the Triton kernels (`fused_fits`),
+    and the cuda backend's mixed-task batches (no grouped kernel)."""
     shape = x.shape
     x, residual, out_dtype = autocast_inputs(x, residual, up.bias)
     if residual is x:  # the same function; torch.compile takes no tensor passed twice to a Function
@@ -33,6 +35,7 @@ def _fused_adapter(backend: str, x: Tensor, down: Projection, up: Projection, ac
         down, up, ids = _first_task(down), _first_task(up), None
     down, up = down.packed(), up.packed()
     if (needs_math(x) or x2.shape[1] == 0 or out_features(down) == 0
+            or (backend == "triton" and not fused_fits(out_features(down)))
             or (ids is not None and backend != "triton")):
         y = adapter_math(x2, r2, down, up, activation, scale, out_dtype, ids)
     else:

@@ -12,6 +12,7 @@ import torch
 import compacter_kernels as ck
 from compacter_kernels import reference as ref
 from compacter_kernels.ops.triton import config, launch
+from counters import counting
 from utils import (CUDA_EMULATED, ON_GPU, check_op, checkout_env, compacter_inputs, dense_inputs, double_leaves,
                    phm_factors, why_backend_cannot_run)
 
@@ -343,6 +344,41 @@ def test_zero_features_behave_as_the_reference_on_every_backend(backend, op):
     for a, b in zip(torch.autograd.grad(y, leaves, dy, allow_unused=True, materialize_grads=True),
                     torch.autograd.grad(expected, leaves, dy, allow_unused=True, materialize_grads=True)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("tasks", [1, 3])
+@pytest.mark.parametrize("op", ["compacter", "adapter"])
+def test_a_bottleneck_wider_than_the_kernels_runs_as_matmuls(backend, op, tasks):
+    """A bottleneck past the fused kernels' width (`config.FUSED_MAX_KP`: no tile fits a GPU's
+    shared memory or registers there) runs as separate matmuls: every backend gives the
+    reference's values and gradients, and the Triton backend launches none of its adapter kernels."""
+    k = config.FUSED_MAX_KP + 8
+    n = 2 if op == "compacter" else 1
+    d = 6 * n
+    x = torch.randn(3, 2, d, device=DEVICE, requires_grad=True)
+    stack = (tasks,) if tasks > 1 else ()
+    if op == "compacter":
+        rule, l_d, r_d = phm_factors(n, d, k, 2, dtype=F32, device=DEVICE, requires_grad=True)
+        _, l_u, r_u = phm_factors(n, k, d, 2, dtype=F32, device=DEVICE, requires_grad=True)
+        params = [rule, l_d.expand(*stack, *l_d.shape), r_d.expand(*stack, *r_d.shape), torch.randn(*stack, k),
+                  rule, l_u.expand(*stack, *l_u.shape), r_u.expand(*stack, *r_u.shape), torch.randn(*stack, d)]
+    else:
+        params = [torch.randn(*stack, d, k) / 3, torch.randn(*stack, k), torch.randn(*stack, k, d) / 9,
+                  torch.randn(*stack, d)]
+    params = [p if p.requires_grad else p.to(DEVICE).requires_grad_() for p in params]
+    ids = torch.randint(0, tasks, (3, 2), device=DEVICE)
+
+    def fn(be):
+        def f(x, *params):
+            if tasks == 1:
+                return (ck.compacter_adapter if op == "compacter" else ck.adapter)(x, *params, backend=be)
+            multi = ck.multitask_compacter_adapter if op == "compacter" else ck.multitask_adapter
+            return multi(x, ids, *params, backend=be)
+        return f
+
+    with counting() as counts:
+        check_op(fn(backend), fn("reference"), [x, *params], F32, f"{op} k={k} tasks={tasks}")
+    assert not counts.launches, counts.launches  # no Triton kernel: the matmuls are torch's
 
 
 # ---- 7. two threads at once give the sequential results --------------------------------------------

@@ -46,7 +46,7 @@ def test_backward_reads_x_and_z_once_and_writes_dx_once(d, k, rank):
     assert bwd.of(grads[0]) == (0, 1)
     assert bwd.by_name("_adapter_rows_kernel.z_ptr") == (1, 0)
     assert bwd.of(dy) == (2, 0)  # once in the rows kernel, once in the columns kernel
-    tiles = -(-d // config.columns_blocks(k)[0])
+    tiles = -(-d // config.columns_blocks(k, 4)[0])
     for buf in ("g_ptr", "dz_ptr"):  # written once, read once per column tile of the columns kernel
         assert bwd.by_name(f"_adapter_rows_kernel.{buf}") == (tiles, 1)
 
@@ -103,7 +103,7 @@ def test_partials_stay_within_two_percent_of_the_floor_at_32768_rows(d, k):
     M, e, n = 32768, 2, 4
     floor = (3 * M * d + M * k) * e
     per_split = 2 * d * k * 4 * (1 + n)
-    tiles = -(-d // config.columns_blocks(k)[0])
+    tiles = -(-d // config.columns_blocks(k, e)[0])
     splits, rows = config.split_rows(M, 64, tiles, per_split, floor, 264)
     assert splits * rows >= M and splits * per_split <= 0.02 * floor, (splits, per_split, floor)
 

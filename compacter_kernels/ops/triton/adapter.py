@@ -377,7 +377,7 @@ def adapter_forward(
 def _columns_plan(M: int, D: int, K: int, e: int, reads: int, programs: int) -> tuple[int, int, int, int, int, int]:
     """(BA, BM, num_warps, column tiles, splits, rows per split) of the columns kernel for x of
     e-byte elements; factor_grads reads its partials ``reads`` times."""
-    BA, BM, warps = config.columns_blocks(K)
+    BA, BM, warps = config.columns_blocks(K, e)
     BA = min(BA, padded(D))
     tiles = cdiv(D, BA)
     splits, rows_per_split = config.split_rows(M, BM, tiles, 2 * D * K * 4 * (1 + reads), (3 * M * D + M * K) * e,

@@ -1,13 +1,16 @@
 """Every tile rule and budget of the Triton kernels, in one place: what a launcher picks for a
-shape, on a GPU and (small tiles) in the interpreter. The GPU sizes are the largest whose sm_90
-compile spills no registers, read off the compiler with scripts/triton_resources.py (table in
-benchmarks/NOTES.md); not yet tuned by timings on a GPU.
+shape, on a GPU and (small tiles) in the interpreter. The GPU sizes fit both sm_80 and sm_90:
+within the shared memory of a block and with no registers spilled, as scripts/triton_sweep.py
+reads them off the compiler for every configuration the launchers pick over the goal shapes
+(tests/test_triton_compile.py, on a sample); not yet tuned by timings on a GPU.
 
+    fused_fits          whether the fused adapter kernels take a bottleneck (FUSED_MAX_KP)
     adapter_blocks      the fused forward and the backward's rows kernel: (BM, BD, KP, warps)
     columns_blocks      the backward's columns kernel: (BA, BM, warps)
     reduce_rows_blocks  phm_linear's dH reduction: (BA, BB, BM, warps)
     matmul_blocks       phm_linear's product: (BM, BN, BK, warps)
     grads_tile          factor_grads: the rows and columns of B_i a program holds
+    grads_warps         factor_grads: warps for that tile
     BUILD_H_TILE        build_h: one (BR, BC) tile of H per program
     grouping_consts     the grouping of a mixed-task batch: ids read C at a time, TP tasks padded
     prebuilds           whether a projection's H is built once per call (INKERNEL_H_BUDGET)
@@ -17,11 +20,32 @@ benchmarks/NOTES.md); not yet tuned by timings on a GPU.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 from typing import Optional
 
 import torch
 
 from .launch import cdiv, interpreting, padded, pow2
+
+# Triton 3.2 (torch 2.6) aborts compiling the 64-row fp16/bf16 forward for sm_90 (an assertion in
+# its LinearLayout); 3.3 and later compile it (scripts/triton_sweep.py).
+try:
+    TRITON_VERSION = tuple(int(v) for v in importlib.metadata.version("triton").split(".")[:2])
+except importlib.metadata.PackageNotFoundError:
+    TRITON_VERSION = (0, 0)
+
+
+# The fused adapter kernels hold a row block's whole bottleneck in registers (z in the forward,
+# dg in the rows kernel, two (BA, KP) accumulators in the columns kernel) and stage (BD, KP) H
+# tiles in shared memory. Past this padded width no tile fits an SM (sm_80 and sm_90, every dtype:
+# the shared memory runs out at KP = 512, the registers before; scripts/triton_sweep.py), and the
+# adapter runs as separate matmuls (the op's differentiable math), which are compute-bound there.
+FUSED_MAX_KP = 256
+
+
+def fused_fits(k: int) -> bool:
+    """Whether the fused adapter kernels take a bottleneck of width k (`FUSED_MAX_KP`)."""
+    return padded(k) <= FUSED_MAX_KP
 
 
 @functools.lru_cache(maxsize=1024)  # pure, and read on every call
@@ -31,29 +55,41 @@ def adapter_blocks(d: int, k: int, dtype: torch.dtype, backward: bool = False) -
     KP = padded(k)
     if interpreting():
         return 16, min(padded(d), 32), KP, 4
-    BM = 32 if backward or KP > 128 or dtype == torch.float32 else 64
-    BD = 32 if BM * KP >= 64 * 128 else 64  # a wide (BM, KP) accumulator leaves less room per d chunk
+    BM = 32 if backward or KP > 128 or dtype == torch.float32 or TRITON_VERSION < (3, 3) else 64
+    # a wide (BM, KP) accumulator leaves less room per d chunk
+    BD = 32 if BM * KP * dtype.itemsize >= 64 * 128 * 2 else 64
     return BM, min(padded(d), BD), KP, 8
 
 
-def columns_blocks(K: int) -> tuple[int, int, int]:
-    """(BA, BM, num_warps) of the columns kernel: BA columns of d per program, two (BA, KP) fp32
-    accumulators."""
-    return max(16, min(128, 4096 // padded(K))), 32, 8
+def columns_blocks(K: int, e: int) -> tuple[int, int, int]:
+    """(BA, BM, num_warps) of the columns kernel: BA columns of d per program, BM rows at a time.
+    It holds two (BA, KP) fp32 accumulators, a (KP, BA) H tile and (BM, KP) tiles of g and dz:
+    at most 2048 elements per accumulator for fp16/bf16, 1024 for fp32 (whose tiles are twice
+    the size), and half the rows from KP = 256 (128 for fp32), or sm_80 spills. e: bytes per
+    element of x."""
+    KP = padded(K)
+    if e == 4:
+        return max(16, min(32, 1024 // KP)), 32 if KP < 128 else 16, 8
+    return max(16, min(64, 2048 // KP)), 32 if KP < 256 else 16, 8
 
 
-def reduce_rows_blocks(IA: int, IB: int) -> tuple[int, int, int, int]:
-    """(BA, BB, BM, num_warps) of reduce_rows' (BA, BB) tiles of a^T @ b, BM rows at a time."""
+def reduce_rows_blocks(IA: int, IB: int, e: int) -> tuple[int, int, int, int]:
+    """(BA, BB, BM, num_warps) of reduce_rows' (BA, BB) tiles of a^T @ b, BM rows at a time, for
+    e-byte inputs (fp32's IEEE products hold more registers: quarter tiles, or sm_80 spills)."""
+    if e == 4:
+        return min(padded(IA), 32), min(padded(IB), 64), 32, 8
     BB = min(padded(IB), 128)
     BA = min(padded(IA), 64 if BB > 64 else 128)
     return BA, BB, 32 if interpreting() else 64, 8  # 4 warps spill at BA=64, BB=128 on sm_80
 
 
 def matmul_blocks(KRED: int, NOUT: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BM, BN, BK, num_warps) of phm_linear's product x (M, KRED) @ H (KRED, NOUT)."""
-    BM = 16 if interpreting() else (32 if dtype == torch.float32 else 64)
-    BN = min(padded(NOUT), 32 if interpreting() else 128)
-    BK = min(padded(KRED), 32 if interpreting() else 64)
+    """(BM, BN, BK, num_warps) of phm_linear's product x (M, KRED) @ H (KRED, NOUT); fp32 in
+    half the columns and depth (its IEEE product spills on sm_80 at BN = 128, BK = 64)."""
+    fp32 = dtype == torch.float32
+    BM = 16 if interpreting() else (32 if fp32 else 64)
+    BN = min(padded(NOUT), 32 if interpreting() else (64 if fp32 else 128))
+    BK = min(padded(KRED), 32 if interpreting() or fp32 else 64)
     return BM, BN, BK, 4
 
 
@@ -87,10 +123,16 @@ def split_rows(M: int, BM: int, tiles: int, bytes_per_split: int, floor_bytes: i
 
 @functools.lru_cache(maxsize=1024)
 def grads_tile(P: int, Q: int) -> tuple[int, int]:
-    """(BP, QP): the rows and (padded) columns of B_i that a factor_grads program holds at once;
-    1024 elements keep its tiles in registers (no spills on sm_80/sm_90: scripts/triton_resources.py)."""
+    """(BP, QP): the rows and (padded) columns of B_i that a factor_grads program holds at once:
+    1024 elements, or one whole row where Q is wider (`grads_warps` spreads it)."""
     QP = pow2(Q)
     return max(1, min(pow2(P), 1024 // QP)), QP
+
+
+def grads_warps(tile: int) -> int:
+    """num_warps of factor_grads for its largest (BP, QP) tile of ``tile`` elements: about 8 per
+    thread (its four fp32 tiles and d right's (R, QP) stay in registers up to 4096 columns)."""
+    return max(4, min(16, tile // 256))
 
 
 def grouping_consts(T: int) -> dict:

@@ -72,7 +72,7 @@ class Partials(NamedTuple):  # a NamedTuple: a frozen dataclass costs ~1.5 us to
 def _reduce_rows_plan(M: int, IA: int, IB: int, dtype: torch.dtype, colsum: bool, floor_bytes: int, reads: int,
                       programs: int):
     """(grid, rows per split, constexprs) of reduce_rows."""
-    BA, BB, BM, warps = config.reduce_rows_blocks(IA, IB)
+    BA, BB, BM, warps = config.reduce_rows_blocks(IA, IB, dtype.itemsize)
     tiles = cdiv(IA, BA) * cdiv(IB, BB)
     splits, rows_per_split = config.split_rows(M, BM, tiles, IA * IB * 4 * (1 + reads), floor_bytes, programs)
     consts = dict(COLSUM=colsum, BA=BA, BB=BB, BM=BM, IEEE=dtype == torch.float32, num_warps=warps)
@@ -129,8 +129,8 @@ def _proj_grads(part_ptr, s_row, s_col, split_stride, S, rule_ptr, left_ptr, rig
                 Bt = tl.load(left_ptr + (i * P + offs_p[:, None]) * Q + offs_q[None, :], mask=mask,
                              other=0.0).to(tl.float32)
         dB = tl.zeros((BP, QP), tl.float32)
-        for a in tl.static_range(N):
-            for c in tl.static_range(N):
+        for a in range(N):  # not unrolled: n * n bodies at n = 16 compile for minutes
+            for c in range(N):
                 h = part_ptr + (a * P + offs_p[:, None]).to(tl.int64) * s_row + (c * Q + offs_q[None, :]) * s_col
                 t = tl.zeros((BP, QP), tl.float32)
                 for s in range(0, S):
@@ -167,6 +167,15 @@ def _bias_sum(csum_ptr, CS, S, offset, n, scale, out_ptr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _store_rule_grad(drule_ptr, dA, i, N: tl.constexpr, NP: tl.constexpr):
+    """Slice i (N, N) of a rule's gradient, from its (NP, NP) padded tile."""
+    ra = tl.arange(0, NP)[:, None]
+    rc = tl.arange(0, NP)[None, :]
+    if i < N:
+        tl.store(drule_ptr + (i * N + ra) * N + rc, dA.to(drule_ptr.dtype.element_ty), mask=(ra < N) & (rc < N))
+
+
+@triton.jit
 def _factor_grads_kernel(
     part_ptr, csum_ptr, S, split_stride, CS,
     # projection 1: its partials at part_ptr (row, col strides), its factors and their gradients
@@ -191,8 +200,6 @@ def _factor_grads_kernel(
     task's splits (each task's rows cut into splits of rows_per_split, in task order), its
     parameters and gradients at t times their task strides."""
     i, chunk = tl.program_id(0), tl.program_id(1)
-    ra = tl.arange(0, NP)[:, None]
-    rc = tl.arange(0, NP)[None, :]
     tot1 = tl.zeros((NP, NP), tl.float32)  # d rule of a rule the tasks share, summed over them
     tot2 = tl.zeros((NP, NP), tl.float32)
     if GROUPED:
@@ -229,38 +236,29 @@ def _factor_grads_kernel(
             if RULE2:
                 if SHARED:
                     dA1 += dA2
-                elif t_r2 == 0:
+                elif GROUPED and t_r2 == 0:
                     tot2 += dA2
                 elif chunk == 0:
-                    if i < N2:
-                        tl.store(drule2 + t * t_r2 + (i * N2 + ra) * N2 + rc, dA2.to(drule2.dtype.element_ty),
-                                 mask=(ra < N2) & (rc < N2))
+                    _store_rule_grad(drule2 + t * t_r2, dA2, i, N2, NP)
         if RULE1:
-            if t_r1 == 0:
+            if GROUPED and t_r1 == 0:
                 tot1 += dA1
             elif chunk == 0:
-                if i < N1:
-                    tl.store(drule1 + t * t_r1 + (i * N1 + ra) * N1 + rc, dA1.to(drule1.dtype.element_ty),
-                             mask=(ra < N1) & (rc < N1))
+                _store_rule_grad(drule1 + t * t_r1, dA1, i, N1, NP)
         if i == 0:
             if chunk == 0:
                 if HAS_B1:
                     _bias_sum(csum_ptr + s_lo * CS, CS, S_t, 0, n_b1, 1.0, db1_ptr + t * t_b1, 256)
                 if HAS_B2:
                     _bias_sum(csum_ptr + s_lo * CS, CS, S_t, off_b2, n_b2, 1.0, db2_ptr + t * t_b2, 256)
-    if chunk == 0:
-        if RULE1:
-            if t_r1 == 0:
-                if i < N1:
-                    tl.store(drule1 + (i * N1 + ra) * N1 + rc, tot1.to(drule1.dtype.element_ty),
-                             mask=(ra < N1) & (rc < N1))
-        if TWO:
-            if RULE2:
-                if not SHARED:
-                    if t_r2 == 0:
-                        if i < N2:
-                            tl.store(drule2 + (i * N2 + ra) * N2 + rc, tot2.to(drule2.dtype.element_ty),
-                                     mask=(ra < N2) & (rc < N2))
+    # A rule the tasks share: its gradient summed over them (only a mixed-task batch carries the
+    # sum across the loop; ptxas keeps such a loop-carried sum on the stack).
+    if GROUPED and chunk == 0:
+        if RULE1 and t_r1 == 0:
+            _store_rule_grad(drule1, tot1, i, N1, NP)
+        if TWO and RULE2:
+            if not SHARED and t_r2 == 0:
+                _store_rule_grad(drule2, tot2, i, N2, NP)
 
 
 class GradsInput(NamedTuple):
@@ -341,7 +339,8 @@ def factor_grads_plan(first: tuple, second: Optional[tuple] = None, bias1: Optio
     names = ("N", "R", "RP", "RULE", "FACT", "BP", "QP")
     consts = dict(**{f"{k}1": v for k, v in zip(names, c1)}, **{f"{k}2": v for k, v in zip(names, c2)},
                   TWO=second is not None, SHARED=shared_rule, HAS_B1=bias1 is not None, HAS_B2=bias2 is not None,
-                  NP=pow2(n_i), GROUPED=tasks, TP=max(2, pow2(T)), num_warps=4)
+                  NP=pow2(n_i), GROUPED=tasks, TP=max(2, pow2(T)),
+                  num_warps=config.grads_warps(max(c1[5] * c1[6], c2[5] * c2[6])))
     new_grads = (first[0] is not None, first[0] is not None and first[2] is not None,
                  second is not None and second[0] is not None and not shared_rule,
                  second is not None and second[0] is not None and second[2] is not None)
