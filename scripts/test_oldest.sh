@@ -39,12 +39,14 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 (cd "$SRC" && env -u COMPACTER_KERNELS_FORCE_CUDA_BUILD -u COMPACTER_KERNELS_SKIP_CUDA_BUILD \
     "$PY" -m pip install -v --no-build-isolation ".[bench]" > "$SRC/install.log" 2>&1) \
     || { tail -50 "$SRC/install.log"; exit 1; }
-grep -E "^WARNING: compacter_kernels" "$SRC/install.log" || echo "(no WARNING line: the extension was built)"
-(cd /tmp && "$PY" - "$OLDEST_TORCH" <<'PY'
+WARNED=$(grep -o "WARNING: compacter_kernels is installed WITHOUT.*" "$SRC/install.log" || true)
+echo "== pip: ${WARNED:-no WARNING line}"
+(cd /tmp && "$PY" - "$OLDEST_TORCH" "$WARNED" <<'PY'
 import sys, torch, triton, numpy
 from compacter_kernels import _extension
 assert torch.__version__.split("+")[0] == sys.argv[1], f"the install replaced torch {sys.argv[1]}: {torch.__version__}"
 ok, why = _extension.status()
+assert ok or sys.argv[2], f"installed without the extension ({why}) and pip's log does not say why"
 print(f"== torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, numpy {numpy.__version__}")
 print("== CUDA extension:", why)
 PY
