@@ -55,9 +55,12 @@ def adapter_blocks(d: int, k: int, dtype: torch.dtype, backward: bool = False) -
     KP = padded(k)
     if interpreting():
         return 16, min(padded(d), 32), KP, 4
-    BM = 32 if backward or KP > 128 or dtype == torch.float32 or TRITON_VERSION < (3, 3) else 64
+    fp32 = dtype == torch.float32  # IEEE products: fp32 tiles and more registers per element
+    BM = 32 if backward or KP > 128 or fp32 or TRITON_VERSION < (3, 3) else 64
+    if fp32 and KP >= 256:
+        BM = 16
     # a wide (BM, KP) accumulator leaves less room per d chunk
-    BD = 32 if BM * KP * dtype.itemsize >= 64 * 128 * 2 else 64
+    BD = 32 if fp32 or BM * KP >= 64 * 128 else 64
     return BM, min(padded(d), BD), KP, 8
 
 
@@ -130,9 +133,10 @@ def grads_tile(P: int, Q: int) -> tuple[int, int]:
 
 
 def grads_warps(tile: int) -> int:
-    """num_warps of factor_grads for its largest (BP, QP) tile of ``tile`` elements: about 8 per
-    thread (its four fp32 tiles and d right's (R, QP) stay in registers up to 4096 columns)."""
-    return max(4, min(16, tile // 256))
+    """num_warps of factor_grads for its largest (BP, QP) tile of ``tile`` elements: 8 up to 2048
+    elements (with 4, ptxas keeps long-lived values on the stack), 16 for rows of 4096 columns
+    (four fp32 tiles and d right's (R, QP) per program; past 4096 columns they spill)."""
+    return max(8, min(16, tile // 256))
 
 
 def grouping_consts(T: int) -> dict:
