@@ -113,19 +113,20 @@ def run_shape(s: Shape) -> None:
     ids = torch.randint(0, T, (ROWS,), generator=g) if T > 1 else None
     stack = (T,) if T > 1 else ()
     activation = ACTIVATIONS[seed % len(ACTIVATIONS)]
+    residual = torch.empty_like(x) if seed % 2 else None  # a residual of its own, or x's
     if s.op == "compacter":
         n, d, k, r = s.n, s.d, s.k, s.r
         rule = w(n, n, n)
         args = [rule, w(*stack, n, d // n, r), w(*stack, n, r, k // n), w(*stack, k),
                 rule, w(*stack, n, k // n, r), w(*stack, n, r, d // n), w(*stack, d)]
         y = (ck.multitask_compacter_adapter(x, ids, *args, activation=activation, backend="triton") if T > 1 else
-             ck.compacter_adapter(x, *args, activation=activation, residual=x, backend="triton"))
+             ck.compacter_adapter(x, *args, activation=activation, residual=residual, backend="triton"))
     elif s.op in ("houlsby", "linear"):  # linear: nn.Linear weights, (out, in) read transposed
         wd, wu = (w(*stack, s.d, s.k), w(*stack, s.k, s.d)) if s.op == "houlsby" else (
             w(*stack, s.k, s.d).transpose(-1, -2), w(*stack, s.d, s.k).transpose(-1, -2))
         args = [wd, w(*stack, s.k), wu, w(*stack, s.d)]
         y = (ck.multitask_adapter(x, ids, *args, activation=activation, backend="triton") if T > 1 else
-             ck.adapter(x, *args, activation=activation, backend="triton"))
+             ck.adapter(x, *args, activation=activation, residual=residual, backend="triton"))
     else:
         n = s.n
         y = ck.phm_linear(x, w(n, n, n), w(n, s.d // n, s.r), w(n, s.r, s.k // n), w(s.k), backend="triton")
