@@ -34,8 +34,8 @@ def _fused_adapter(backend: str, x: Tensor, down: Projection, up: Projection, ac
     if ids is not None and down.left.shape[0] == 1:  # one task: the single-task op, no grouping
         down, up, ids = _first_task(down), _first_task(up), None
     down, up = down.packed(), up.packed()
-    if (needs_math(x) or x2.shape[1] == 0 or out_features(down) == 0
-            or (backend == "triton" and not fused_fits(out_features(down)))
+    k = out_features(down)
+    if (needs_math(x) or x2.shape[1] == 0 or k == 0 or (backend == "triton" and not fused_fits(k))
             or (ids is not None and backend != "triton")):
         y = adapter_math(x2, r2, down, up, activation, scale, out_dtype, ids)
     else:

@@ -224,7 +224,7 @@ def sweep(shapes: list[Shape], archs: list[int], verbose: bool = False) -> list[
                           f"{time.time() - start:.0f} s", file=sys.stderr, flush=True)
         for entry in compiled.values():
             shapes_of = sorted(entry["shapes"])
-            fp32 = all(s.split(":")[5] == "fp32" for s in shapes_of)
+            fp32 = all(Shape.parse(s).dtype == "fp32" for s in shapes_of)
             r = resources(entry["compiled"], sass=entry["kernel"] in MATMUL_KERNELS and not fp32)
             rows.append(dict(arch=arch, kernel=entry["kernel"], **r, shapes=shapes_of,
                              problems=check(arch, entry["kernel"], r, fp32)))

@@ -1,5 +1,4 @@
 import os
-import re
 import zlib
 
 import pytest
@@ -26,7 +25,6 @@ def _seed(request):
 
 # What needs a newer torch than the oldest supported (setup.py's MIN_TORCH; scripts/test_oldest.sh runs it):
 # skipped below that version, with the reason.
-TORCH = tuple(int(v) for v in re.findall(r"\d+", torch.__version__)[:2])
 NEEDS_NEWER_TORCH = {
     "tests/test_hardening.py::test_fsdp2_gloo_loss_and_gradients_equal_the_single_process_run": (
         (2, 9), "FSDP2 on CPU (gloo) with a rule shared across sharded adapters needs torch >= 2.9 (torch 2.6: "
@@ -37,5 +35,5 @@ NEEDS_NEWER_TORCH = {
 def pytest_collection_modifyitems(config, items):
     for item in items:
         need = NEEDS_NEWER_TORCH.get(item.nodeid.split("[")[0])
-        if need and TORCH < need[0]:
+        if need and torch.__version__ < need[0]:
             item.add_marker(pytest.mark.skip(reason=need[1]))

@@ -31,8 +31,7 @@ from ..common import math_phm_linear_grads, no_autocast
 from . import adapter as cuda_adapter
 
 
-# torch.mm(..., out_dtype=) came with torch 2.8.
-_MM_OUT_DTYPE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
+_MM_OUT_DTYPE = torch.__version__ >= (2, 8)  # torch.mm(..., out_dtype=) came with torch 2.8
 
 
 def _mm_wide(a: Tensor, b: Tensor) -> Tensor:

@@ -82,7 +82,7 @@ def h_tile(rule_ptr, left_ptr, right_ptr, ri, ci, mask, P, Q, O,
     c = ci // Q
     q = ci % Q
     acc = tl.zeros(mask.shape, tl.float32)
-    for i in range(N):  # not unrolled: n = 16 unrolled spills and compiles for minutes
+    for i in range(N):  # not unrolled, like factor_grads' n-loops (unrolled, build_h spilled at n >= 8, r = 4)
         A = tl.load(rule_ptr + (i * N + a) * N + c, mask=mask, other=0.0).to(tl.float32)
         if MODE == 1:
             B = tl.load(left_ptr + (i * P + p) * Q + q, mask=mask, other=0.0).to(tl.float32)
