@@ -25,8 +25,8 @@ def _tensor(name: str, t, *, optional: bool = False) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
-def _shape(name: str, t: Optional[Tensor], expected: Sequence[int], meaning: str) -> None:
-    if t is not None and tuple(t.shape) != tuple(expected):
+def _shape(name: str, t: Optional[Tensor], expected: tuple, meaning: str) -> None:
+    if t is not None and t.shape != expected:
         raise ValueError(f"{name} must have shape {tuple(expected)} ({meaning}), got {tuple(t.shape)}")
 
 
@@ -37,19 +37,21 @@ def check_tensors(named: dict, optional: Sequence[str] = ()) -> None:
     _tensor(first, x)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{first} must be a floating tensor ({', '.join(map(str, FLOAT_DTYPES))}), got {x.dtype}")
-    # Under autocast, mixed dtypes are the norm (fp32 parameters, low-precision activations):
-    # the backends cast as autocast would.
-    autocast = autocast_dtype(x) is not None
+    dtype, device = x.dtype, x.device
     for name, t in rest:
-        _tensor(name, t, optional=name in optional)
-        if t is None:
-            continue
-        if autocast and t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
-        if t.dtype != x.dtype and not autocast:
-            raise TypeError(f"{name} has dtype {t.dtype} but {first} has {x.dtype}: cast them to one dtype")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but {first} is on {x.device}: move them to one device")
+        if not isinstance(t, Tensor):
+            if t is None and name in optional:
+                continue
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != dtype:
+            # Under autocast, mixed dtypes are the norm (fp32 parameters, low-precision activations):
+            # the backends cast as autocast would.
+            if autocast_dtype(x) is None:
+                raise TypeError(f"{name} has dtype {t.dtype} but {first} has {dtype}: cast them to one dtype")
+            if t.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but {first} is on {device}: move them to one device")
 
 
 def check_x(x) -> None:
@@ -179,7 +181,7 @@ def _check_adapter(x, w_down, b_down, w_up, b_up, residual, activation) -> None:
     _shape("w_up", w_up, (k, d), "bottleneck, d_model")
     _shape("b_down", b_down, (k,), "bottleneck")
     _shape("b_up", b_up, (d,), "d_model")
-    _shape("residual", residual, tuple(x.shape), "the shape of x")
+    _shape("residual", residual, x.shape, "the shape of x")
 
 
 def check_compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up,
@@ -203,7 +205,7 @@ def check_compacter_adapter(x, rule_down, left_down, right_down, bias_down, rule
     d = x.shape[-1]
     k = check_phm("_down", rule_down, left_down, right_down, bias_down, d)
     check_phm("_up", rule_up, left_up, right_up, bias_up, k, out_features=d)
-    _shape("residual", residual, tuple(x.shape), "the shape of x")
+    _shape("residual", residual, x.shape, "the shape of x")
     return check_scale(scale)
 
 

@@ -30,10 +30,13 @@ class Projection(NamedTuple):
     bias: Optional[Tensor]
 
     def packed(self) -> "Projection":
-        """The layout the kernels read: each tensor packed (`packed`), but a dense matrix stored
+        """The layout of every parameter the kernels take: contiguous (strided, expanded or offset
+        views are copied; a contiguous tensor is passed as it is), but a dense matrix stored
         `transposed` (an nn.Linear weight's .t()), which the kernels read as it is."""
-        left = self.left if self.rule is None and transposed(self.left) else self.left.contiguous()
-        return Projection(packed(self.rule), left, packed(self.right), packed(self.bias))
+        rule, left, right, bias = self
+        return Projection(None if rule is None else rule.contiguous(),
+                          left if rule is None and transposed(left) else left.contiguous(),
+                          None if right is None else right.contiguous(), None if bias is None else bias.contiguous())
 
 
 def out_features(p: Projection) -> int:
@@ -52,12 +55,6 @@ def rows(t: Tensor) -> Tensor:
     d = t.shape[-1]
     t = t.reshape(t.numel() // d if d else math.prod(t.shape[:-1]), d)
     return t if t.stride(-1) == 1 or d <= 1 else t.contiguous()
-
-
-def packed(t: Optional[Tensor]) -> Optional[Tensor]:
-    """The layout of every parameter the kernels take: contiguous (strided, expanded or offset
-    views are copied; a contiguous tensor is passed as it is)."""
-    return None if t is None else t.contiguous()
 
 
 def transposed(w: Tensor) -> bool:

@@ -35,8 +35,7 @@ from ..common import (ACT_CODE, Projection, adapter_grads, fake_adapter_grads, m
                       save_adapter, traced, transposed)
 from . import config
 from .grads import GradsInput, Partials, factor_grads
-from .kron import (MODE_DENSE, MODE_PHM, MODE_PHM_FACTORED, act_bwd, act_fwd, build_h, group_rows, h_consts, h_ptrs,
-                   h_tile, proj_key)
+from .kron import KernelH, act_bwd, act_fwd, build_h, group_rows, h_form, h_tile, kernel_h, prebuilds
 from .launch import LAUNCH_LOCK, cdiv, device_index, empty, num_programs_target, padded, pow2
 
 
@@ -284,35 +283,16 @@ def _saved_h(p: Projection, KP: int, dtype: torch.dtype, grouped: bool) -> bool:
     """Whether the forward builds one H (I, O), (T, I, O) for a mixed-task batch, and keeps it for
     backward: a PHM projection past INKERNEL_H_BUDGET (`prebuilds`); for a mixed-task batch also a
     dense weight in another dtype than x's (converted once). Shapes only: the fake impl decides alike."""
-    if config.prebuilds(proj_key(p.rule, p.left, p.right), KP):
-        return True
-    return grouped and p.rule is None and p.left.dtype != dtype
-
-
-def _kernel_args(p: Projection, H: Optional[Tensor], dtype: torch.dtype, grouped: bool):
-    """((rule, left, right) pointers, (MODE, N, R), task strides of the three) of one projection:
-    H its dense matrix (or stacked matrices) where one was built, else None."""
-    if grouped:
-        if p.rule is None and H is None:
-            H = p.left
-        if H is not None:
-            s = H[0].numel()
-            return (H, H, H), (MODE_DENSE, 1, 1), (s, s, s)
-        t_rule = p.rule[0].numel() if p.rule.dim() == 4 else 0
-        if p.right is None:
-            return ((p.rule, p.left, p.left), (MODE_PHM, p.rule.shape[-1], 1),
-                    (t_rule, p.left[0].numel(), p.left[0].numel()))
-        return ((p.rule, p.left, p.right), (MODE_PHM_FACTORED, p.rule.shape[-1], p.left.shape[-1]),
-                (t_rule, p.left[0].numel(), p.right[0].numel()))
-    return (h_ptrs(p.rule, p.left, p.right, H, dtype), h_consts(proj_key(p.rule, p.left, p.right), H is not None),
-            (0, 0, 0))
+    return prebuilds(h_form(p), KP) or (grouped and p.rule is None and p.left.dtype != dtype)
 
 
 def _build_hs(down: Projection, up: Projection, need: tuple, dtype: torch.dtype, grouping=None) -> tuple:
     """(H_down, H_up) where ``need`` says so, else None, in one launch that also groups a
     mixed-task batch's rows where ``grouping`` (ids, order, counts) is given."""
+    if grouping is None and not any(need):
+        return None, None
     T = down.left.shape[0] if grouping is not None else 0
-    todo = [(p.rule, p.left, p.right) for p, n in zip((down, up), need) if n and p.rule is not None]
+    todo = [p for p, n in zip((down, up), need) if n and p.rule is not None]
     built = iter(build_h(todo, dtype, tasks=T, grouping=grouping) if todo else ())
     if grouping is not None and not todo:
         ids, order, counts = grouping
@@ -358,15 +338,14 @@ def adapter_forward(
     need = (_saved_h(down, KP, x.dtype, grouped), _saved_h(up, KP, x.dtype, grouped))
     hd, hu = _build_hs(down, up, need, x.dtype, grouping)
     if M > 0:
-        ptr_d, (mode_d, n_d, r_d), t_d = _kernel_args(down, hd, x.dtype, grouped)
-        ptr_u, (mode_u, n_u, r_u), t_u = _kernel_args(up, hu, x.dtype, grouped)
+        kd, ku = kernel_h(down, hd, x.dtype, grouped), kernel_h(up, hu, x.dtype, grouped)
         r = residual if residual is not None else x
         with LAUNCH_LOCK:
             _adapter_fwd_kernel[(cdiv(M, BM) + (T if grouped else 0),)](  # a task's last block may be short
-                x, r, y, z if store_z else x, *ptr_d, bias_down if bias_down is not None else x,
-                *ptr_u, bias_up if bias_up is not None else x, M, D, K, x.stride(0), r.stride(0), scale,
-                order if grouped else x, counts if grouped else x, T, *t_d, K if grouped else 0, *t_u,
-                D if grouped else 0, MODE_D=mode_d, N_D=n_d, R_D=r_d, MODE_U=mode_u, N_U=n_u, R_U=r_u,
+                x, r, y, z if store_z else x, *kd[:3], bias_down if bias_down is not None else x,
+                *ku[:3], bias_up if bias_up is not None else x, M, D, K, x.stride(0), r.stride(0), scale,
+                order if grouped else x, counts if grouped else x, T, *kd.task_strides, K if grouped else 0,
+                *ku.task_strides, D if grouped else 0, **kd.form.constexprs("_D"), **ku.form.constexprs("_U"),
                 HAS_BD=bias_down is not None, HAS_BU=bias_up is not None, HAS_RES=residual is not None,
                 ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP, IEEE=x.dtype == torch.float32, GROUPED=grouped,
                 TP=max(2, pow2(T)) if grouped else 1, STORE_Z=store_z, num_warps=warps)
@@ -410,7 +389,7 @@ def _grads_input(p: Projection, offset: int, s_row: int, s_col: int, grouped: bo
     return GradsInput(p.rule, p.left, p.right, offset, s_row, s_col), False
 
 
-def _columns(x, dy, g, dz, dx, ptr_d, consts_d, t_d, scale, has_residual, reads, group_args, T, grouped):
+def _columns(x, dy, g, dz, dx, kd: KernelH, scale, has_residual, reads, group_args, T, grouped):
     """The columns kernel: dx, and the split partials of dH_down = x^T dz, dH_up^T = scale * dy^T g
     (both (D, K)), db_down = sum dz and db_up = scale * sum dy that factor_grads finishes ->
     (Partials, rows per split)."""
@@ -421,11 +400,10 @@ def _columns(x, dy, g, dz, dx, ptr_d, consts_d, t_d, scale, has_residual, reads,
         splits = cdiv(M, rows_per_split) + T  # each task's last split may be short: T more at most
     part = empty((splits, 2, D, K), dtype=torch.float32, device=x.device)
     csum = empty((splits, K + D), dtype=torch.float32, device=x.device)
-    mode_d, n_d, r_d = consts_d
     with LAUNCH_LOCK:
         _adapter_cols_kernel[(tiles, splits)](
-            x, dy, g, dz, dx, part, csum, *ptr_d, M, D, K, x.stride(0), dy.stride(0), rows_per_split, scale,
-            *group_args, T, *t_d, MODE_D=mode_d, N_D=n_d, R_D=r_d, HAS_RES=has_residual, BA=BA, BM=BM,
+            x, dy, g, dz, dx, part, csum, *kd[:3], M, D, K, x.stride(0), dy.stride(0), rows_per_split, scale,
+            *group_args, T, *kd.task_strides, **kd.form.constexprs("_D"), HAS_RES=has_residual, BA=BA, BM=BM,
             KP=padded(K), IEEE=x.dtype == torch.float32, GROUPED=grouped, TP=max(2, pow2(T)) if grouped else 1,
             num_warps=warps)
     return Partials(part, csum), rows_per_split
@@ -462,21 +440,19 @@ def adapter_backward(
     g = empty((M, K), dtype=x.dtype, device=x.device)
     dz = empty((M, K), dtype=x.dtype, device=x.device)
     BM, BD, KP, warps = config.adapter_blocks(D, K, x.dtype, backward=True)
-    ptr_d, (mode_d, n_d, r_d), t_d = _kernel_args(down, hd, x.dtype, grouped)
-    ptr_u, (mode_u, n_u, r_u), t_u = _kernel_args(up, hu, x.dtype, grouped)
+    kd, ku = kernel_h(down, hd, x.dtype, grouped), kernel_h(up, hu, x.dtype, grouped)
     TP = max(2, pow2(T)) if grouped else 1
     group_args = (order, counts) if grouped else (dy, dy)
     ieee = x.dtype == torch.float32
     # dg = scale * dy @ H_up^T, dz = dg * act'(z), g = act(z); d residual = dy.
     with LAUNCH_LOCK:
         _adapter_rows_kernel[(cdiv(M, BM) + (T if grouped else 0),)](
-            dy, z, dres if has_residual else dy, g, dz, *ptr_u, M, D, K, dy.stride(0), scale, *group_args, T, *t_u,
-            MODE_U=mode_u, N_U=n_u, R_U=r_u, HAS_RES=has_residual, ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP,
+            dy, z, dres if has_residual else dy, g, dz, *ku[:3], M, D, K, dy.stride(0), scale, *group_args, T,
+            *ku.task_strides, **ku.form.constexprs("_U"), HAS_RES=has_residual, ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP,
             IEEE=ieee, GROUPED=grouped, TP=TP, num_warps=warps)
     # factor_grads reads the partials n times (n of the widest PHM projection; once for dense ones).
     reads = max(1 if p.rule is None else p.rule.shape[-1] for p in (down, up))
-    partials, rows_per_split = _columns(x, dy, g, dz, dx, ptr_d, (mode_d, n_d, r_d), t_d, scale, has_residual,
-                                        reads, group_args, T, grouped)
+    partials, rows_per_split = _columns(x, dy, g, dz, dx, kd, scale, has_residual, reads, group_args, T, grouped)
     # dH_down = x^T dz at the partials' start; H_up[row, col] is (dy^T g)[col, row], after it.
     first, t_first = _grads_input(down, 0, K, 1, grouped)
     second, t_second = _grads_input(up, D * K, 1, K, grouped)

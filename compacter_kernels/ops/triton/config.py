@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-from typing import Optional
 
 import torch
 
@@ -104,11 +103,11 @@ def matmul_blocks(KRED: int, NOUT: int, dtype: torch.dtype) -> tuple[int, int, i
 INKERNEL_H_BUDGET = 256
 
 
-def prebuilds(key: Optional[tuple], tile_cols: int) -> bool:
-    """Whether a PHM projection (`proj_key`) has its H built once per call (by build_h) rather
-    than tile by tile inside every program: past INKERNEL_H_BUDGET (``tile_cols`` is the width of
-    the H tiles a program builds per row block). Shapes only, so the fake impls decide alike."""
-    return isinstance(key, tuple) and key[0] * (max(key[1], 1) + 1) * tile_cols > INKERNEL_H_BUDGET
+def prebuilds(n: int, r: int, tile_cols: int) -> bool:
+    """Whether a PHM projection of n factors of rank r (1 for a full B) has its H built once per
+    call (by build_h) rather than tile by tile inside every program: past INKERNEL_H_BUDGET
+    (``tile_cols`` is the width of the H tiles a program builds per row block)."""
+    return n * (r + 1) * tile_cols > INKERNEL_H_BUDGET
 
 
 # The most bytes the partial sums may cost, as a fraction of the least traffic of the backward.

@@ -4,16 +4,15 @@ by task in the same launch), and how a projection is handed to the kernels."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ..common import transposed
+from ..common import Projection, out_features, transposed
 from . import config
 from .launch import LAUNCH_LOCK, cdiv
-
 
 
 # How an H is given: dense (I, O) matrix; full PHM weight B; factorised S @ T; a dense matrix
@@ -96,38 +95,63 @@ def h_tile(rule_ptr, left_ptr, right_ptr, ri, ci, mask, P, Q, O,
     return tl.where(mask, acc, 0.0)
 
 
-def proj_key(rule, left, right):
-    """What a projection's kernel constants depend on: None for a dense matrix ("T" stored
-    transposed), else (n, r), r = 0 for the full B (no right factor)."""
-    if rule is None:
-        return "T" if transposed(left) else None
-    return rule.shape[-1], 0 if right is None else left.shape[-1]
+class HForm(NamedTuple):
+    """How a kernel reads a projection's H: h_tile's constexprs MODE, N (factors) and R (rank;
+    1 for a dense matrix or a full B)."""
+    mode: int
+    n: int = 1
+    r: int = 1
+
+    def constexprs(self, suffix: str) -> dict:
+        """As a kernel's keyword arguments, e.g. MODE_D, N_D, R_D for suffix "_D"."""
+        return {f"MODE{suffix}": self.mode, f"N{suffix}": self.n, f"R{suffix}": self.r}
 
 
-def h_consts(key: Optional[tuple], prebuilt: bool) -> tuple[int, int, int]:
-    """(MODE, N, R) of a projection (`proj_key`) in the kernels; prebuilt: its H is a dense matrix."""
-    if key == "T":
-        return MODE_DENSE_T, 1, 1
-    if key is None or prebuilt:
-        return MODE_DENSE, 1, 1
-    n, r = key
-    return (MODE_PHM, n, 1) if r == 0 else (MODE_PHM_FACTORED, n, r)
+def h_form(p: Projection) -> HForm:
+    """The form of a projection's H as it is given (shapes and strides only, so the fake impls
+    decide alike); stacked per task or not."""
+    if p.rule is None:
+        return HForm(MODE_DENSE_T if transposed(p.left) else MODE_DENSE)
+    n = p.rule.shape[-1]
+    return HForm(MODE_PHM, n) if p.right is None else HForm(MODE_PHM_FACTORED, n, p.left.shape[-1])
 
 
-def h_ptrs(rule, left, right, H: Optional[torch.Tensor], dtype: torch.dtype) -> tuple:
-    """(rule, left, right) pointers of a projection for the kernels, `h_consts`' order: a dense
-    or prebuilt H three times; a dense matrix in another dtype than x's (autocast) is cast once
-    here, not per program (keeping its layout, transposed or not).
+def prebuilds(form: HForm, tile_cols: int) -> bool:
+    """Whether a projection's H is built once per call (build_h) rather than tile by tile in
+    every program: a PHM projection past config.INKERNEL_H_BUDGET (``tile_cols`` the width of
+    the H tiles a program builds per row block)."""
+    return form.mode in (MODE_PHM, MODE_PHM_FACTORED) and config.prebuilds(form.n, form.r, tile_cols)
 
-    ``dtype`` is x's, the dtype of the tl.dot operands. The factors may be in another (fp32
-    under autocast): the kernels read them as they are and build H tiles in fp32, rounded once
-    to ``dtype`` before tl.dot; a dense or prebuilt H is passed in ``dtype``, rounded once.
-    """
-    if rule is None:
-        H = left if left.dtype == dtype else left.to(dtype)  # preserve_format: the same strides
+
+class KernelH(NamedTuple):
+    """A projection as a kernel takes it: the (rule, left, right) pointers (a dense or prebuilt H
+    three times), H's form, and each pointer's task stride (a mixed-task batch's; 0 for one
+    task, or a rule the tasks share)."""
+    rule: torch.Tensor
+    left: torch.Tensor
+    right: torch.Tensor
+    form: HForm
+    task_strides: tuple[int, int, int] = (0, 0, 0)
+
+
+def kernel_h(p: Projection, H: Optional[torch.Tensor], dtype: torch.dtype, tasks: bool = False) -> KernelH:
+    """Projection p as a kernel takes it, H its prebuilt dense matrix (stacked per task with
+    ``tasks``) or None. ``dtype`` is x's, the dtype of the tl.dot operands: a dense matrix in
+    another dtype (autocast) is cast here, once per call, keeping its layout (transposed or not);
+    the factors are read as they are (the kernels build H tiles in fp32, rounded once)."""
+    if H is None and p.rule is None:
+        H = p.left if p.left.dtype == dtype else p.left.to(dtype)  # preserve_format: the same strides
+        form = h_form(Projection(None, H, None, None))
+    else:
+        form = HForm(MODE_DENSE) if H is not None else h_form(p)
     if H is not None:
-        return H, H, H
-    return rule, left, left if right is None else right
+        s = H[0].numel() if tasks else 0
+        return KernelH(H, H, H, form, (s, s, s))
+    right = p.left if p.right is None else p.right
+    if not tasks:
+        return KernelH(p.rule, p.left, right, form)
+    return KernelH(p.rule, p.left, right, form,
+                   (p.rule[0].numel() if p.rule.dim() == 4 else 0, p.left[0].numel(), right[0].numel()))
 
 
 @triton.jit
@@ -164,8 +188,8 @@ def group_rows(ids_ptr, order_ptr, counts_ptr, M, T, C: tl.constexpr, TP: tl.con
 
 
 @triton.jit
-def _build_h_kernel(r1, l1, rg1, h1, I1, O1, tiles1, r2, l2, rg2, h2, I2, O2,
-                    t_r1, t_l1, t_rg1, t_r2, t_l2, t_rg2, ids_ptr, order_ptr, counts_ptr, M, T,
+def _build_h_kernel(rule1, left1, right1, h1, I1, O1, tiles1, rule2, left2, right2, h2, I2, O2,
+                    t_rule1, t_left1, t_right1, t_rule2, t_left2, t_right2, ids_ptr, order_ptr, counts_ptr, M, T,
                     MODE1: tl.constexpr, N1: tl.constexpr, R1: tl.constexpr,
                     MODE2: tl.constexpr, N2: tl.constexpr, R2: tl.constexpr, TWO: tl.constexpr,
                     BR: tl.constexpr, BC: tl.constexpr, GROUP: tl.constexpr, C: tl.constexpr, TP: tl.constexpr):
@@ -180,35 +204,32 @@ def _build_h_kernel(r1, l1, rg1, h1, I1, O1, tiles1, r2, l2, rg2, h2, I2, O2,
             if t == 0:
                 group_rows(ids_ptr, order_ptr, counts_ptr, M, T, C, TP)
     elif pid < tiles1:
-        _build_h_tile(r1 + t * t_r1, l1 + t * t_l1, rg1 + t * t_rg1, h1 + t * I1 * O1, pid, I1, O1, BR, BC, MODE1,
-                      N1, R1)
+        _build_h_tile(rule1 + t * t_rule1, left1 + t * t_left1, right1 + t * t_right1, h1 + t * I1 * O1, pid, I1, O1,
+                      BR, BC, MODE1, N1, R1)
     elif TWO:
-        _build_h_tile(r2 + t * t_r2, l2 + t * t_l2, rg2 + t * t_rg2, h2 + t * I2 * O2, pid - tiles1, I2, O2, BR, BC,
-                      MODE2, N2, R2)
+        _build_h_tile(rule2 + t * t_rule2, left2 + t * t_left2, right2 + t * t_right2, h2 + t * I2 * O2,
+                      pid - tiles1, I2, O2, BR, BC, MODE2, N2, R2)
 
 
-def build_h(projections, dtype: torch.dtype, tasks: int = 0, grouping=None) -> list:
-    """The H (I, O) in ``dtype`` of each (rule, left, right) of ``projections`` (one or two), in
-    one launch. ``tasks`` T > 0: the factors are stacked per task (a rule of three dimensions
-    shared by the tasks), and each H is (T, I, O). ``grouping`` (ids, order, counts): the same
-    launch also groups a mixed-task batch's rows by task (`group_rows`), filling order and counts."""
+def build_h(projections: list[Projection], dtype: torch.dtype, tasks: int = 0, grouping=None) -> list:
+    """The H (I, O) in ``dtype`` of each PHM projection of ``projections`` (one or two), in one
+    launch. ``tasks`` T > 0: the factors are stacked per task (a rule of three dimensions shared
+    by the tasks), and each H is (T, I, O). ``grouping`` (ids, order, counts): the same launch
+    also groups a mixed-task batch's rows by task (`group_rows`), filling order and counts."""
     BR, BC = config.BUILD_H_TILE
-    args, strides, consts, hs, tiles = [], [], {}, [], []
-    for j, (rule, left, right) in enumerate(projections, start=1):
-        n = rule.shape[-1]
-        I, O = n * left.shape[-2], n * (left if right is None else right).shape[-1]
-        H = torch.empty((tasks, I, O) if tasks else (I, O), dtype=dtype, device=left.device)
+    hs, args, strides, forms, tiles = [], [], [], [], []
+    for p in projections:
+        kh = kernel_h(p, None, dtype, tasks > 0)
+        I, O = p.rule.shape[-1] * p.left.shape[-2], out_features(p)
+        H = torch.empty((tasks, I, O) if tasks else (I, O), dtype=dtype, device=p.left.device)
         hs.append(H)
         tiles.append(cdiv(I, BR) * cdiv(O, BC))
-        mode = MODE_PHM if right is None else MODE_PHM_FACTORED
-        args.append((rule, left, left if right is None else right, H, I, O))
-        strides.append((rule[0].numel() if tasks and rule.dim() == 4 else 0, left[0].numel() if tasks else 0,
-                        (left if right is None else right)[0].numel() if tasks else 0))
-        consts.update({f"MODE{j}": mode, f"N{j}": n, f"R{j}": 1 if right is None else left.shape[-1]})
-    if len(projections) == 1:
-        args.append(args[0])
-        strides.append(strides[0])
-        consts.update(MODE2=consts["MODE1"], N2=consts["N1"], R2=consts["R1"])
+        args.append((*kh[:3], H, I, O))
+        strides.append(kh.task_strides)
+        forms.append(kh.form)
+    if len(projections) == 1:  # the second projection's arguments repeat the first's (TWO is False)
+        args, strides, forms = args * 2, strides * 2, forms * 2
+    consts = {**forms[0].constexprs("1"), **forms[1].constexprs("2")}
     if grouping is None:
         H = hs[0]
         rows_args, consts = (H, H, H, 0, 1), {**consts, "GROUP": False, "C": 16, "TP": 2}

@@ -21,7 +21,7 @@ from torch import Tensor
 from ..common import Projection, math_phm_linear_grads, out_features, rows, traced
 from . import config
 from .grads import GradsInput, factor_grads, reduce_rows
-from .kron import build_h, h_consts, h_ptrs, h_tile, proj_key
+from .kron import HForm, build_h, h_form, h_tile, kernel_h, prebuilds
 from .launch import LAUNCH_LOCK, cdiv, empty
 
 
@@ -57,39 +57,37 @@ def _phm_matmul_kernel(
     tl.store(y_ptr + offs_m[:, None] * NOUT + offs_n[None, :], acc.to(dtype), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@functools.lru_cache(maxsize=1024)  # computed once per key (host time)
-def _matmul_plan(M: int, KRED: int, NOUT: int, dtype: torch.dtype, key: tuple, has_bias: bool, trans: bool):
-    """(grid, constexprs, whether H is prebuilt) of the PHM matmul; key the projection's `proj_key`."""
+@functools.lru_cache(maxsize=1024)  # a pure function of a few integers, on every call
+def _matmul_plan(M: int, KRED: int, NOUT: int, dtype: torch.dtype, form: HForm, has_bias: bool, trans: bool):
+    """(grid, constexprs but H's form, whether H is prebuilt) of the PHM matmul of a projection
+    of this form."""
     BM, BN, BK, warps = config.matmul_blocks(KRED, NOUT, dtype)
-    prebuilt = config.prebuilds(key, BN)
-    mode, N, R = h_consts(key, prebuilt)
-    consts = dict(TRANS=trans, MODE=mode, N=N, R=R, HAS_BIAS=has_bias, BM=BM, BN=BN, BK=BK,
-                  IEEE=dtype == torch.float32, num_warps=warps)
-    return (cdiv(M, BM), cdiv(NOUT, BN)), consts, prebuilt
+    consts = dict(TRANS=trans, HAS_BIAS=has_bias, BM=BM, BN=BN, BK=BK, IEEE=dtype == torch.float32, num_warps=warps)
+    return (cdiv(M, BM), cdiv(NOUT, BN)), consts, prebuilds(form, BN)
 
 
-def _matmul_h(x2: Tensor, rule, left, right, bias: Optional[Tensor], trans: bool) -> Tensor:
-    n = rule.shape[0]
-    HI, HO = n * left.shape[1], n * (left if right is None else right).shape[2]
+def _matmul_h(x2: Tensor, p: Projection, trans: bool) -> Tensor:
+    """x2 @ H + bias (x2 @ H^T when trans; p.bias None then) for the PHM projection p."""
+    n = p.rule.shape[0]
+    HI, HO = n * p.left.shape[1], out_features(p)
     M, KRED = x2.shape
     NOUT = HI if trans else HO
     y = empty((M, NOUT), dtype=x2.dtype, device=x2.device)
     if M == 0:
         return y
-    grid, consts, prebuilt = _matmul_plan(M, KRED, NOUT, x2.dtype, proj_key(rule, left, right), bias is not None,
-                                          trans)
-    H = build_h([(rule, left, right)], x2.dtype)[0] if prebuilt else None
+    grid, consts, prebuilt = _matmul_plan(M, KRED, NOUT, x2.dtype, h_form(p), p.bias is not None, trans)
+    kh = kernel_h(p, build_h([p], x2.dtype)[0] if prebuilt else None, x2.dtype)
     with LAUNCH_LOCK:
         _phm_matmul_kernel[grid](
-            x2, y, *h_ptrs(rule, left, right, H, x2.dtype), bias if bias is not None else x2, M, KRED, NOUT,
-            x2.stride(0), HI // n, HO // n, HO, **consts)
+            x2, y, *kh[:3], p.bias if p.bias is not None else x2, M, KRED, NOUT, x2.stride(0), HI // n, HO // n, HO,
+            **kh.form.constexprs(""), **consts)
     return y
 
 
 def phm_linear_forward(x: Tensor, rule: Tensor, left: Tensor, right: Optional[Tensor],
                        bias: Optional[Tensor]) -> Tensor:
     """y (M, O) = x (M, I) @ H + bias for 2-D x, in one launch (two where H is prebuilt)."""
-    return _matmul_h(rows(x), rule, left, right, bias, trans=False)
+    return _matmul_h(rows(x), Projection(rule, left, right, bias), trans=False)
 
 
 def phm_linear_backward(dy: Tensor, x: Tensor, rule: Tensor, left: Tensor, right: Optional[Tensor],
@@ -97,7 +95,7 @@ def phm_linear_backward(dy: Tensor, x: Tensor, rule: Tensor, left: Tensor, right
     """(dx, d rule, d left, d right, d bias) in three launches (dx; reduce_rows; factor_grads),
     each gradient in its parameter's dtype; an absent parameter's an empty placeholder."""
     dy2 = rows(dy)
-    dx = _matmul_h(dy2, rule, left, right, None, trans=True)
+    dx = _matmul_h(dy2, Projection(rule, left, right, None), trans=True)
     M, I = x.shape
     O = dy2.shape[1]
     if M == 0:
