@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..common import ACT_CODE, adapter_grads, fake_adapter_grads, math_adapter_grads, rows, save_adapter
+from ..common import ACT_CODE, Projection, adapter_grads, fake_adapter_grads, math_adapter_grads, rows, save_adapter
 
 if not hasattr(torch.ops.compacter_kernels, "cuda_adapter_fwd"):
     raise ImportError("compacter_kernels.ops.cuda needs the CUDA extension's ops: it is imported by "
@@ -38,12 +38,12 @@ if not hasattr(torch.ops.compacter_kernels, "cuda_adapter_fwd"):
                       "compacter_kernels.available_backends()['cuda'])")
 
 
-def build_h(projections, dtype: torch.dtype) -> list:
-    """Each (rule, left, right) projection's H (I, O) in ``dtype``, one launch: summed in fp32
-    from a PHM projection's factors and rounded once; a dense matrix of another dtype converted;
-    an empty tensor for a dense matrix already in dtype (use it as it is)."""
-    rules, lefts, rights = zip(*projections)
-    return torch.ops.compacter_kernels.cuda_build_h(list(rules), list(lefts), list(rights), dtype)
+def build_h(projections: list[Projection], dtype: torch.dtype) -> list:
+    """Each projection's H (I, O) in ``dtype``, one launch: summed in fp32 from a PHM
+    projection's factors and rounded once; a dense matrix of another dtype converted; an empty
+    tensor for a dense matrix already in dtype (use it as it is). The biases are not read."""
+    return torch.ops.compacter_kernels.cuda_build_h([p.rule for p in projections], [p.left for p in projections],
+                                                    [p.right for p in projections], dtype)
 
 
 def check_device(x: Tensor) -> None:
@@ -109,8 +109,8 @@ class CudaAdapter(torch.autograd.Function):
     def forward(ctx, x, residual, rule_down, left_down, right_down, bias_down, rule_up, left_up, right_up, bias_up,
                 task_ids, activation, scale, out_dtype, store_z, shared_rule):
         check_device(x)
-        h_down, h_up = build_h(((rule_down, left_down, right_down),
-                                (rule_down if shared_rule else rule_up, left_up, right_up)), x.dtype)
+        h_down, h_up = build_h([Projection(rule_down, left_down, right_down, bias_down),
+                                Projection(rule_down if shared_rule else rule_up, left_up, right_up, bias_up)], x.dtype)
         y, z = torch.ops.compacter_kernels.cuda_adapter_fwd(
             x, residual, h_down if h_down.numel() else left_down, _bias(bias_down, x.dtype),
             h_up if h_up.numel() else left_up, _bias(bias_up, x.dtype), ACT_CODE[activation], scale, out_dtype,

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..common import math_phm_linear_grads, no_autocast
+from ..common import Projection, math_phm_linear_grads, no_autocast
 from . import adapter as cuda_adapter
 
 
@@ -62,7 +62,7 @@ class CudaPHMLinear(torch.autograd.Function):
     def forward(ctx, x, rule, left, right, bias):
         cuda_adapter.check_device(x)  # the backend's one device check (the CPU emulation of the tests lifts it)
         ctx.save_for_backward(x, rule, left, right, bias)
-        (H,) = cuda_adapter.build_h(((rule, left, right),), x.dtype)
+        (H,) = cuda_adapter.build_h([Projection(rule, left, right, bias)], x.dtype)
         return torch.mm(x, H) if bias is None else torch.addmm(bias, x, H)
 
     @staticmethod
@@ -73,7 +73,7 @@ class CudaPHMLinear(torch.autograd.Function):
         # H is rebuilt rather than saved. The op's own dtypes even when .backward() runs inside an
         # autocast region (it would round the fp32 products to the autocast dtype).
         with no_autocast(dy):
-            (H,) = cuda_adapter.build_h(((rule, left, right),), x.dtype)
+            (H,) = cuda_adapter.build_h([Projection(rule, left, right, bias)], x.dtype)
             dx, dH, db = phm_linear_backward(dy, x, H, bias is not None)
             g_rule, g_left, g_right = torch.ops.compacter_kernels.cuda_phm_grads(dH, rule, left, right)
         return dx, g_rule, g_left, None if right is None else g_right, None if bias is None else db.to(bias.dtype)

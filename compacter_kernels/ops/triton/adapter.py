@@ -448,8 +448,8 @@ def adapter_backward(
     with LAUNCH_LOCK:
         _adapter_rows_kernel[(cdiv(M, BM) + (T if grouped else 0),)](
             dy, z, dres if has_residual else dy, g, dz, *ku[:3], M, D, K, dy.stride(0), scale, *group_args, T,
-            *ku.task_strides, **ku.form.constexprs("_U"), HAS_RES=has_residual, ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP,
-            IEEE=ieee, GROUPED=grouped, TP=TP, num_warps=warps)
+            *ku.task_strides, **ku.form.constexprs("_U"), HAS_RES=has_residual, ACT=ACT_CODE[activation], BM=BM,
+            BD=BD, KP=KP, IEEE=ieee, GROUPED=grouped, TP=TP, num_warps=warps)
     # factor_grads reads the partials n times (n of the widest PHM projection; once for dense ones).
     reads = max(1 if p.rule is None else p.rule.shape[-1] for p in (down, up))
     partials, rows_per_split = _columns(x, dy, g, dz, dx, kd, scale, has_residual, reads, group_args, T, grouped)
