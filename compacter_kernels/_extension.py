@@ -49,9 +49,10 @@ def _try_load() -> Tuple[object, bool, str]:
     except ModuleNotFoundError as e:
         if e.name != f"{__package__}._C":
             return None, False, f"compacter_kernels._C failed to import ({e}): rebuild with `{_rebuild_hint()}`"
+        cuda = f"CUDA {torch.version.cuda.split('.')[0]}.x" if torch.version.cuda else "CUDA"
         return None, False, (
-            "not built (package installed without the CUDA extension: reinstall with "
-            f"`{_rebuild_hint()}`)")
+            "not built (package installed without the CUDA extension; the install's WARNING line said why: "
+            f"reinstall with `{_rebuild_hint()}` where a toolkit of this torch's {cuda} is at CUDA_HOME)")
     except Exception as e:  # undefined symbol, missing libcudart, ...
         return None, False, (
             f"compacter_kernels._C failed to import ({type(e).__name__}: {e}); it was probably built "
