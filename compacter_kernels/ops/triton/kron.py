@@ -102,16 +102,15 @@ class HForm(NamedTuple):
     n: int = 1
     r: int = 1
 
-    def constexprs(self, suffix: str) -> dict:
-        """As a kernel's keyword arguments, e.g. MODE_D, N_D, R_D for suffix "_D"."""
-        return {f"MODE{suffix}": self.mode, f"N{suffix}": self.n, f"R{suffix}": self.r}
+
+DENSE, DENSE_T = HForm(MODE_DENSE), HForm(MODE_DENSE_T)
 
 
 def h_form(p: Projection) -> HForm:
     """The form of a projection's H as it is given (shapes and strides only, so the fake impls
     decide alike); stacked per task or not."""
     if p.rule is None:
-        return HForm(MODE_DENSE_T if transposed(p.left) else MODE_DENSE)
+        return DENSE_T if transposed(p.left) else DENSE
     n = p.rule.shape[-1]
     return HForm(MODE_PHM, n) if p.right is None else HForm(MODE_PHM_FACTORED, n, p.left.shape[-1])
 
@@ -143,7 +142,7 @@ def kernel_h(p: Projection, H: Optional[torch.Tensor], dtype: torch.dtype, tasks
         H = p.left if p.left.dtype == dtype else p.left.to(dtype)  # preserve_format: the same strides
         form = h_form(Projection(None, H, None, None))
     else:
-        form = HForm(MODE_DENSE) if H is not None else h_form(p)
+        form = DENSE if H is not None else h_form(p)
     if H is not None:
         s = H[0].numel() if tasks else 0
         return KernelH(H, H, H, form, (s, s, s))
@@ -229,7 +228,8 @@ def build_h(projections: list[Projection], dtype: torch.dtype, tasks: int = 0, g
         forms.append(kh.form)
     if len(projections) == 1:  # the second projection's arguments repeat the first's (TWO is False)
         args, strides, forms = args * 2, strides * 2, forms * 2
-    consts = {**forms[0].constexprs("1"), **forms[1].constexprs("2")}
+    (f1, f2) = forms
+    consts = dict(MODE1=f1.mode, N1=f1.n, R1=f1.r, MODE2=f2.mode, N2=f2.n, R2=f2.r)
     if grouping is None:
         H = hs[0]
         rows_args, consts = (H, H, H, 0, 1), {**consts, "GROUP": False, "C": 16, "TP": 2}

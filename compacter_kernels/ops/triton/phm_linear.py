@@ -80,7 +80,7 @@ def _matmul_h(x2: Tensor, p: Projection, trans: bool) -> Tensor:
     with LAUNCH_LOCK:
         _phm_matmul_kernel[grid](
             x2, y, *kh[:3], p.bias if p.bias is not None else x2, M, KRED, NOUT, x2.stride(0), HI // n, HO // n, HO,
-            **kh.form.constexprs(""), **consts)
+            MODE=kh.form.mode, N=kh.form.n, R=kh.form.r, **consts)
     return y
 
 
