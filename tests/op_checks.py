@@ -93,6 +93,16 @@ def adapter(backend, scale=-1.3):
     return f
 
 
+def adapter_linear(backend, scale=-1.3):
+    """ck.adapter's nn.Linear-weights form (the AdapterHub swap-in's entry): weights (out, in)."""
+    from compacter_kernels import functional
+
+    def f(x, weight_down, bd, weight_up, bu, residual=None):
+        return functional._adapter_linear(x, weight_down, bd, weight_up, bu, activation="silu", scale=scale,
+                                          residual=residual, backend=backend)
+    return f
+
+
 def phm_linear(backend):
     return lambda x, rule, left, right, bias: ck.phm_linear(x, rule, left, right, bias, backend=backend)
 
@@ -105,6 +115,10 @@ def op_inputs(op, dtype=F32, lead=(5,)):
     if op == "adapter":
         args = dense_inputs(lead=lead, d=16, k=8, dtype=dtype, device=DEVICE)
         return adapter, [*args, torch.randn_like(args[0]).requires_grad_()]
+    if op == "adapter_linear":  # nn.Linear weights (out, in): fresh leaves of their own
+        x, wd, bd, wu, bu = dense_inputs(lead=lead, d=16, k=8, dtype=dtype, device=DEVICE)
+        weight_down, weight_up = (w.detach().t().contiguous().requires_grad_() for w in (wd, wu))
+        return adapter_linear, [x, weight_down, bd, weight_up, bu, torch.randn_like(x).requires_grad_()]
     rule, left, right = phm_factors(4, 16, 12, 2, dtype=dtype, device=DEVICE, requires_grad=True)
     x = torch.randn(*lead, 16, dtype=dtype, device=DEVICE, requires_grad=True)
     return phm_linear, [x, rule, left, right, torch.randn(12, dtype=dtype, device=DEVICE, requires_grad=True)]
@@ -141,7 +155,8 @@ def second_order(fn, args, dy, v):
 
 
 class OpChecks:
-    """What every op is checked for on every backend (OP: "compacter", "adapter" or "phm_linear")."""
+    """What every op is checked for on every backend (OP: "compacter", "adapter", "adapter_linear"
+    or "phm_linear")."""
 
     OP: str
 
@@ -215,7 +230,7 @@ class OpChecks:
 
 
 class ResidualChecks:
-    """For an op with a residual argument (OP: "compacter" or "adapter")."""
+    """For an op with a residual argument (OP: "compacter", "adapter" or "adapter_linear")."""
 
     OP: str
 

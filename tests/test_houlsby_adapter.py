@@ -4,9 +4,9 @@ reference over shapes, dtypes and each path of the kernels; the generic op check
 gradient, empty widths, a bottleneck wider than the kernels, autocast); torch.compile in a fresh
 process; bad input named; gradcheck of the reference in float64.
 
-Its nn.Linear-weights form (`functional._adapter_linear`, the AdapterHub swap-in's entry) runs
-the same kernels: its launches are counted in tests/test_counts.py and its swap-in in
-tests/test_integrations.py.
+Its nn.Linear-weights form (`functional._adapter_linear`, the AdapterHub swap-in's entry) gets
+the same generic checks here; its launches are counted in tests/test_counts.py and its swap-in
+is tested in tests/test_integrations.py.
 """
 
 import subprocess
@@ -75,6 +75,25 @@ class TestOpChecks(op_checks.OpChecks, op_checks.ResidualChecks, op_checks.ZeroF
 
 class TestAutocast(op_checks.AutocastLayerChecks):
     LAYER = "houlsby"
+
+
+class TestLinearWeightsOpChecks(op_checks.OpChecks, op_checks.ResidualChecks):
+    """The same checks of the nn.Linear-weights form, `functional._adapter_linear` (weights
+    (out, in), the AdapterHub swap-in's entry)."""
+
+    OP = "adapter_linear"
+
+    @pytest.fixture(autouse=True)
+    def _known_cuda_failure(self, request, backend):
+        # A known bug, not a test to relax: the cuda backend passes an nn.Linear weight's .t()
+        # view (kept as it is for the triton kernels: ops/common.py, Projection.packed) to
+        # cuda_build_h, which raises "first left must be contiguous" (ck.adapter(x, W.t(), ...)
+        # too). Strict: once fixed these pass, and the marker must go. Under torch.func's
+        # transforms the op runs as torch ops (ops/common.py, needs_math): that check passes.
+        if backend == "cuda" and request.node.originalname != "test_torch_func_grad_and_vmap_match_the_reference":
+            request.applymarker(pytest.mark.xfail(raises=RuntimeError, strict=True,
+                                                  reason="cuda backend: an nn.Linear weight's .t() reaches "
+                                                         "cuda_build_h, which needs it contiguous"))
 
 
 def test_a_bottleneck_wider_than_the_kernels_runs_as_matmuls(backend):
