@@ -49,7 +49,7 @@ if [ "$STEP" = sanitize ]; then
   for tool in memcheck racecheck synccheck initcheck; do
     echo "== compute-sanitizer --tool $tool" | tee -a "$OUT/sanitize.log"
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SANITIZE_SECONDS:-120}" compute-sanitizer --tool "$tool" \
-      --error-exitcode 1 "$PY" -m pytest tests/test_kernels.py -q -p no:cacheprovider -k "cuda and (paths or dense)" \
+      --error-exitcode 1 "$PY" -m pytest tests/test_houlsby_adapter.py -q -p no:cacheprovider -k "cuda and (paths or dense)" \
       "$@" >> "$OUT/sanitize.log" 2>&1 || { rc=$?; tests_rc=1; echo "$tool FAILED or timed out (exit code $rc)"; }
   done
   tail -20 "$OUT/sanitize.log"

@@ -60,11 +60,12 @@ stage() {
 
 if [ $DRY = 1 ]; then
   export TRITON_INTERPRET=1 COMPACTER_KERNELS_EMULATE_CUDA=0
-  TESTS=(tests/test_kernels.py tests/test_counts.py -k "compacter_adapter_matches_reference and dtype0-48-24-4-1 or launch_budget and d64 or kernel_paths and 45")
+  TESTS=(tests/test_compacter_adapter.py tests/test_houlsby_adapter.py tests/test_counts.py -k "compacter_adapter_matches_reference and dtype0-48-24-4-1 or launch_budget and d64 or kernel_paths and 45")
   BENCH=(--preset quick --m 16 --ops compacter --modes fwd --providers triton,cuda,reference,floor)
   E2E=(--layers 1 --batch 1 --seq 8 --steps 1)
 else
-  TESTS=(tests/test_kernels.py tests/test_correctness.py tests/test_counts.py tests/test_memory.py)
+  TESTS=(tests/test_compacter_adapter.py tests/test_houlsby_adapter.py tests/test_phm_linear.py
+         tests/test_multitask_adapters.py tests/test_composition.py tests/test_counts.py tests/test_memory.py)
   BENCH=(--preset targets --providers triton,cuda,reference,reference+compile,floor)
   E2E=(--model bert-base --steps 10)
 fi
@@ -100,7 +101,7 @@ COMPACTER_KERNELS_CUDA_AUTO=1 COMPACTER_KERNELS_REQUIRE_EXTENSION=$REQUIRE_EXT \
 if command -v compute-sanitizer > /dev/null && [ $DRY = 0 ]; then
   # No caching allocator: each tensor is its own allocation, so memcheck sees every overrun.
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 stage sanitize 60 "$OUT/sanitize.log" compute-sanitizer --tool memcheck \
-    --error-exitcode 1 "$PY" -m pytest tests/test_kernels.py -q -p no:cacheprovider -k "cuda and paths"
+    --error-exitcode 1 "$PY" -m pytest tests/test_houlsby_adapter.py -q -p no:cacheprovider -k "cuda and paths"
 else
   stage sanitize 60 "$OUT/sanitize.log" bash -c "echo 'compute-sanitizer: $(command -v compute-sanitizer || echo none) \
 (no GPU in a dry run): memcheck not run'"

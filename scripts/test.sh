@@ -40,7 +40,9 @@ COMPACTER_KERNELS_REQUIRE_EXTENSION=1 "$PY" -m pytest tests -q -rs -p no:cachepr
 
 if "$PY" -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then
     echo "== no GPU: running the cuda backend's kernels in the CPU emulator"
-    COMPACTER_KERNELS_EMULATE_CUDA=1 "$PY" -m pytest tests/test_kernels.py tests/test_hardening.py \
-        tests/test_memory.py tests/test_correctness.py tests/test_cuda_emulation.py tests/test_multitask.py \
-        tests/test_compile_models.py -q -rs -p no:cacheprovider "$@"
+    # Every op's file (tests/test_<op>.py, the checks of tests/op_checks.py included), the ops
+    # together, hardening, memory, the emulator's own tests and the compiled model.
+    COMPACTER_KERNELS_EMULATE_CUDA=1 "$PY" -m pytest tests/test_compacter_adapter.py tests/test_houlsby_adapter.py \
+        tests/test_phm_linear.py tests/test_multitask_adapters.py tests/test_composition.py tests/test_hardening.py \
+        tests/test_memory.py tests/test_cuda_emulation.py tests/test_compile_models.py -q -rs -p no:cacheprovider "$@"
 fi

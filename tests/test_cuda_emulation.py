@@ -1,4 +1,4 @@
-"""The CUDA kernels in the CPU emulator, beyond what tests/test_kernels.py and
+"""The CUDA kernels in the CPU emulator, beyond what the op files (tests/test_<op>.py) and
 tests/test_hardening.py run through the cuda backend in the same emulated run: build_h and
 phm_grads, the adapter ops' argument errors, the choice of which rows stay in shared memory, and a
 shared-memory race check.

@@ -151,7 +151,7 @@ def test_source_hash_sees_edits(tmp_path):
 
 # --- the fused adapter ops (cuda_adapter_fwd / _bwd, and the Function over them) -------------
 # Registration, fake impls and the autograd glue, checked on meta / fake tensors: no GPU needed.
-# The kernels themselves are checked against the reference by tests/test_kernels.py on a GPU.
+# The kernels themselves are checked against the reference by the op files (tests/test_<op>.py) on a GPU.
 
 ADAPTER_SCHEMAS = {
     "cuda_adapter_fwd": "compacter_kernels::cuda_adapter_fwd(Tensor x, Tensor? residual, Tensor h_down, "
@@ -261,7 +261,7 @@ def test_cuda_adapter_rejects_cpu_tensors(ext):
 
 # --- PHM linear on the cuda backend (cuda_build_h + cuBLAS, ops/cuda/phm_linear.py) -----------
 # Registration, fake impl and autograd glue without a GPU; the backward math on CPU in float64;
-# the run against the reference is tests/test_kernels.py's (backend "cuda") and the GPU tests here.
+# the run against the reference is tests/test_phm_linear.py's (backend "cuda") and the GPU tests here.
 
 def _close_fp32(a, e):
     """Within fp32 error of e, relative to e's largest element (H is summed in fp32)."""
@@ -374,7 +374,7 @@ def test_cuda_phm_linear_backward_keeps_dH_in_fp32_on_gpu(ext, dtype, M):
 @pytest.mark.parametrize("M", [0, 1, 300])
 def test_cuda_phm_linear_on_gpu(ext, M):
     """The real op (cuda_build_h, cuBLAS) against the reference, M = 0 included, and opcheck
-    (tests/test_kernels.py holds it to the common standard over shapes and dtypes)."""
+    (tests/test_phm_linear.py holds it to the common standard over shapes and dtypes)."""
     args = _phm_linear_inputs(torch.float32, "cuda", lead=(M,))
     y = compacter_kernels.phm_linear(*args, backend="cuda")
     y_ref = compacter_kernels.reference.phm_linear(*args)

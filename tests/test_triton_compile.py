@@ -31,7 +31,7 @@ def _sweep(*args: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def sampled():
     # 40 shapes of the goal grid (a fixed draw) with its edges (`triton_sweep.sample`); those past
-    # the fused kernels' width run as matmuls and compile nothing (tests/test_correctness.py).
+    # the fused kernels' width run as matmuls and compile nothing (tests/op_checks.py::check_wide_bottleneck).
     return _sweep("--sample", "40")
 
 

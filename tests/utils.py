@@ -196,3 +196,9 @@ def installed(name: str) -> bool:
     """Whether package ``name`` can be imported, without importing it. Once imported it is in
     sys.modules, where find_spec fails for a lazy module without a __spec__ (adapters)."""
     return name in sys.modules or importlib.util.find_spec(name) is not None
+
+
+def kron_loop(rule, left, right):
+    """H as the paper writes it: sum_i kron(A_i, S_i T_i), one torch.kron per slice."""
+    B = left if right is None else left @ right
+    return sum(torch.kron(rule[i], B[i]) for i in range(rule.shape[0]))

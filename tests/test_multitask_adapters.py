@@ -1,14 +1,17 @@
-"""Mixed-task batches: ck.multitask_compacter_adapter / ck.multitask_adapter (row i through task
-task_ids[i]'s adapter) and the banks, against the naive definition (one single-task call per
-row, in fp64), every gradient, on every backend this machine runs; the errors for bad task ids
-and stacked parameters; the banks built from single-task adapters and split back."""
+"""The mixed-task ops, ck.multitask_compacter_adapter / ck.multitask_adapter (row i through task
+task_ids[i]'s adapter), and the banks, against the naive definition (one single-task call per
+row, in fp64), every gradient, on every backend this machine runs; the generic checks of
+tests/op_checks.py that apply to them (a bottleneck wider than the kernels), their custom op
+under opcheck; the errors for bad task ids and stacked parameters; the banks built from
+single-task adapters and split back."""
 
 import pytest
 import torch
 
 import compacter_kernels as ck
+import op_checks
 from compacter_kernels import nn as cknn
-from utils import check_op, why_backend_cannot_run
+from utils import check_op, dense_inputs, why_backend_cannot_run
 
 BACKENDS = [b for b in ("reference", "triton", "cuda") if why_backend_cannot_run(b) is None]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -225,6 +228,27 @@ def test_bank_arguments_are_checked():
                                                  cknn.CompacterAdapter(32, bottleneck=16)])
     with pytest.raises(ValueError, match="the adapters differ"):
         cknn.HoulsbyAdapterBank.from_adapters([cknn.HoulsbyAdapter(16, 4), cknn.HoulsbyAdapter(16, 8)])
+
+
+@pytest.mark.parametrize("backend", op_checks.usable_backends())
+@pytest.mark.parametrize("op", ["compacter", "adapter"])
+def test_a_bottleneck_wider_than_the_kernels_runs_as_matmuls(backend, op, monkeypatch):
+    monkeypatch.setattr(op_checks.launch, "POISON", True)
+    op_checks.check_wide_bottleneck(backend, op, tasks=3)
+
+
+def test_opcheck_triton_ops(monkeypatch):
+    """The triton forward op under the Function (its schema, fake impl, no aliasing) on stacked
+    per-task weights with task ids. Its autograd is the Function's, so the inputs need no gradient."""
+    if not ck.available_backends()["triton"]:
+        pytest.skip(ck.available_backends()["triton"].reason)
+    monkeypatch.setattr(op_checks.launch, "POISON", True)
+    fwd = torch.ops.compacter_kernels.triton_adapter_fwd.default
+    x, wd, bd, wu, bu = dense_inputs(lead=(5,), d=32, k=16, dtype=torch.float32, device=DEVICE, requires_grad=False)
+    ids = torch.tensor([1, 0, 1, 1, 0], device=DEVICE)
+    stacked = (None, torch.stack([wd, wd.flip(0)]), None, torch.stack([bd, bd]), None, torch.stack([wu, wu]), None,
+               torch.stack([bu, bu]))
+    torch.library.opcheck(fwd, (x, None, *stacked, ids, "silu", 1.0, torch.float32, True))
 
 
 # ---- every task in one launch per kernel (triton): the forward alone, and with autograd ------------
