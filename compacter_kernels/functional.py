@@ -33,7 +33,7 @@ def _fused_adapter(backend: str, x: Tensor, down: Projection, up: Projection, ac
     ids = None if task_ids is None else task_ids.expand(shape[:-1]).reshape(-1).contiguous()
     if ids is not None and down.left.shape[0] == 1:  # one task: the single-task op, no grouping
         down, up, ids = _first_task(down), _first_task(up), None
-    down, up = down.packed(), up.packed()
+    down, up = down.packed(backend == "triton"), up.packed(backend == "triton")
     k = out_features(down)
     if (needs_math(x) or x2.shape[1] == 0 or k == 0 or (backend == "triton" and not fused_fits(k))
             or (ids is not None and backend != "triton")):
@@ -60,7 +60,7 @@ def _fused_phm_linear(backend: str, x: Tensor, p: Projection) -> Tensor:
     bias = p.bias
     if amp is not None:
         x, p = x.to(amp), p._replace(bias=None)
-    x2, p = rows(x), p.packed()
+    x2, p = rows(x), p.packed(backend == "triton")
     if needs_math(x) or x2.shape[1] == 0:
         y = phm_linear_math(x2, p)
     else:

@@ -83,18 +83,6 @@ class TestLinearWeightsOpChecks(op_checks.OpChecks, op_checks.ResidualChecks):
 
     OP = "adapter_linear"
 
-    @pytest.fixture(autouse=True)
-    def _known_cuda_failure(self, request, backend):
-        # A known bug, not a test to relax: the cuda backend passes an nn.Linear weight's .t()
-        # view (kept as it is for the triton kernels: ops/common.py, Projection.packed) to
-        # cuda_build_h, which raises "first left must be contiguous" (ck.adapter(x, W.t(), ...)
-        # too). Strict: once fixed these pass, and the marker must go. Under torch.func's
-        # transforms the op runs as torch ops (ops/common.py, needs_math): that check passes.
-        if backend == "cuda" and request.node.originalname != "test_torch_func_grad_and_vmap_match_the_reference":
-            request.applymarker(pytest.mark.xfail(raises=RuntimeError, strict=True,
-                                                  reason="cuda backend: an nn.Linear weight's .t() reaches "
-                                                         "cuda_build_h, which needs it contiguous"))
-
 
 def test_a_bottleneck_wider_than_the_kernels_runs_as_matmuls(backend):
     op_checks.check_wide_bottleneck(backend, "adapter", tasks=1)

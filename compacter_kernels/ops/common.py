@@ -29,13 +29,14 @@ class Projection(NamedTuple):
     right: Optional[Tensor]
     bias: Optional[Tensor]
 
-    def packed(self) -> "Projection":
+    def packed(self, read_transposed: bool) -> "Projection":
         """The layout of every parameter the kernels take: contiguous (strided, expanded or offset
-        views are copied; a contiguous tensor is passed as it is), but a dense matrix stored
-        `transposed` (an nn.Linear weight's .t()), which the kernels read as it is."""
+        views are copied; a contiguous tensor is passed as it is), but, where ``read_transposed``
+        (the triton kernels), a dense matrix stored `transposed` (an nn.Linear weight's .t()),
+        which they read as it is."""
         rule, left, right, bias = self
-        return Projection(None if rule is None else rule.contiguous(),
-                          left if rule is None and transposed(left) else left.contiguous(),
+        keep = read_transposed and rule is None and transposed(left)
+        return Projection(None if rule is None else rule.contiguous(), left if keep else left.contiguous(),
                           None if right is None else right.contiguous(), None if bias is None else bias.contiguous())
 
 
