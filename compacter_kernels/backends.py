@@ -20,7 +20,7 @@ import torch
 BACKENDS = ("reference", "triton", "cuda")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Preference order of "auto" for CUDA tensors. The CUDA kernels join it once they have passed
-# tests/test_kernels.py on a GPU; until then they run only when named
+# the per-op tests (tests/test_compacter_adapter.py, ...) on a GPU; until then they run only when named
 # (COMPACTER_KERNELS_CUDA_AUTO=1 puts them first, for that validation run).
 _AUTO_ORDER = ("cuda", "triton") if os.environ.get("COMPACTER_KERNELS_CUDA_AUTO") == "1" else ("triton",)
 
