@@ -64,8 +64,10 @@ if [ $DRY = 1 ]; then
   BENCH=(--preset quick --m 16 --ops compacter --modes fwd --providers triton,cuda,reference,floor)
   E2E=(--layers 1 --batch 1 --seq 8 --steps 1)
 else
+  # The per-op files but their hypothesis draws (minutes, and CI runs them): within the stage's cap.
   TESTS=(tests/test_compacter_adapter.py tests/test_houlsby_adapter.py tests/test_phm_linear.py
-         tests/test_multitask_adapters.py tests/test_composition.py tests/test_counts.py tests/test_memory.py)
+         tests/test_multitask_adapters.py tests/test_composition.py tests/test_counts.py tests/test_memory.py
+         -k "not test_random_valid_configurations and not test_random_invalid_configurations")
   BENCH=(--preset targets --providers triton,cuda,reference,reference+compile,floor)
   E2E=(--model bert-base --steps 10)
 fi
