@@ -371,3 +371,48 @@ def test_autocast_parameter_gradients_are_fp32(backend, op, backward_in_autocast
         assert g.dtype == p.dtype, f"grad #{i}: {g.dtype}, parameter {p.dtype}"
         if i in exact:
             torch.testing.assert_close(g.double(), e, rtol=0, atol=0, msg=lambda m: f"grad #{i}: {m}")
+
+
+# ---- factor_grads on rows of B_i wider than its column chunk ---------------------------------------
+
+@pytest.fixture
+def narrow_column_chunks(monkeypatch):
+    """factor_grads in chunks of 8 columns (config.GRADS_MAX_COLS; 4096 on a GPU, where only
+    phm_linear d -> 4d at d >= 4096 with n <= 4 has wider rows): d left summed over the chunks."""
+    from compacter_kernels.ops.triton import grads
+    cached = (config.grads_tile, grads._projection_plan, grads.factor_grads_plan)
+    monkeypatch.setattr(config, "GRADS_MAX_COLS", 8)
+    for f in cached:
+        f.cache_clear()
+    yield
+    for f in cached:
+        f.cache_clear()
+
+
+@pytest.mark.parametrize("n,I,O,rank", [(2, 20, 36, 4), (4, 16, 72, 1), (2, 12, 40, None)])
+def test_phm_linear_gradients_in_column_chunks(narrow_column_chunks, n, I, O, rank):
+    if why_backend_cannot_run("triton") is not None:
+        pytest.skip(why_backend_cannot_run("triton"))
+    rule, left, right = phm_factors(n, I, O, rank, dtype=torch.float32, device=DEVICE, requires_grad=True)
+    b = torch.randn(O, device=DEVICE, requires_grad=True)
+    x = torch.randn(3, 11, I, device=DEVICE, requires_grad=True)
+    check_op(_kernel("phm_linear", "triton"), ref.phm_linear, (x, rule, left, right, b), torch.float32,
+             f"phm_linear in column chunks n={n} {I}->{O} r={rank}")
+
+
+@pytest.mark.parametrize("shared_rule", [True, False])
+def test_compacter_gradients_in_column_chunks(narrow_column_chunks, shared_rule):
+    if why_backend_cannot_run("triton") is not None:
+        pytest.skip(why_backend_cannot_run("triton"))
+    inp = compacter_inputs(lead=(3, 7), d=48, k=40, n=2, rank=4, dtype=torch.float32, device=DEVICE,
+                           shared_rule=shared_rule)
+    check_op(_kernel("compacter_adapter", "triton"), ref.compacter_adapter, inp.args(), torch.float32,
+             f"compacter in column chunks shared_rule={shared_rule}")
+
+
+def test_dense_adapter_gradients_in_column_chunks(narrow_column_chunks):
+    if why_backend_cannot_run("triton") is not None:
+        pytest.skip(why_backend_cannot_run("triton"))
+    args = dense_inputs(lead=(3, 7), d=48, k=20, dtype=torch.float32, device=DEVICE)
+    check_op(_kernel("adapter", "triton"), ref.adapter, args, torch.float32, "houlsby in column chunks",
+             activation="relu")

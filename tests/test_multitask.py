@@ -471,3 +471,34 @@ def test_the_mixed_task_ops_read_nothing_back_under_compile():
         torch.testing.assert_close(y, y_eager)
         for a, b in zip(torch.autograd.grad(y.sum(), leaves), torch.autograd.grad(y_eager.sum(), leaves)):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("per_task_rule,shared", [(False, True), (False, False), (True, False)])
+def test_multitask_gradients_in_column_chunks(monkeypatch, per_task_rule, shared):
+    """factor_grads in chunks of 8 columns (config.GRADS_MAX_COLS) for a mixed-task batch: each
+    task's d left summed over the chunks, rules the tasks share summed over them."""
+    if why_backend_cannot_run("triton") is not None:
+        pytest.skip(why_backend_cannot_run("triton"))
+    from compacter_kernels.ops.triton import config, grads
+    cached = (config.grads_tile, grads._projection_plan, grads.factor_grads_plan)
+    monkeypatch.setattr(config, "GRADS_MAX_COLS", 8)
+    for f in cached:
+        f.cache_clear()
+    try:
+        T, lead = 3, (3, 7)
+        params = _compacter_args(T, d=48, k=40, n=2, rank=4, dtype=torch.float32, per_task_rule=per_task_rule,
+                                 shared=shared)
+        x = torch.randn(*lead, 48, dtype=torch.float64).to(DEVICE, torch.float32).requires_grad_()
+        ids = _ids("per_token", T, lead)
+
+        def fused(x, *p):
+            return ck.multitask_compacter_adapter(x, ids, *p, activation="silu", scale=0.5, backend="triton")
+
+        def naive(x, *p):
+            return _per_row(x, ids, p, _compacter_slices, ck.reference.compacter_adapter, activation="silu",
+                            scale=0.5)
+
+        check_op(fused, naive, (x, *params), torch.float32, f"multitask in column chunks shared={shared}")
+    finally:
+        for f in cached:
+            f.cache_clear()

@@ -10,8 +10,8 @@ a sample); not yet tuned by timings on a GPU.
     columns_blocks      the backward's columns kernel: (BA, BM, warps)
     reduce_rows_blocks  phm_linear's dH reduction: (BA, BB, BM, warps)
     matmul_blocks       phm_linear's product: (BM, BN, BK, warps)
-    grads_tile          factor_grads: the rows and columns of B_i a program holds
-    grads_warps         factor_grads: warps for that tile
+    grads_tile          factor_grads: the rows and columns of B_i a program holds (GRADS_MAX_COLS)
+    grads_warps         factor_grads: warps and registers for that tile
     BUILD_H_TILE        build_h: one (BR, BC) tile of H per program
     grouping_consts     the grouping of a mixed-task batch: ids read C at a time, TP tasks padded
     prebuilds           whether a projection's H is built once per call (INKERNEL_H_BUDGET)
@@ -125,19 +125,32 @@ def split_rows(M: int, BM: int, tiles: int, bytes_per_split: int, floor_bytes: i
     return max(1, cdiv(M, rows_per_split)), rows_per_split
 
 
+# The widest chunk of a row of B_i that factor_grads holds at once: four fp32 (1, 4096) tiles and
+# d right's (R, 4096) fit 16 warps; wider, they spilled (768 B at 8192 columns, n = 2, r = 4).
+GRADS_MAX_COLS = 4096
+
+
 @functools.lru_cache(maxsize=1024)
 def grads_tile(P: int, Q: int) -> tuple[int, int]:
-    """(BP, QP): the rows and (padded) columns of B_i that a factor_grads program holds at once:
-    1024 elements, or one whole row where Q is wider (`grads_warps` spreads it)."""
-    QP = pow2(Q)
-    return max(1, min(pow2(P), 1024 // QP)), QP
+    """(BP, QC): the rows and (padded) columns of B_i that a factor_grads program holds at once:
+    1024 elements, or one row in chunks of up to GRADS_MAX_COLS columns where Q is wider
+    (`grads_warps` spreads them)."""
+    QC = min(pow2(Q), GRADS_MAX_COLS)
+    return max(1, min(pow2(P), 1024 // QC)), QC
 
 
-def grads_warps(tile: int) -> int:
-    """num_warps of factor_grads for its largest (BP, QP) tile of ``tile`` elements: 8 up to 2048
-    elements (with 4, ptxas keeps long-lived values on the stack), 16 for rows of 4096 columns
-    (four fp32 tiles and d right's (R, QP) per program; past 4096 columns they spill)."""
-    return max(8, min(16, tile // 256))
+def grads_warps(tile: int, rule: bool) -> tuple[int, int]:
+    """(num_warps, maxnreg) of factor_grads for its largest (BP, QC) tile of ``tile`` elements:
+    8 warps up to 2048 elements (with 4, ptxas keeps long-lived values on the stack), 16 for
+    chunks of 4096 columns of a projection with a ``rule`` (four fp32 tiles and d right's (R, QC)
+    per program); and the registers ptxas may use per thread. Left to itself ptxas stays within
+    half the register file per block and parks values on the stack (8-768 B in a quarter of the
+    configurations, scripts/triton_sweep.py), so it gets a budget: with a rule the grid is one
+    program per slice (n <= 16 programs: one block per SM), the whole register file; dense
+    matrices (many row chunks, streamed) half of it, two blocks per SM, and 8 warps at most
+    (16 warps of 64 registers spilled)."""
+    warps = max(8, min(16 if rule else 8, tile // 256))
+    return warps, min(255, 65536 // ((1 if rule else 2) * 32 * warps))
 
 
 def grouping_consts(T: int) -> dict:
