@@ -125,32 +125,29 @@ def split_rows(M: int, BM: int, tiles: int, bytes_per_split: int, floor_bytes: i
     return max(1, cdiv(M, rows_per_split)), rows_per_split
 
 
-# The widest chunk of a row of B_i that factor_grads holds at once: four fp32 (1, 4096) tiles and
-# d right's (R, 4096) fit 16 warps; wider, they spilled (768 B at 8192 columns, n = 2, r = 4).
-GRADS_MAX_COLS = 4096
+# The widest chunk of a row of B_i that factor_grads holds at once (`grads_tile`): 8 warps hold
+# four fp32 (1, 2048) tiles and d right's (R, 2048) in registers; rows of 4096 columns at once
+# took 16 warps, whose 128 registers a thread spilled up to 104 B (d = 5120, n = 2, r = 4), and
+# wider rows spilled at any width (768 B at 8192 columns).
+GRADS_MAX_COLS = 2048
 
 
 @functools.lru_cache(maxsize=1024)
 def grads_tile(P: int, Q: int) -> tuple[int, int]:
     """(BP, QC): the rows and (padded) columns of B_i that a factor_grads program holds at once:
-    1024 elements, or one row in chunks of up to GRADS_MAX_COLS columns where Q is wider
-    (`grads_warps` spreads them)."""
+    1024 elements, or one row in chunks of up to GRADS_MAX_COLS columns where Q is wider."""
     QC = min(pow2(Q), GRADS_MAX_COLS)
     return max(1, min(pow2(P), 1024 // QC)), QC
 
 
-def grads_warps(tile: int, rule: bool) -> tuple[int, int]:
-    """(num_warps, maxnreg) of factor_grads for its largest (BP, QC) tile of ``tile`` elements:
-    8 warps up to 2048 elements (with 4, ptxas keeps long-lived values on the stack), 16 for
-    chunks of 4096 columns of a projection with a ``rule`` (four fp32 tiles and d right's (R, QC)
-    per program); and the registers ptxas may use per thread. Left to itself ptxas stays within
-    half the register file per block and parks values on the stack (8-768 B in a quarter of the
-    configurations, scripts/triton_sweep.py), so it gets a budget: with a rule the grid is one
-    program per slice (n <= 16 programs: one block per SM), the whole register file; dense
-    matrices (many row chunks, streamed) half of it, two blocks per SM, and 8 warps at most
-    (16 warps of 64 registers spilled)."""
-    warps = max(8, min(16 if rule else 8, tile // 256))
-    return warps, min(255, 65536 // ((1 if rule else 2) * 32 * warps))
+def grads_warps(rule: bool) -> tuple[int, int]:
+    """(num_warps, maxnreg) of factor_grads: 8 warps (with 4, ptxas kept long-lived values on the
+    stack) and the registers ptxas may use per thread. Left to itself ptxas stopped at 128 (64 at
+    16 warps) in most configurations and parked values on the stack (8-768 B in a quarter of
+    them, scripts/triton_sweep.py), so it gets a budget: with a rule the grid is one program
+    per slice (n <= 16 programs, one block per SM) and a program may take the whole register
+    file; dense matrices (row chunks of a program each, many) half of it, two blocks per SM."""
+    return 8, 255 if rule else 128
 
 
 def grouping_consts(T: int) -> dict:
