@@ -1,7 +1,7 @@
 """Every tile rule and budget of the Triton kernels, in one place: what a launcher picks for a
 shape, on a GPU and (small tiles) in the interpreter. The GPU sizes fit both sm_80 and sm_90:
-within the shared memory of a block and with no registers spilled (but for a few bytes of
-factor_grads' stack: benchmarks/NOTES.md), as scripts/triton_sweep.py reads them off the compiler
+within the shared memory of a block and with no registers spilled (but for two mixed-task
+configurations on sm_90: benchmarks/NOTES.md), as scripts/triton_sweep.py reads them off the compiler
 for every configuration the launchers pick over the goal shapes (tests/test_triton_compile.py, on
 a sample); not yet tuned by timings on a GPU.
 
@@ -142,11 +142,12 @@ def grads_tile(P: int, Q: int) -> tuple[int, int]:
 
 def grads_warps(rule: bool) -> tuple[int, int]:
     """(num_warps, maxnreg) of factor_grads: 8 warps (with 4, ptxas kept long-lived values on the
-    stack) and the registers ptxas may use per thread. Left to itself ptxas stopped at 128 (64 at
-    16 warps) in most configurations and parked values on the stack (8-768 B in a quarter of
-    them, scripts/triton_sweep.py), so it gets a budget: with a rule the grid is one program
-    per slice (n <= 16 programs, one block per SM) and a program may take the whole register
-    file; dense matrices (row chunks of a program each, many) half of it, two blocks per SM."""
+    stack) and the registers ptxas may use per thread. Left to itself ptxas kept values on the
+    stack in a quarter of the configurations (8-768 B; half of them at 128 registers, or 64 at 16
+    warps: half the register file per block), so it gets a budget (none left: scripts/triton_sweep.py):
+    with a rule the grid is one program per slice (n <= 16 programs, one block per SM), which
+    may take the whole register file; dense matrices (a program per chunk of rows, many) half
+    of it, two blocks per SM."""
     return 8, 255 if rule else 128
 
 

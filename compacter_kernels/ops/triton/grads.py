@@ -120,7 +120,7 @@ def _proj_grads(dA, part_ptr, s_row, s_col, split_stride, S, rule_ptr, left_ptr,
     offs_r = tl.arange(0, RP)
     for q0 in range(0, Q if WIDE else 1, QC):  # one chunk unless WIDE: no loop for ptxas to carry values over
         if WIDE and FACTORED:
-            tl.debug_barrier()  # the last chunk's partial sums of d S_i, stored by other threads
+            tl.debug_barrier()  # d S_i's partial sums: the chunk before stored them from other threads
         offs_q = q0 + tl.arange(0, QC)
         mask_q = offs_q < Q
         dT = tl.zeros((RP, QC), tl.float32)
