@@ -15,7 +15,7 @@ import torch
 
 import compacter_kernels as ck
 from compacter_kernels import reference as ref
-from compacter_kernels.ops.triton import config, launch
+from compacter_kernels.ops.triton import config, grads, launch
 from counters import counting
 from utils import (CUDA_EMULATED, ON_GPU, check_op, compacter_inputs, dense_inputs, double_leaves, phm_factors,
                    why_backend_cannot_run)
@@ -66,6 +66,22 @@ def h_build(request, monkeypatch, kernel_backend):
     if kernel_backend != "triton" and request.param == "in_kernel":
         pytest.skip(f"only the triton backend builds H inside its kernels; {kernel_backend} runs once, as prebuilt")
     monkeypatch.setattr(config, "INKERNEL_H_BUDGET", 10**9 if request.param == "in_kernel" else 0)
+
+
+@pytest.fixture
+def narrow_column_chunks(monkeypatch):
+    """factor_grads in chunks of 8 columns (config.GRADS_MAX_COLS; 2048 on a GPU, where only
+    phm_linear d -> 4d at d >= 4096 with n <= 4 has wider rows): d left summed over the chunks.
+    The triton backend only (the others have no factor_grads)."""
+    if why_backend_cannot_run("triton") is not None:
+        pytest.skip(why_backend_cannot_run("triton"))
+    cached = (config.grads_tile, grads._projection_plan, grads.factor_grads_plan)
+    monkeypatch.setattr(config, "GRADS_MAX_COLS", 8)
+    for f in cached:
+        f.cache_clear()
+    yield
+    for f in cached:
+        f.cache_clear()
 
 
 def skip_unsupported(dtype, backend):

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 import compacter_kernels as ck
 import op_checks
 from compacter_kernels import reference as ref
-from op_checks import (DEVICE, DTYPES, F32, backend, h_build, kernel, kernel_backend, poison_outputs,  # noqa: F401
-                       reference_only, skip_unsupported, usable_backends)
+from op_checks import (DEVICE, DTYPES, F32, backend, h_build, kernel, kernel_backend, narrow_column_chunks,  # noqa: F401
+                       poison_outputs, reference_only, skip_unsupported, usable_backends)
 from utils import (ON_GPU, assert_matches_reference, check_op, compacter_inputs, double_leaves, kron_loop,
                    phm_factors)
 
@@ -128,6 +128,14 @@ def test_full_grid_bf16_on_gpu(kernel_backend, d, k, n, rank):
     check_op(kernel("compacter_adapter", kernel_backend), ref.compacter_adapter, inp.args(), torch.bfloat16,
              f"bf16 d={d} k={k} n={n} r={rank}", activation="gelu_tanh", scale=0.5)
 
+
+
+@pytest.mark.parametrize("shared_rule", [True, False])
+def test_compacter_gradients_in_column_chunks(narrow_column_chunks, shared_rule):
+    inp = compacter_inputs(lead=(3, 7), d=48, k=40, n=2, rank=4, dtype=torch.float32, device=DEVICE,
+                           shared_rule=shared_rule)
+    check_op(kernel("compacter_adapter", "triton"), ref.compacter_adapter, inp.args(), torch.float32,
+             f"compacter in column chunks shared_rule={shared_rule}")
 
 def test_opcheck_triton_ops():
     """The triton custom ops under the Function (their schemas, fake impls, no aliasing): the

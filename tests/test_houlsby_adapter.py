@@ -18,8 +18,8 @@ import torch
 import compacter_kernels as ck
 import op_checks
 from compacter_kernels import reference as ref
-from op_checks import (DEVICE, DTYPES, F32, backend, kernel, kernel_backend, poison_outputs,  # noqa: F401
-                       reference_only, skip_unsupported)
+from op_checks import (DEVICE, DTYPES, F32, backend, kernel, kernel_backend, narrow_column_chunks,  # noqa: F401
+                       poison_outputs, reference_only, skip_unsupported)
 from utils import CUDA_EMULATED, check_op, checkout_env, dense_inputs, why_backend_cannot_run
 
 
@@ -55,6 +55,12 @@ def test_kernel_paths(kernel_backend, M, d, k, dtype):
     check_op(kernel("adapter", kernel_backend), ref.adapter, (x, wd, bd, wu, bu), dtype, f"paths M={M} d={d} k={k}",
              activation="gelu", scale=0.5)
 
+
+
+def test_dense_adapter_gradients_in_column_chunks(narrow_column_chunks):
+    args = dense_inputs(lead=(3, 7), d=48, k=20, dtype=torch.float32, device=DEVICE)
+    check_op(kernel("adapter", "triton"), ref.adapter, args, torch.float32, "houlsby in column chunks",
+             activation="relu")
 
 def test_opcheck_triton_ops():
     """The triton forward op under the Function (its schema, fake impl, no aliasing) on dense

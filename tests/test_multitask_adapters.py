@@ -10,6 +10,7 @@ import torch
 
 import compacter_kernels as ck
 import op_checks
+from op_checks import narrow_column_chunks  # noqa: F401
 from compacter_kernels import nn as cknn
 from utils import check_op, dense_inputs, why_backend_cannot_run
 
@@ -495,3 +496,22 @@ def test_the_mixed_task_ops_read_nothing_back_under_compile():
         torch.testing.assert_close(y, y_eager)
         for a, b in zip(torch.autograd.grad(y.sum(), leaves), torch.autograd.grad(y_eager.sum(), leaves)):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("per_task_rule,shared", [(False, True), (False, False), (True, False)])
+def test_multitask_gradients_in_column_chunks(narrow_column_chunks, per_task_rule, shared):
+    """factor_grads in chunks of 8 columns for a mixed-task batch: each task's d left summed
+    over the chunks, rules the tasks share summed over them."""
+    T, lead = 3, (3, 7)
+    params = _compacter_args(T, d=48, k=40, n=2, rank=4, dtype=torch.float32, per_task_rule=per_task_rule,
+                             shared=shared)
+    x = torch.randn(*lead, 48, dtype=torch.float64).to(DEVICE, torch.float32).requires_grad_()
+    ids = _ids("per_token", T, lead)
+
+    def fused(x, *p):
+        return ck.multitask_compacter_adapter(x, ids, *p, activation="silu", scale=0.5, backend="triton")
+
+    def naive(x, *p):
+        return _per_row(x, ids, p, _compacter_slices, ck.reference.compacter_adapter, activation="silu", scale=0.5)
+
+    check_op(fused, naive, (x, *params), torch.float32, f"multitask in column chunks shared={shared}")

@@ -10,8 +10,8 @@ import torch
 import compacter_kernels as ck
 import op_checks
 from compacter_kernels import reference as ref
-from op_checks import (DEVICE, DTYPES, F32, backend, h_build, kernel, kernel_backend, poison_outputs,  # noqa: F401
-                       reference_only, skip_unsupported)
+from op_checks import (DEVICE, DTYPES, F32, backend, h_build, kernel, kernel_backend, narrow_column_chunks,  # noqa: F401
+                       poison_outputs, reference_only, skip_unsupported)
 from utils import check_op, kron_loop, phm_factors
 
 
@@ -28,6 +28,15 @@ def test_phm_linear_matches_reference(kernel_backend, n, I, O, rank, dtype, bias
     check_op(kernel("phm_linear", kernel_backend), ref.phm_linear, (x, rule, left, right, b), dtype,
              f"phm_linear n={n} {I}->{O} r={rank}")
 
+
+
+@pytest.mark.parametrize("n,I,O,rank", [(2, 20, 36, 4), (4, 16, 72, 1), (2, 12, 40, None)])
+def test_phm_linear_gradients_in_column_chunks(narrow_column_chunks, n, I, O, rank):
+    rule, left, right = phm_factors(n, I, O, rank, dtype=torch.float32, device=DEVICE, requires_grad=True)
+    b = torch.randn(O, device=DEVICE, requires_grad=True)
+    x = torch.randn(3, 11, I, device=DEVICE, requires_grad=True)
+    check_op(kernel("phm_linear", "triton"), ref.phm_linear, (x, rule, left, right, b), torch.float32,
+             f"phm_linear in column chunks n={n} {I}->{O} r={rank}")
 
 def test_opcheck_triton_ops():
     """phm_linear's two triton custom ops (their schemas, fake impls, no aliasing). Their autograd

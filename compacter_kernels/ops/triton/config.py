@@ -1,7 +1,7 @@
 """Every tile rule and budget of the Triton kernels, in one place: what a launcher picks for a
 shape, on a GPU and (small tiles) in the interpreter. The GPU sizes fit both sm_80 and sm_90:
-within the shared memory of a block and with no registers spilled (but for a few bytes of
-factor_grads' stack: benchmarks/NOTES.md), as scripts/triton_sweep.py reads them off the compiler
+within the shared memory of a block and with no registers spilled (but for two mixed-task
+configurations on sm_90: benchmarks/NOTES.md), as scripts/triton_sweep.py reads them off the compiler
 for every configuration the launchers pick over the goal shapes (tests/test_triton_compile.py, on
 a sample); not yet tuned by timings on a GPU.
 
@@ -10,8 +10,8 @@ a sample); not yet tuned by timings on a GPU.
     columns_blocks      the backward's columns kernel: (BA, BM, warps)
     reduce_rows_blocks  phm_linear's dH reduction: (BA, BB, BM, warps)
     matmul_blocks       phm_linear's product: (BM, BN, BK, warps)
-    grads_tile          factor_grads: the rows and columns of B_i a program holds
-    grads_warps         factor_grads: warps for that tile
+    grads_tile          factor_grads: the rows and columns of B_i a program holds (GRADS_MAX_COLS)
+    grads_warps         factor_grads: warps and registers for that tile
     BUILD_H_TILE        build_h: one (BR, BC) tile of H per program
     grouping_consts     the grouping of a mixed-task batch: ids read C at a time, TP tasks padded
     prebuilds           whether a projection's H is built once per call (INKERNEL_H_BUDGET)
@@ -124,19 +124,30 @@ def split_rows(M: int, BM: int, tiles: int, bytes_per_split: int, floor_bytes: i
     return max(1, cdiv(M, rows_per_split)), rows_per_split
 
 
+# The widest chunk of a row of B_i that factor_grads holds at once (`grads_tile`): 8 warps hold
+# four fp32 (1, 2048) tiles and d right's (R, 2048) in registers; rows of 4096 columns at once
+# took 16 warps, whose 128 registers a thread spilled up to 104 B (d = 5120, n = 2, r = 4), and
+# wider rows spilled at any width (768 B at 8192 columns).
+GRADS_MAX_COLS = 2048
+
+
 @functools.lru_cache(maxsize=1024)
 def grads_tile(P: int, Q: int) -> tuple[int, int]:
-    """(BP, QP): the rows and (padded) columns of B_i that a factor_grads program holds at once:
-    1024 elements, or one whole row where Q is wider (`grads_warps` spreads it)."""
-    QP = pow2(Q)
-    return max(1, min(pow2(P), 1024 // QP)), QP
+    """(BP, QC): the rows and (padded) columns of B_i that a factor_grads program holds at once:
+    1024 elements, or one row in chunks of up to GRADS_MAX_COLS columns where Q is wider."""
+    QC = min(pow2(Q), GRADS_MAX_COLS)
+    return max(1, min(pow2(P), 1024 // QC)), QC
 
 
-def grads_warps(tile: int) -> int:
-    """num_warps of factor_grads for its largest (BP, QP) tile of ``tile`` elements: 8 up to 2048
-    elements (with 4, ptxas keeps long-lived values on the stack), 16 for rows of 4096 columns
-    (four fp32 tiles and d right's (R, QP) per program; past 4096 columns they spill)."""
-    return max(8, min(16, tile // 256))
+def grads_warps(rule: bool) -> tuple[int, int]:
+    """(num_warps, maxnreg) of factor_grads: 8 warps (with 4, ptxas kept long-lived values on the
+    stack) and the registers ptxas may use per thread. Left to itself ptxas kept values on the
+    stack in a quarter of the configurations (8-768 B; half of them at 128 registers, or 64 at 16
+    warps: half the register file per block), so it gets a budget (none left: scripts/triton_sweep.py):
+    with a rule the grid is one program per slice (n <= 16 programs, one block per SM), which
+    may take the whole register file; dense matrices (a program per chunk of rows, many) half
+    of it, two blocks per SM."""
+    return 8, 255 if rule else 128
 
 
 def grouping_consts(T: int) -> dict:

@@ -94,65 +94,86 @@ def reduce_rows(a, b, *, colsum: bool, floor_bytes: int, reads: int) -> Partials
 
 
 @triton.jit
-def _proj_grads(part_ptr, s_row, s_col, split_stride, S, rule_ptr, left_ptr, right_ptr, dleft_ptr, dright_ptr,
-                i, p_lo, p_hi, P, Q,
+def _proj_grads(dA, part_ptr, s_row, s_col, split_stride, S, rule_ptr, left_ptr, right_ptr, dleft_ptr, dright_ptr,
+                dleft_acc_ptr, i, p_lo, p_hi, P, Q,
                 N: tl.constexpr, NP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, HAS_RULE: tl.constexpr,
-                FACTORED: tl.constexpr, BP: tl.constexpr, QP: tl.constexpr):
+                FACTORED: tl.constexpr, BP: tl.constexpr, QC: tl.constexpr, WIDE: tl.constexpr):
     """Gradients of slice i of one projection from the split partials of its dH (element
     H[row, col] of split s at part_ptr + s * split_stride + row * s_row + col * s_col), for the
     rows p_lo..p_hi of B_i. Stores d left[i] (d B_i, or d S_i = d B_i T_i^T) and d right[i]
-    (d T_i = S_i^T d B_i, which needs every row: p_lo..p_hi must be all of them); returns
-    d rule[i] (NP, NP) in fp32. Without a rule (a dense matrix: N = 1, rule = 1) d left is dH.
+    (d T_i = S_i^T d B_i, which needs every row: p_lo..p_hi must be all of them); returns dA plus
+    d rule[i] (NP, NP) in fp32 (dA: what the caller sums it into). Without a rule (a dense
+    matrix: N = 1, rule = 1) d left is dH.
 
         dB_i[p, q]    = sum_{a,c} A[i, a, c] * dH[a*P + p, c*Q + q]
         dA[i, a, c]   = sum_{p,q} dH[a*P + p, c*Q + q] * B_i[p, q]
+        dS_i[p, r]    = sum_q dB_i[p, q] * T_i[r, q]
+        dT_i[r, q]    = sum_p S_i[p, r] * dB_i[p, q]
+
+    The columns go in chunks of QC (one chunk unless WIDE: a row wider than QC), each over
+    every row, so that d T_i's (R, QC) chunk is whole when its rows are done; WIDE and FACTORED,
+    d S_i sums over the chunks in order through fp32 partial sums at dleft_acc_ptr (this
+    program's rows only), the last chunk storing it.
     """
-    offs_q = tl.arange(0, QP)
-    mask_q = offs_q < Q
     ra = tl.arange(0, NP)[:, None]
     rc = tl.arange(0, NP)[None, :]
     offs_r = tl.arange(0, RP)
-    dA = tl.zeros((NP, NP), tl.float32)
-    dT = tl.zeros((RP, QP), tl.float32)
-    for p0 in range(p_lo, p_hi, BP):
-        offs_p = p0 + tl.arange(0, BP)
-        mask_p = offs_p < p_hi
-        mask = mask_p[:, None] & mask_q[None, :]
-        Bt = tl.zeros((BP, QP), tl.float32)
-        if HAS_RULE:
+    for q0 in range(0, Q if WIDE else 1, QC):  # one chunk unless WIDE: no loop for ptxas to carry values over
+        if WIDE and FACTORED:
+            tl.debug_barrier()  # d S_i's partial sums: the chunk before stored them from other threads
+        offs_q = q0 + tl.arange(0, QC)
+        mask_q = offs_q < Q
+        dT = tl.zeros((RP, QC), tl.float32)
+        for p0 in range(p_lo, p_hi, BP):
+            offs_p = p0 + tl.arange(0, BP)
+            mask_p = offs_p < p_hi
+            mask = mask_p[:, None] & mask_q[None, :]
+            Bt = tl.zeros((BP, QC), tl.float32)
+            if HAS_RULE:
+                if FACTORED:
+                    for r in tl.static_range(R):
+                        s_r = tl.load(left_ptr + (i * P + offs_p) * R + r, mask=mask_p, other=0.0).to(tl.float32)
+                        t_r = tl.load(right_ptr + (i * R + r) * Q + offs_q, mask=mask_q, other=0.0).to(tl.float32)
+                        Bt += s_r[:, None] * t_r[None, :]
+                else:
+                    Bt = tl.load(left_ptr + (i * P + offs_p[:, None]) * Q + offs_q[None, :], mask=mask,
+                                 other=0.0).to(tl.float32)
+            dB = tl.zeros((BP, QC), tl.float32)
+            for a in range(N):  # not unrolled: n * n bodies at n = 16 compile for minutes
+                for c in range(N):
+                    h = part_ptr + (a * P + offs_p[:, None]).to(tl.int64) * s_row + (c * Q + offs_q[None, :]) * s_col
+                    t = tl.zeros((BP, QC), tl.float32)
+                    for s in range(0, S):
+                        t += tl.load(h + s * split_stride, mask=mask, other=0.0)
+                    if HAS_RULE:
+                        dB += tl.load(rule_ptr + (i * N + a) * N + c).to(tl.float32) * t
+                        dA += tl.where((ra == a) & (rc == c), tl.sum(tl.sum(t * Bt, axis=1), axis=0), 0.0)
+                    else:
+                        dB += t
             if FACTORED:
                 for r in tl.static_range(R):
-                    s_r = tl.load(left_ptr + (i * P + offs_p) * R + r, mask=mask_p, other=0.0).to(tl.float32)
                     t_r = tl.load(right_ptr + (i * R + r) * Q + offs_q, mask=mask_q, other=0.0).to(tl.float32)
-                    Bt += s_r[:, None] * t_r[None, :]
+                    dS_r = tl.sum(dB * t_r[None, :], axis=1)
+                    if WIDE:
+                        acc = dleft_acc_ptr + (i * P + offs_p) * R + r
+                        if q0 > 0:
+                            dS_r += tl.load(acc, mask=mask_p, other=0.0)
+                        if q0 + QC < Q:
+                            tl.store(acc, dS_r, mask=mask_p)
+                        else:
+                            tl.store(dleft_ptr + (i * P + offs_p) * R + r, dS_r.to(dleft_ptr.dtype.element_ty),
+                                     mask=mask_p)
+                    else:
+                        tl.store(dleft_ptr + (i * P + offs_p) * R + r, dS_r.to(dleft_ptr.dtype.element_ty),
+                                 mask=mask_p)
+                    s_r = tl.load(left_ptr + (i * P + offs_p) * R + r, mask=mask_p, other=0.0).to(tl.float32)
+                    dT += tl.where(offs_r[:, None] == r, tl.sum(s_r[:, None] * dB, axis=0)[None, :], 0.0)
             else:
-                Bt = tl.load(left_ptr + (i * P + offs_p[:, None]) * Q + offs_q[None, :], mask=mask,
-                             other=0.0).to(tl.float32)
-        dB = tl.zeros((BP, QP), tl.float32)
-        for a in range(N):  # not unrolled: n * n bodies at n = 16 compile for minutes
-            for c in range(N):
-                h = part_ptr + (a * P + offs_p[:, None]).to(tl.int64) * s_row + (c * Q + offs_q[None, :]) * s_col
-                t = tl.zeros((BP, QP), tl.float32)
-                for s in range(0, S):
-                    t += tl.load(h + s * split_stride, mask=mask, other=0.0)
-                if HAS_RULE:
-                    dB += tl.load(rule_ptr + (i * N + a) * N + c).to(tl.float32) * t
-                    dA += tl.where((ra == a) & (rc == c), tl.sum(tl.sum(t * Bt, axis=1), axis=0), 0.0)
-                else:
-                    dB += t
+                tl.store(dleft_ptr + (i * P + offs_p[:, None]) * Q + offs_q[None, :],
+                         dB.to(dleft_ptr.dtype.element_ty), mask=mask)
         if FACTORED:
-            for r in tl.static_range(R):
-                t_r = tl.load(right_ptr + (i * R + r) * Q + offs_q, mask=mask_q, other=0.0).to(tl.float32)
-                tl.store(dleft_ptr + (i * P + offs_p) * R + r,
-                         tl.sum(dB * t_r[None, :], axis=1).to(dleft_ptr.dtype.element_ty), mask=mask_p)
-                s_r = tl.load(left_ptr + (i * P + offs_p) * R + r, mask=mask_p, other=0.0).to(tl.float32)
-                dT += tl.where(offs_r[:, None] == r, tl.sum(s_r[:, None] * dB, axis=0)[None, :], 0.0)
-        else:
-            tl.store(dleft_ptr + (i * P + offs_p[:, None]) * Q + offs_q[None, :],
-                     dB.to(dleft_ptr.dtype.element_ty), mask=mask)
-    if FACTORED:
-        tl.store(dright_ptr + (i * R + offs_r[:, None]) * Q + offs_q[None, :], dT.to(dright_ptr.dtype.element_ty),
-                 mask=(offs_r[:, None] < R) & mask_q[None, :])
+            tl.store(dright_ptr + (i * R + offs_r[:, None]) * Q + offs_q[None, :],
+                     dT.to(dright_ptr.dtype.element_ty), mask=(offs_r[:, None] < R) & mask_q[None, :])
     return dA
 
 
@@ -182,14 +203,16 @@ def _factor_grads_kernel(
     s_row1, s_col1, rule1, left1, right1, drule1, dleft1, dright1, P1, Q1, rows1,
     # projection 2 (with TWO): at part_ptr + off2
     off2, s_row2, s_col2, rule2, left2, right2, drule2, dleft2, dright2, P2, Q2, rows2,
-    db1_ptr, n_b1, db2_ptr, off_b2, n_b2,
+    dbias1, n_bias1, dbias2, off_bias2, n_bias2,
+    # WIDE1 / WIDE2 factored: fp32 partial sums of d left over column chunks (projection 2's at off_acc2)
+    dleft_acc, off_acc2,
     # GROUPED (mixed-task batches): the tasks' row counts, rows per split, and each parameter's
     # task stride (0 for a rule the tasks share: its gradient is summed over them)
-    counts_ptr, T, rows_per_split, t_r1, t_l1, t_rg1, t_r2, t_l2, t_rg2, t_b1, t_b2,
+    counts_ptr, T, rows_per_split, t_rule1, t_left1, t_right1, t_rule2, t_left2, t_right2, t_bias1, t_bias2,
     N1: tl.constexpr, R1: tl.constexpr, RP1: tl.constexpr, RULE1: tl.constexpr, FACT1: tl.constexpr,
-    BP1: tl.constexpr, QP1: tl.constexpr,
+    BP1: tl.constexpr, QC1: tl.constexpr, WIDE1: tl.constexpr,
     N2: tl.constexpr, R2: tl.constexpr, RP2: tl.constexpr, RULE2: tl.constexpr, FACT2: tl.constexpr,
-    BP2: tl.constexpr, QP2: tl.constexpr,
+    BP2: tl.constexpr, QC2: tl.constexpr, WIDE2: tl.constexpr,
     TWO: tl.constexpr, SHARED: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, NP: tl.constexpr,
     GROUPED: tl.constexpr = False, TP: tl.constexpr = 1,
 ):
@@ -198,7 +221,12 @@ def _factor_grads_kernel(
     program (0, 0) also sums the biases. SHARED: both projections share one rule, whose gradient
     (both contributions) goes to drule1. GROUPED: the same for each task in turn, from that
     task's splits (each task's rows cut into splits of rows_per_split, in task order), its
-    parameters and gradients at t times their task strides."""
+    parameters and gradients at t times their task strides.
+
+    No value lives across a projection's loops unused: a rule's gradient is stored as soon as
+    it is whole, and a sum that goes on (the shared rule's second contribution, a rule the
+    tasks share) enters the next projection's loops as the sum they add to (ptxas keeps a value
+    held across a loop that does not use it on the stack)."""
     i, chunk = tl.program_id(0), tl.program_id(1)
     tot1 = tl.zeros((NP, NP), tl.float32)  # d rule of a rule the tasks share, summed over them
     tot2 = tl.zeros((NP, NP), tl.float32)
@@ -216,48 +244,59 @@ def _factor_grads_kernel(
         else:
             s_lo = 0
             S_t = S
-        part_t = part_ptr + s_lo * split_stride
-        dA1 = tl.zeros((NP, NP), tl.float32)
-        if i < N1:
-            p_lo = chunk * rows1
-            if p_lo < P1:
-                dA1 = _proj_grads(part_t, s_row1, s_col1, split_stride, S_t, rule1 + t * t_r1, left1 + t * t_l1,
-                                  right1 + t * t_rg1, dleft1 + t * t_l1, dright1 + t * t_rg1, i, p_lo,
-                                  tl.minimum(p_lo + rows1, P1), P1, Q1, N1, NP, R1, RP1, RULE1, FACT1, BP1, QP1)
-        if TWO:
-            dA2 = tl.zeros((NP, NP), tl.float32)
-            if i < N2:
-                p_lo = chunk * rows2
-                if p_lo < P2:
-                    dA2 = _proj_grads(part_t + off2, s_row2, s_col2, split_stride, S_t, rule2 + t * t_r2,
-                                      left2 + t * t_l2, right2 + t * t_rg2, dleft2 + t * t_l2,
-                                      dright2 + t * t_rg2, i, p_lo, tl.minimum(p_lo + rows2, P2), P2, Q2, N2, NP,
-                                      R2, RP2, RULE2, FACT2, BP2, QP2)
-            if RULE2:
-                if SHARED:
-                    dA1 += dA2
-                elif GROUPED and t_r2 == 0:
-                    tot2 += dA2
-                elif chunk == 0:
-                    _store_rule_grad(drule2 + t * t_r2, dA2, i, N2, NP)
-        if RULE1:
-            if GROUPED and t_r1 == 0:
-                tot1 += dA1
-            elif chunk == 0:
-                _store_rule_grad(drule1 + t * t_r1, dA1, i, N1, NP)
         if i == 0:
             if chunk == 0:
                 if HAS_B1:
-                    _bias_sum(csum_ptr + s_lo * CS, CS, S_t, 0, n_b1, 1.0, db1_ptr + t * t_b1, 256)
+                    _bias_sum(csum_ptr + s_lo * CS, CS, S_t, 0, n_bias1, 1.0, dbias1 + t * t_bias1, 256)
                 if HAS_B2:
-                    _bias_sum(csum_ptr + s_lo * CS, CS, S_t, off_b2, n_b2, 1.0, db2_ptr + t * t_b2, 256)
-    # A rule the tasks share: its gradient summed over them (only a mixed-task batch carries the
-    # sum across the loop; ptxas keeps such a loop-carried sum on the stack).
+                    _bias_sum(csum_ptr + s_lo * CS, CS, S_t, off_bias2, n_bias2, 1.0, dbias2 + t * t_bias2, 256)
+        part_t = part_ptr + s_lo * split_stride
+        dA1 = tl.zeros((NP, NP), tl.float32)
+        if GROUPED and t_rule1 == 0:
+            dA1 = tot1
+        if i < N1:
+            p_lo = chunk * rows1
+            if p_lo < P1:
+                dA1 = _proj_grads(dA1, part_t, s_row1, s_col1, split_stride, S_t, rule1 + t * t_rule1,
+                                  left1 + t * t_left1, right1 + t * t_right1, dleft1 + t * t_left1,
+                                  dright1 + t * t_right1, dleft_acc, i, p_lo, tl.minimum(p_lo + rows1, P1), P1, Q1,
+                                  N1, NP, R1, RP1, RULE1, FACT1, BP1, QC1, WIDE1)
+        if RULE1 and not SHARED:
+            if GROUPED and t_rule1 == 0:
+                tot1 = dA1
+            elif chunk == 0:
+                _store_rule_grad(drule1 + t * t_rule1, dA1, i, N1, NP)
+        if TWO:
+            if SHARED:
+                dA2 = dA1
+            else:
+                dA2 = tl.zeros((NP, NP), tl.float32)
+                if GROUPED and t_rule2 == 0:
+                    dA2 = tot2
+            if i < N2:
+                p_lo = chunk * rows2
+                if p_lo < P2:
+                    dA2 = _proj_grads(dA2, part_t + off2, s_row2, s_col2, split_stride, S_t, rule2 + t * t_rule2,
+                                      left2 + t * t_left2, right2 + t * t_right2, dleft2 + t * t_left2,
+                                      dright2 + t * t_right2, dleft_acc + off_acc2, i, p_lo,
+                                      tl.minimum(p_lo + rows2, P2), P2, Q2, N2, NP, R2, RP2, RULE2, FACT2, BP2, QC2,
+                                      WIDE2)
+            if RULE2:
+                if SHARED:  # the rule's whole gradient, to drule1
+                    if GROUPED and t_rule1 == 0:
+                        tot1 = dA2
+                    elif chunk == 0:
+                        _store_rule_grad(drule1 + t * t_rule1, dA2, i, N1, NP)
+                elif GROUPED and t_rule2 == 0:
+                    tot2 = dA2
+                elif chunk == 0:
+                    _store_rule_grad(drule2 + t * t_rule2, dA2, i, N2, NP)
+    # A rule the tasks share: its gradient summed over them.
     if GROUPED and chunk == 0:
-        if RULE1 and t_r1 == 0:
+        if RULE1 and t_rule1 == 0:
             _store_rule_grad(drule1, tot1, i, N1, NP)
         if TWO and RULE2:
-            if not SHARED and t_r2 == 0:
+            if not SHARED and t_rule2 == 0:
                 _store_rule_grad(drule2, tot2, i, N2, NP)
 
 
@@ -274,12 +313,12 @@ class GradsInput(NamedTuple):
     s_col: int
 
 
-_NO_PROJECTION = ((1, 1, 1, False, False, 1, 1), 1, 1, 1, 1, (0, 0, 0))  # an absent second projection
+_NO_PROJECTION = ((1, 1, 1, False, False, 1, 1, False), 1, 1, 1, 1, (0, 0, 0))  # an absent second projection
 
 
 @functools.lru_cache(maxsize=1024)  # computed once per shape (host time)
 def _projection_plan(rule_shape, left_shape, right_shape, tasks: bool):
-    """((N, R, RP, RULE, FACT, BP, QP), P, Q, rows per program, programs along the rows, task
+    """((N, R, RP, RULE, FACT, BP, QC, WIDE), P, Q, rows per program, programs along the rows, task
     strides (rule, left, right)) of one projection of _factor_grads_kernel, from its factors'
     shapes (None for an absent one); ``tasks``: the factors are stacked per task (a rule of 3
     dimensions shared by the tasks: stride 0)."""
@@ -291,15 +330,16 @@ def _projection_plan(rule_shape, left_shape, right_shape, tasks: bool):
     fact = right_shape is not None
     if rule_shape is None:  # dense: dW = dH, as the slice of a rule-less N = 1 projection, split into row chunks
         (P, Q), N, R = left_shape, 1, 1
-        BP, QP = config.grads_tile(P, Q)
+        BP, QC = config.grads_tile(P, Q)
         rows = BP
     else:
         N, P = rule_shape[-1], left_shape[1]
         R = left_shape[2] if fact else 1
         Q = right_shape[2] if fact else left_shape[2]
-        BP, QP = config.grads_tile(P, Q)
+        BP, QC = config.grads_tile(P, Q)
         rows = P  # d rule and d right sum over every row of B_i: one program along them
-    return (N, R, pow2(R), rule_shape is not None, fact, BP, QP), P, Q, rows, cdiv(P, rows), strides
+    wide = pow2(Q) > QC  # rows in column chunks (a factored d left summed over them in memory)
+    return (N, R, pow2(R), rule_shape is not None, fact, BP, QC, wide), P, Q, rows, cdiv(P, rows), strides
 
 
 class FactorGradsPlan(NamedTuple):
@@ -309,8 +349,9 @@ class FactorGradsPlan(NamedTuple):
     dims1: tuple  # (P1, Q1, rows1)
     strides2: tuple  # (off2, s_row2, s_col2)
     dims2: tuple  # (P2, Q2, rows2)
-    biases: tuple  # (n_b1, off_b2, n_b2)
-    task_strides: tuple  # (t_r1, t_l1, t_rg1, t_r2, t_l2, t_rg2, t_b1, t_b2)
+    biases: tuple  # (n_bias1, off_bias2, n_bias2)
+    dleft_acc: tuple  # (elements, off_acc2): the fp32 partial sums of a WIDE projection's d left
+    task_strides: tuple  # (t_rule1, t_left1, t_right1, t_rule2, t_left2, t_right2, t_bias1, t_bias2)
     new_grads: tuple  # (d rule1, d right1, d rule2, d right2): whether each is computed
     tasks: int
     consts: dict
@@ -336,17 +377,19 @@ def factor_grads_plan(first: tuple, second: Optional[tuple] = None, bias1: Optio
     off2, s_row2, s_col2 = (0, 0, 0) if second is None else second[3:]
     t_b = tuple(0 if b is None or not tasks else math.prod(b[0][1:]) for b in (bias1, bias2))
     n_i = max(c1[0], c2[0])
-    names = ("N", "R", "RP", "RULE", "FACT", "BP", "QP")
+    names = ("N", "R", "RP", "RULE", "FACT", "BP", "QC", "WIDE")
     consts = dict(**{f"{k}1": v for k, v in zip(names, c1)}, **{f"{k}2": v for k, v in zip(names, c2)},
                   TWO=second is not None, SHARED=shared_rule, HAS_B1=bias1 is not None, HAS_B2=bias2 is not None,
                   NP=pow2(n_i), GROUPED=tasks, TP=max(2, pow2(T)),
-                  num_warps=config.grads_warps(max(c1[5] * c1[6], c2[5] * c2[6])))
+                  **dict(zip(("num_warps", "maxnreg"), config.grads_warps(c1[3] or c2[3]))))
+    acc1, acc2 = (c[0] * P * c[1] if c[4] and c[7] else 0 for c, P in ((c1, P1), (c2, P2)))
     new_grads = (first[0] is not None, first[0] is not None and first[2] is not None,
                  second is not None and second[0] is not None and not shared_rule,
                  second is not None and second[0] is not None and second[2] is not None)
     return FactorGradsPlan((n_i, max(chunks1, chunks2)), first[4:], (P1, Q1, rows1), (off2, s_row2, s_col2),
                            (P2, Q2, rows2), (0 if bias1 is None else bias1[2], 0 if bias2 is None else bias2[1],
-                                             0 if bias2 is None else bias2[2]), t1 + t2 + t_b, new_grads,
+                                             0 if bias2 is None else bias2[2]), (acc1 + acc2, acc1), t1 + t2 + t_b,
+                           new_grads,
                            max(T, 1), consts)
 
 
@@ -370,6 +413,7 @@ def run_factor_grads(plan: FactorGradsPlan, partials: Partials, first: tuple, se
     b1, b2 = biases
     db = (None if b1 is None else torch.empty_like(b1), None if b2 is None else torch.empty_like(b2))
     counts, rows_per_split = (part, 1) if grouping is None else grouping
+    acc = empty((plan.dleft_acc[0],), dtype=torch.float32, device=part.device) if plan.dleft_acc[0] else part
     with LAUNCH_LOCK:
         _factor_grads_kernel[plan.grid](
             part, csum, part.shape[0], part.stride(0), csum.shape[1], *plan.strides1,
@@ -378,7 +422,7 @@ def run_factor_grads(plan: FactorGradsPlan, partials: Partials, first: tuple, se
             *plan.strides2, part if rule2 is None else rule2, left2, part if right2 is None else right2,
             part if g2[0] is None else g2[0], part if g2[1] is None else g2[1], part if g2[2] is None else g2[2],
             *plan.dims2, part if db[0] is None else db[0], plan.biases[0], part if db[1] is None else db[1],
-            *plan.biases[1:], counts, plan.tasks, rows_per_split,
+            *plan.biases[1:], acc, plan.dleft_acc[1], counts, plan.tasks, rows_per_split,
             *plan.task_strides, **plan.consts)
     return g1, g2, db
 
