@@ -1,9 +1,10 @@
 """Every tile rule and budget of the Triton kernels, in one place: what a launcher picks for a
 shape, on a GPU and (small tiles) in the interpreter. The GPU sizes fit both sm_80 and sm_90:
-within the shared memory of a block and with no registers spilled (but for two mixed-task
-configurations on sm_90: benchmarks/NOTES.md), as scripts/triton_sweep.py reads them off the compiler
-for every configuration the launchers pick over the goal shapes (tests/test_triton_compile.py, on
-a sample); not yet tuned by timings on a GPU.
+within the shared memory of a block and with no registers spilled (but for 8-16 bytes of stack
+that ptxas keeps in a few rows and columns configurations: benchmarks/NOTES.md), as
+scripts/triton_sweep.py reads them off the compiler for every configuration the launchers pick
+over the goal shapes (tests/test_triton_compile.py, on a sample); not yet tuned by timings on a
+GPU.
 
     fused_fits          whether the fused adapter kernels take a bottleneck (FUSED_MAX_KP)
     adapter_blocks      the fused forward and the backward's rows kernel: (BM, BD, KP, warps)
