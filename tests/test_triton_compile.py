@@ -39,7 +39,7 @@ def _stack_allowed(kernel: str) -> int:
     """Open (benchmarks/NOTES.md): ptxas keeps 8-16 bytes on the stack in a few rows and columns
     kernels that are not short of registers (a loop-carried index or predicate parked there; a
     register budget moved it to other shapes, it did not remove it): under Triton 3.2 (torch 2.6)
-    and 3.6 (the GPU machines') in fp32 configurations of this sample, under 3.8 in two mixed-task
+    and 3.6 (the GPU machines') in fp32 configurations of this sample, under 3.8 in a few sm_90
     configurations of the grid outside it. factor_grads keeps none (its column chunks and register
     budget)."""
     return 0 if kernel == "_factor_grads_kernel" or config.TRITON_VERSION >= (3, 7) else 16
