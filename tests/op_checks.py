@@ -154,6 +154,10 @@ def _odd_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "expanded":  # stride 0 along the first dim
         base = torch.randn(1, *t.shape[1:], dtype=t.dtype, device=t.device, requires_grad=g)
         return base.expand(t.shape)
+    if layout == "transposed":  # the last two dims stored swapped (an nn.Linear weight's .t())
+        base = torch.randn(*t.shape[:-2], t.shape[-1], t.shape[-2], dtype=t.dtype, device=t.device,
+                           requires_grad=g)
+        return base.transpose(-1, -2)
     base = torch.randn(t.numel() + 3, dtype=t.dtype, device=t.device, requires_grad=g)  # storage offset 3
     return base[3:].view(t.shape)
 
@@ -176,9 +180,9 @@ class OpChecks:
 
     OP: str
 
-    # 1. every tensor argument strided, expanded or at a storage offset
+    # 1. every tensor argument strided, expanded, at a storage offset or (2-D and wider) transposed
     @pytest.mark.parametrize("h_budget", [0, 10**9], ids=["prebuilt_h", "in_kernel_h"])
-    @pytest.mark.parametrize("layout", ["strided", "expanded", "offset"])
+    @pytest.mark.parametrize("layout", ["strided", "expanded", "offset", "transposed"])
     def test_every_argument_in_an_odd_layout(self, backend, layout, h_budget, monkeypatch):
         if h_budget and backend != "triton":
             pytest.skip("only the triton backend builds H inside its kernels")
@@ -186,8 +190,8 @@ class OpChecks:
         op = self.OP
         make, args = op_inputs(op)
         for i, t in enumerate(args):
-            if t is None:
-                continue
+            if t is None or layout == "transposed" and (t.dim() < 2 or min(t.shape[-2:]) < 2):
+                continue  # a transpose of a vector or of a side of 1 is laid out as it was
             odd = list(args)
             odd[i] = _odd_layout(t, layout)
             assert not odd[i].is_contiguous() or odd[i].storage_offset() > 0
