@@ -342,9 +342,9 @@ def adapter_forward(
         r = residual if residual is not None else x
         with LAUNCH_LOCK:
             _adapter_fwd_kernel[(cdiv(M, BM) + (T if grouped else 0),)](  # a task's last block may be short
-                x, r, y, z if store_z else x, *kd[:3], bias_down if bias_down is not None else x,
-                *ku[:3], bias_up if bias_up is not None else x, M, D, K, x.stride(0), r.stride(0), scale,
-                order if grouped else x, counts if grouped else x, T, *kd.task_strides, K if grouped else 0,
+                x, r, y, z if store_z else x, kd.rule, kd.left, kd.right, bias_down if bias_down is not None else x,
+                ku.rule, ku.left, ku.right, bias_up if bias_up is not None else x, M, D, K, x.stride(0), r.stride(0),
+                scale, order if grouped else x, counts if grouped else x, T, *kd.task_strides, K if grouped else 0,
                 *ku.task_strides, D if grouped else 0, MODE_D=kd.form.mode, N_D=kd.form.n, R_D=kd.form.r,
                 MODE_U=ku.form.mode, N_U=ku.form.n, R_U=ku.form.r, HAS_BD=bias_down is not None,
                 HAS_BU=bias_up is not None, HAS_RES=residual is not None, ACT=ACT_CODE[activation], BM=BM, BD=BD,
@@ -403,11 +403,10 @@ def _columns(x, dy, g, dz, dx, kd: KernelH, scale, has_residual, reads, group_ar
     csum = empty((splits, K + D), dtype=torch.float32, device=x.device)
     with LAUNCH_LOCK:
         _adapter_cols_kernel[(tiles, splits)](
-            x, dy, g, dz, dx, part, csum, *kd[:3], M, D, K, x.stride(0), dy.stride(0), rows_per_split, scale,
-            *group_args, T, *kd.task_strides, MODE_D=kd.form.mode, N_D=kd.form.n, R_D=kd.form.r,
-            HAS_RES=has_residual, BA=BA, BM=BM,
-            KP=padded(K), IEEE=x.dtype == torch.float32, GROUPED=grouped, TP=max(2, pow2(T)) if grouped else 1,
-            num_warps=warps)
+            x, dy, g, dz, dx, part, csum, kd.rule, kd.left, kd.right, M, D, K, x.stride(0), dy.stride(0),
+            rows_per_split, scale, *group_args, T, *kd.task_strides, MODE_D=kd.form.mode, N_D=kd.form.n,
+            R_D=kd.form.r, HAS_RES=has_residual, BA=BA, BM=BM, KP=padded(K), IEEE=x.dtype == torch.float32,
+            GROUPED=grouped, TP=max(2, pow2(T)) if grouped else 1, num_warps=warps)
     return Partials(part, csum), rows_per_split
 
 
@@ -449,8 +448,8 @@ def adapter_backward(
     # dg = scale * dy @ H_up^T, dz = dg * act'(z), g = act(z); d residual = dy.
     with LAUNCH_LOCK:
         _adapter_rows_kernel[(cdiv(M, BM) + (T if grouped else 0),)](
-            dy, z, dres if has_residual else dy, g, dz, *ku[:3], M, D, K, dy.stride(0), scale, *group_args, T,
-            *ku.task_strides, MODE_U=ku.form.mode, N_U=ku.form.n, R_U=ku.form.r, HAS_RES=has_residual,
+            dy, z, dres if has_residual else dy, g, dz, ku.rule, ku.left, ku.right, M, D, K, dy.stride(0), scale,
+            *group_args, T, *ku.task_strides, MODE_U=ku.form.mode, N_U=ku.form.n, R_U=ku.form.r, HAS_RES=has_residual,
             ACT=ACT_CODE[activation], BM=BM, BD=BD, KP=KP, IEEE=ieee, GROUPED=grouped, TP=TP, num_warps=warps)
     # factor_grads reads the partials n times (n of the widest PHM projection; once for dense ones).
     reads = max(1 if p.rule is None else p.rule.shape[-1] for p in (down, up))

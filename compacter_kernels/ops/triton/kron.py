@@ -223,7 +223,7 @@ def build_h(projections: list[Projection], dtype: torch.dtype, tasks: int = 0, g
         H = torch.empty((tasks, I, O) if tasks else (I, O), dtype=dtype, device=p.left.device)
         hs.append(H)
         tiles.append(cdiv(I, BR) * cdiv(O, BC))
-        args.append((*kh[:3], H, I, O))
+        args.append((kh.rule, kh.left, kh.right, H, I, O))
         strides.append(kh.task_strides)
         forms.append(kh.form)
     if len(projections) == 1:  # the second projection's arguments repeat the first's (TWO is False)

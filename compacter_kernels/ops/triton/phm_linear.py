@@ -79,8 +79,8 @@ def _matmul_h(x2: Tensor, p: Projection, trans: bool) -> Tensor:
     kh = kernel_h(p, build_h([p], x2.dtype)[0] if prebuilt else None, x2.dtype)
     with LAUNCH_LOCK:
         _phm_matmul_kernel[grid](
-            x2, y, *kh[:3], p.bias if p.bias is not None else x2, M, KRED, NOUT, x2.stride(0), HI // n, HO // n, HO,
-            MODE=kh.form.mode, N=kh.form.n, R=kh.form.r, **consts)
+            x2, y, kh.rule, kh.left, kh.right, p.bias if p.bias is not None else x2, M, KRED, NOUT, x2.stride(0),
+            HI // n, HO // n, HO, MODE=kh.form.mode, N=kh.form.n, R=kh.form.r, **consts)
     return y
 
 
