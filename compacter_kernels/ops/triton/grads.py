@@ -377,11 +377,12 @@ def factor_grads_plan(first: tuple, second: Optional[tuple] = None, bias1: Optio
     off2, s_row2, s_col2 = (0, 0, 0) if second is None else second[3:]
     t_b = tuple(0 if b is None or not tasks else math.prod(b[0][1:]) for b in (bias1, bias2))
     n_i = max(c1[0], c2[0])
+    warps, maxnreg = config.grads_warps(c1[3] or c2[3])
     names = ("N", "R", "RP", "RULE", "FACT", "BP", "QC", "WIDE")
     consts = dict(**{f"{k}1": v for k, v in zip(names, c1)}, **{f"{k}2": v for k, v in zip(names, c2)},
                   TWO=second is not None, SHARED=shared_rule, HAS_B1=bias1 is not None, HAS_B2=bias2 is not None,
                   NP=pow2(n_i), GROUPED=tasks, TP=max(2, pow2(T)),
-                  **dict(zip(("num_warps", "maxnreg"), config.grads_warps(c1[3] or c2[3]))))
+                  num_warps=warps, maxnreg=maxnreg)
     acc1, acc2 = (c[0] * P * c[1] if c[4] and c[7] else 0 for c, P in ((c1, P1), (c2, P2)))
     new_grads = (first[0] is not None, first[0] is not None and first[2] is not None,
                  second is not None and second[0] is not None and not shared_rule,

@@ -140,7 +140,7 @@ def kernel_h(p: Projection, H: Optional[torch.Tensor], dtype: torch.dtype, tasks
     the factors are read as they are (the kernels build H tiles in fp32, rounded once)."""
     if H is None and p.rule is None:
         H = p.left if p.left.dtype == dtype else p.left.to(dtype)  # preserve_format: the same strides
-        form = h_form(Projection(None, H, None, None))
+        form = DENSE_T if transposed(H) else DENSE
     else:
         form = DENSE if H is not None else h_form(p)
     if H is not None:
